@@ -1,0 +1,1 @@
+"""The Switchboard API as Python packages generated from ``protos/`` (run ``make proto``)."""

@@ -1,0 +1,71 @@
+"""The Bus protocol: ordered, acknowledged delivery of events to consumer groups.
+
+Two implementations: ``gateway.bus.redis`` (Redis Streams, many replicas) and
+``gateway.bus.memory`` (in-process, the embedded default). Guarantees (DESIGN.md §4):
+
+- every group receives every event (fan-out); consumers of one group share the load;
+- at-least-once per group; ``Delivery.attempt`` grows on each redelivery;
+- per ordering key (the conversation): the next event is not delivered to a group before
+  the previous one is acked, or its ack deadline passes;
+- an unacked delivery is redelivered after its deadline or when its consumer closes;
+- a group that subscribes late receives the retained backlog.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from gateway.domain.events import Event, EventKind
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    group: str
+    consumer: str
+    # Empty = no filter. Events outside the filters are acked for this group silently.
+    tenant_ids: frozenset[str] = field(default_factory=frozenset)
+    channels: frozenset[str] = field(default_factory=frozenset)
+    kinds: frozenset[EventKind] = field(default_factory=frozenset)
+    max_in_flight: int = 64
+    ack_deadline_s: float = 30.0
+
+    def matches(self, event: Event) -> bool:
+        return (
+            (not self.tenant_ids or event.tenant_id in self.tenant_ids)
+            and (not self.channels or event.channel in self.channels)
+            and (not self.kinds or event.kind in self.kinds)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    delivery_id: str
+    attempt: int
+    event: Event
+
+
+class Consumer(Protocol):
+    """One consumer's session in a group; closing it releases its unacked deliveries."""
+
+    async def receive(self, max_count: int, timeout_s: float) -> list[Delivery]:
+        """Up to ``max_count`` deliveries (respecting max_in_flight); [] after ``timeout_s``."""
+    async def ack(self, delivery_ids: Sequence[str]) -> None: ...
+    async def nack(self, delivery_id: str, delay_s: float = 0.0) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+class Bus(Protocol):
+    backend: str  # "redis" or "memory"
+
+    async def start(self) -> None: ...
+    async def aclose(self) -> None: ...
+    async def ping(self) -> None:
+        """Raises BusUnavailable unless the bus answers."""
+    async def publish(self, events: Sequence[Event]) -> None:
+        """Durably appends the events (one round trip for the batch)."""
+    def subscribe(self, subscription: Subscription) -> AbstractAsyncContextManager[Consumer]: ...
+    async def group_lag(self, group: str) -> int:
+        """Events retained that the group has not acked yet."""

@@ -1,0 +1,83 @@
+"""The channel plugin interface: what a channel (Instagram, Messenger, WhatsApp, ...) provides.
+
+A plugin is a class registered under the entry-point group ``switchboard.channels``; the
+gateway builds it with :meth:`ChannelPlugin.create` and a :class:`ChannelContext`. The core
+only speaks to channels through this interface, with framework-free HTTP types, so a new
+channel is a new package and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class LoginFlowInfo:
+    name: str
+    display_name: str
+    scopes: tuple[str, ...]
+    configured: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelInfo:
+    name: str
+    display_name: str
+    capabilities: tuple[str, ...]
+    login_flows: tuple[LoginFlowInfo, ...]
+    default_login_flow: str
+    configured: bool
+    sandbox: bool
+
+
+@dataclass(frozen=True, slots=True)
+class HttpRequest:
+    """An HTTP request handed to a plugin by the sidecar (body already size-limited)."""
+
+    method: str
+    path: str
+    query: Mapping[str, str]
+    headers: Mapping[str, str]
+    body: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def text(cls, status: int, text: str) -> HttpResponse:
+        return cls(status=status, body=text.encode(), content_type="text/plain")
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelContext:
+    """What the gateway gives a plugin: its environment and public URLs."""
+
+    environ: Mapping[str, str]
+    public_url: str
+
+    def callback_url(self, channel: str) -> str:
+        return f"{self.public_url.rstrip('/')}/oauth/{channel}/callback"
+
+    def webhook_url(self, channel: str) -> str:
+        return f"{self.public_url.rstrip('/')}/webhooks/{channel}"
+
+
+class ChannelPlugin(Protocol):
+    name: ClassVar[str]
+
+    @classmethod
+    def create(cls, context: ChannelContext) -> ChannelPlugin:
+        """Builds the plugin from the environment; raises ConfigError on bad settings."""
+
+    def info(self) -> ChannelInfo: ...
+    async def start(self) -> None: ...
+    async def aclose(self) -> None: ...
+    async def handle_webhook(self, request: HttpRequest) -> HttpResponse:
+        """Meta-style webhook endpoint: verification (GET) and deliveries (POST)."""

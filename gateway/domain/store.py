@@ -1,0 +1,165 @@
+"""The Store protocol: the system of record, behind one interface with two backends.
+
+``gateway.store.postgres`` (production, psycopg 3 + psycopg_pool) and
+``gateway.store.sqlite`` (the embedded default) both implement it, and one contract test
+suite (``tests/store``) runs every method against both.
+
+All data access happens inside a unit of work::
+
+    async with store.transaction() as tx:
+        conn = await tx.get_connection(connection_id)
+        await tx.add_events([...])          # committed together with the data
+
+Events written through ``tx.add_events`` land in the outbox in the same transaction as the
+data they describe; the outbox relay publishes them to the bus afterwards.
+
+Errors: every method raises :class:`~gateway.domain.errors.StoreUnavailable` when the
+database cannot be reached, and :class:`~gateway.domain.errors.AlreadyExists` on a
+uniqueness conflict that the method does not resolve itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from gateway.domain.events import Event
+from gateway.domain.models import (
+    ApiToken,
+    Connection,
+    ConnectionStatus,
+    Conversation,
+    Credential,
+    Message,
+    OAuthState,
+    Page,
+    Participant,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """An event waiting in the outbox; ``seq`` orders entries in commit order."""
+
+    seq: int
+    event: Event
+    attempts: int = 0
+
+
+class Tx(Protocol):
+    """The data operations; valid only inside ``Store.transaction()``."""
+
+    # ---- API tokens (only hashes are stored) ----
+    async def create_api_token(self, token: ApiToken, token_hash: str) -> None: ...
+    async def find_api_token(self, token_hash: str) -> ApiToken | None:
+        """The token with this hash, or None when unknown or revoked."""
+    async def list_api_tokens(self) -> list[ApiToken]: ...
+    async def revoke_api_token(self, id_or_name: str, now: datetime) -> int:
+        """Revokes by id or name; returns how many tokens were revoked."""
+    async def touch_api_token(self, token_id: str, now: datetime) -> None: ...
+
+    # ---- OAuth states ----
+    async def put_oauth_state(self, state: OAuthState) -> None: ...
+    async def take_oauth_state(self, state_hash: str, now: datetime) -> OAuthState | None:
+        """Deletes and returns the state; None when unknown, already used or expired."""
+    async def purge_oauth_states(self, now: datetime) -> int: ...
+
+    # ---- connections and their encrypted credentials ----
+    async def save_connection(self, conn: Connection) -> None:
+        """Inserts or updates by id. Only one non-DISCONNECTED connection may hold a
+        (channel, account.external_id): AlreadyExists otherwise."""
+    async def get_connection(self, connection_id: str) -> Connection | None: ...
+    async def find_connection_by_account(self, channel: str, external_id: str) -> Connection | None:
+        """The non-DISCONNECTED connection of that account, if any."""
+    async def find_connections_by_account_ids(
+        self, channel: str, account_ids: Sequence[str]
+    ) -> list[Connection]:
+        """Non-DISCONNECTED connections whose account external_id or page_id is listed
+        (webhook routing)."""
+    async def list_connections(
+        self,
+        tenant_id: str,
+        *,
+        page_size: int,
+        page_token: str = "",
+        channel: str = "",
+        statuses: Sequence[ConnectionStatus] = (),
+    ) -> Page[Connection]:
+        """Newest first. A malformed page_token raises InvalidArgument('page_token')."""
+    async def count_connections_by_status(self) -> dict[tuple[str, ConnectionStatus], int]: ...
+    async def claim_connections_due(
+        self, *, due_before: datetime, now: datetime, lease_until: datetime, limit: int
+    ) -> list[Connection]:
+        """CONNECTED connections whose token expires before ``due_before`` and whose lease
+        has lapsed; leases them until ``lease_until`` so no other worker claims them."""
+
+    async def put_credential(self, credential: Credential) -> None: ...
+    async def get_credential(self, connection_id: str) -> Credential | None: ...
+    async def delete_credential(self, connection_id: str) -> bool: ...
+    async def list_credentials(self, *, after_connection_id: str, limit: int) -> list[Credential]: ...
+
+    # ---- participants, conversations, messages ----
+    async def upsert_participant(self, participant: Participant) -> Participant:
+        """Unique on (connection_id, channel_user_id); returns the stored row (with its id
+        when it existed). Profile fields are only overwritten by non-empty values."""
+    async def get_participant(self, participant_id: str) -> Participant | None: ...
+    async def upsert_conversation(self, conversation: Conversation) -> Conversation:
+        """Unique on (connection_id, participant); times only move forward."""
+    async def get_conversation(self, conversation_id: str) -> Conversation | None: ...
+    async def list_conversations(
+        self, tenant_id: str, *, connection_id: str = "", page_size: int, page_token: str = ""
+    ) -> Page[Conversation]:
+        """Most recent activity first."""
+
+    async def insert_message(self, message: Message) -> tuple[Message, bool]:
+        """Inserts; on a conflict of (connection_id, external_id) or (tenant_id,
+        idempotency_key) returns the existing message and False."""
+    async def update_message(self, message: Message) -> None: ...
+    async def get_message(self, message_id: str) -> Message | None: ...
+    async def find_message_by_external_id(self, connection_id: str, external_id: str) -> Message | None: ...
+    async def list_messages(
+        self, conversation_id: str, *, page_size: int, page_token: str = ""
+    ) -> Page[Message]:
+        """Newest first."""
+    async def claim_due_messages(
+        self, *, now: datetime, lease_until: datetime, limit: int
+    ) -> list[Message]:
+        """Outbound QUEUED/RETRYING messages with next_attempt_at <= now whose lease lapsed;
+        each is leased until ``lease_until`` so concurrent workers never claim it twice."""
+
+    # ---- outbox ----
+    async def add_events(self, events: Sequence[Event]) -> None: ...
+
+
+class Store(Protocol):
+    """Owns the connection pool; an async context manager (``open``/``aclose``)."""
+
+    backend: str  # "postgres" or "sqlite"
+
+    async def open(self) -> None: ...
+    async def aclose(self) -> None: ...
+    async def ping(self) -> None:
+        """Raises StoreUnavailable unless the database answers."""
+    async def migrate(self) -> list[str]:
+        """Applies pending migrations; returns the versions applied (empty: up to date)."""
+    async def applied_migrations(self) -> list[str]: ...
+    def transaction(self) -> AbstractAsyncContextManager[Tx]: ...
+
+    # The outbox relay's side (outside the producers' transactions).
+    async def claim_outbox(self, *, now: datetime, lease_until: datetime, limit: int) -> list[OutboxEntry]:
+        """Unpublished entries in seq order whose lease lapsed, leased to the caller."""
+    async def mark_published(self, seqs: Sequence[int], now: datetime) -> None: ...
+    async def purge_published(self, before: datetime) -> int:
+        """Deletes published entries older than ``before`` (retention), with their bus acks."""
+
+    # The in-process bus's durable state (gateway.bus.memory): the outbox is its log.
+    async def bus_load(self, *, since: datetime) -> tuple[list[OutboxEntry], dict[str, set[int]]]:
+        """Published entries published at or after ``since``, in seq order, and for each
+        known group the seqs it has acked among them."""
+    async def bus_add_group(self, group: str, now: datetime) -> None:
+        """Records a consumer group (idempotent)."""
+    async def bus_ack(self, group: str, seqs: Sequence[int]) -> None:
+        """Records that ``group`` acked these entries (idempotent)."""
