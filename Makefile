@@ -15,7 +15,8 @@ export SWITCHBOARD_TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
 .PHONY: run test lint typecheck pytest proto install bench clean
 
 run: $(GENSTAMP)
-	$(BIN)/switchboard dev
+	$(BIN)/switchboard migrate
+	$(BIN)/switchboard serve all --dev
 
 test: lint typecheck pytest
 

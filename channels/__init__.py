@@ -1,0 +1,1 @@
+"""Channel plugins shipped with Switchboard; each package registers itself by entry point."""

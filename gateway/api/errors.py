@@ -1,0 +1,53 @@
+"""The one table from domain errors to gRPC status codes, with google.rpc.ErrorInfo details."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from gateway.domain import errors
+
+DOMAIN = "switchboard.dev"
+
+# Most specific first: the first matching class wins.
+_TABLE: tuple[tuple[type[errors.SwitchboardError], grpc.StatusCode], ...] = (
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.ChannelAuthError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ChannelRateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.ChannelTransientError, grpc.StatusCode.UNAVAILABLE),
+    (errors.ChannelRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.ChannelError, grpc.StatusCode.UNAVAILABLE),
+    (errors.ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+
+
+def status_code_for(error: errors.SwitchboardError) -> grpc.StatusCode:
+    for cls, code in _TABLE:
+        if isinstance(error, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def to_status(error: errors.SwitchboardError) -> grpc.Status:
+    """A grpc.Status carrying the message and an ErrorInfo(reason, domain, metadata)."""
+    code = status_code_for(error)
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=DOMAIN, metadata=dict(error.metadata)
+    )
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status = status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=error.message, details=[detail]
+    )
+    result: grpc.Status = rpc_status.to_status(status)
+    return result

@@ -1,0 +1,396 @@
+"""Server interceptors: request id + call log, metrics, auth, and error mapping.
+
+Each interceptor wraps the method handler's behaviour (unary or response-streaming) with
+an ``around`` step; they are installed outermost first::
+
+    RequestIdInterceptor -> MetricsInterceptor -> AuthInterceptor -> ErrorInterceptor -> servicer
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from gateway.api.context import Ctx, Handler
+from gateway.api.errors import to_status
+from gateway.domain.errors import (
+    PermissionDenied,
+    SwitchboardError,
+    Unauthenticated,
+)
+from gateway.domain.models import ApiToken, Scope
+from gateway.observability import metrics
+from gateway.observability.logging import request_id_var
+from gateway.security.tokens import TokenAuthority
+
+log = logging.getLogger("gateway.api")
+
+_token_var: contextvars.ContextVar[ApiToken | None] = contextvars.ContextVar(
+    "api_token", default=None
+)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+API_PACKAGE = "switchboard.v1."
+
+# The scope each RPC needs; an RPC of the API missing here needs ``admin``.
+REQUIRED_SCOPE: dict[str, Scope] = {
+    "/switchboard.v1.ChannelConnect/ListChannels": Scope.READ,
+    "/switchboard.v1.ChannelConnect/StartConnect": Scope.CONNECT,
+    "/switchboard.v1.ChannelConnect/CompleteConnect": Scope.CONNECT,
+    "/switchboard.v1.ChannelConnect/GetConnection": Scope.READ,
+    "/switchboard.v1.ChannelConnect/ListConnections": Scope.READ,
+    "/switchboard.v1.ChannelConnect/Disconnect": Scope.CONNECT,
+    "/switchboard.v1.Messaging/SendMessage": Scope.SEND,
+    "/switchboard.v1.Messaging/GetMessage": Scope.READ,
+    "/switchboard.v1.Messaging/ListConversations": Scope.READ,
+    "/switchboard.v1.Messaging/GetConversation": Scope.READ,
+    "/switchboard.v1.Messaging/ListMessages": Scope.READ,
+    "/switchboard.v1.Messaging/Subscribe": Scope.SUBSCRIBE,
+}
+
+
+def current_token() -> ApiToken:
+    """The authenticated caller of the RPC being served."""
+    token = _token_var.get()
+    if token is None:
+        raise Unauthenticated("no authenticated caller")
+    return token
+
+
+def require_tenant(tenant_id: str) -> None:
+    """PERMISSION_DENIED unless the caller's token may act for ``tenant_id``."""
+    if not current_token().allows_tenant(tenant_id):
+        raise PermissionDenied(
+            f"the token may not act for tenant {tenant_id!r}",
+            reason="TENANT_NOT_ALLOWED",
+            metadata={"tenant_id": tenant_id},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MethodInfo:
+    full: str
+    service: str
+    method: str
+    grpc_type: str
+
+    @property
+    def is_api(self) -> bool:
+        return self.service.startswith(API_PACKAGE)
+
+
+Behavior = Callable[..., Any]
+
+
+class _AroundInterceptor(grpc.aio.ServerInterceptor):
+    """Base: subclasses implement ``around_unary`` and ``around_stream``."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return self._wrap(handler, _method_info(handler_call_details.method, handler))
+
+    def _wrap(self, handler: Handler, info: MethodInfo) -> Handler:
+        if not self.applies(info):
+            return handler
+        kwargs = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary or handler.stream_unary:
+            inner: Behavior = handler.unary_unary or handler.stream_unary  # type: ignore[assignment]
+
+            async def unary(request: Any, context: Ctx) -> Any:
+                return await self.around_unary(info, inner, request, context)
+
+            factory = (
+                grpc.unary_unary_rpc_method_handler
+                if handler.unary_unary
+                else grpc.stream_unary_rpc_method_handler
+            )
+            return factory(unary, **kwargs)
+        inner_stream: Behavior = handler.unary_stream or handler.stream_stream  # type: ignore[assignment]
+
+        # grpc.aio decides sync vs async by the function's kind: it must be an async generator.
+        async def stream(request: Any, context: Ctx) -> AsyncIterator[Any]:
+            async for item in self.around_stream(info, inner_stream, request, context):
+                yield item
+
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.unary_stream
+            else grpc.stream_stream_rpc_method_handler
+        )
+        return factory(stream, **kwargs)
+
+    def applies(self, info: MethodInfo) -> bool:
+        return True
+
+    async def around_unary(
+        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
+    ) -> Any:
+        return await behavior(request, context)
+
+    async def around_stream(
+        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
+    ) -> AsyncIterator[Any]:
+        async for item in _responses(behavior, request, context):
+            yield item
+
+
+async def _responses(behavior: Behavior, request: Any, context: Ctx) -> AsyncIterator[Any]:
+    """The responses of a streaming behaviour, whether it yields them or writes them itself
+    with ``context.write`` (as grpc's own health Watch does)."""
+    result = behavior(request, context)
+    if inspect.isawaitable(result):
+        await result
+        return
+    async for item in result:
+        yield item
+
+
+def _method_info(full: str, handler: Handler) -> MethodInfo:
+    _, service, method = full.split("/", 2) if full.count("/") == 2 else ("", "unknown", full)
+    if handler.unary_unary:
+        kind = "unary"
+    elif handler.unary_stream:
+        kind = "server_stream"
+    elif handler.stream_unary:
+        kind = "client_stream"
+    else:
+        kind = "bidi_stream"
+    return MethodInfo(full=full, service=service, method=method, grpc_type=kind)
+
+
+def _metadata(context: Ctx, key: str) -> str:
+    for item_key, value in context.invocation_metadata() or ():
+        if item_key == key:
+            return value.decode() if isinstance(value, bytes) else str(value)
+    return ""
+
+
+def _code_of(context: Ctx, exc: BaseException | None) -> grpc.StatusCode:
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):
+        for candidate in grpc.StatusCode:
+            if candidate.value[0] == code:
+                return candidate
+    return grpc.StatusCode.UNKNOWN if exc is not None else grpc.StatusCode.OK
+
+
+class RequestIdInterceptor(_AroundInterceptor):
+    """Binds a request id (the caller's ``x-request-id`` or a new one) to every log line of
+    the call, returns it in the initial metadata, and logs one line per finished call."""
+
+    def _begin(self, context: Ctx) -> str:
+        request_id = _metadata(context, "x-request-id")
+        if not _REQUEST_ID.match(request_id):
+            request_id = secrets.token_hex(8)
+        request_id_var.set(request_id)
+        return request_id
+
+    def _finish(
+        self,
+        info: MethodInfo,
+        context: Ctx,
+        start: float,
+        exc: BaseException | None,
+    ) -> None:
+        code = _code_of(context, exc)
+        level = logging.INFO if info.is_api else logging.DEBUG
+        if code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            level = logging.ERROR
+        log.log(
+            level,
+            "rpc finished",
+            extra={
+                "method": info.full,
+                "code": code.name,
+                "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+            },
+        )
+
+    async def around_unary(
+        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
+    ) -> Any:
+        request_id = self._begin(context)
+        await context.send_initial_metadata((("x-request-id", request_id),))
+        start = time.perf_counter()
+        exc: BaseException | None = None
+        try:
+            return await behavior(request, context)
+        except BaseException as caught:
+            exc = caught
+            raise
+        finally:
+            self._finish(info, context, start, exc)
+
+    async def around_stream(
+        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
+    ) -> AsyncIterator[Any]:
+        request_id = self._begin(context)
+        await context.send_initial_metadata((("x-request-id", request_id),))
+        start = time.perf_counter()
+        exc: BaseException | None = None
+        try:
+            async for item in _responses(behavior, request, context):
+                yield item
+        except BaseException as caught:
+            exc = caught
+            raise
+        finally:
+            self._finish(info, context, start, exc)
+
+
+class MetricsInterceptor(_AroundInterceptor):
+    """grpc_server_started_total / handled_total / handling_seconds, as grpc-prometheus."""
+
+    def _labels(self, info: MethodInfo) -> tuple[str, str, str]:
+        return (info.grpc_type, info.service, info.method)
+
+    def _done(
+        self,
+        info: MethodInfo,
+        context: Ctx,
+        start: float,
+        exc: BaseException | None,
+    ) -> None:
+        labels = self._labels(info)
+        metrics.grpc_server_handled_total.labels(*labels, _code_of(context, exc).name).inc()
+        metrics.grpc_server_handling_seconds.labels(*labels).observe(time.perf_counter() - start)
+
+    async def around_unary(
+        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
+    ) -> Any:
+        metrics.grpc_server_started_total.labels(*self._labels(info)).inc()
+        start = time.perf_counter()
+        exc: BaseException | None = None
+        try:
+            return await behavior(request, context)
+        except BaseException as caught:
+            exc = caught
+            raise
+        finally:
+            self._done(info, context, start, exc)
+
+    async def around_stream(
+        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
+    ) -> AsyncIterator[Any]:
+        labels = self._labels(info)
+        metrics.grpc_server_started_total.labels(*labels).inc()
+        sent = metrics.grpc_server_msg_sent_total.labels(*labels)
+        start = time.perf_counter()
+        exc: BaseException | None = None
+        try:
+            async for item in _responses(behavior, request, context):
+                sent.inc()
+                yield item
+        except BaseException as caught:
+            exc = caught
+            raise
+        finally:
+            self._done(info, context, start, exc)
+
+
+class AuthInterceptor(_AroundInterceptor):
+    """``authorization: Bearer <token>`` on every API call; health and reflection are open
+    so that probes and tooling work without a token."""
+
+    def __init__(self, authority: TokenAuthority) -> None:
+        self._authority = authority
+
+    def applies(self, info: MethodInfo) -> bool:
+        return info.is_api
+
+    async def _authenticate(self, info: MethodInfo, context: Ctx) -> None:
+        try:
+            header = _metadata(context, "authorization")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise Unauthenticated(
+                    "missing 'authorization: Bearer <token>' metadata", reason="MISSING_TOKEN"
+                )
+            record = await self._authority.authenticate(token.strip())
+            needed = REQUIRED_SCOPE.get(info.full, Scope.ADMIN)
+            if needed not in record.scopes and Scope.ADMIN not in record.scopes:
+                raise PermissionDenied(
+                    f"the token lacks the {needed.value!r} scope",
+                    reason="SCOPE_MISSING",
+                    metadata={"scope": needed.value},
+                )
+        except SwitchboardError as exc:
+            await context.abort_with_status(to_status(exc))
+        _token_var.set(record)
+
+    async def around_unary(
+        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
+    ) -> Any:
+        await self._authenticate(info, context)
+        return await behavior(request, context)
+
+    async def around_stream(
+        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
+    ) -> AsyncIterator[Any]:
+        await self._authenticate(info, context)
+        async for item in _responses(behavior, request, context):
+            yield item
+
+
+class ErrorInterceptor(_AroundInterceptor):
+    """Domain errors become status codes with ErrorInfo details; anything else is logged
+    with its traceback and answered INTERNAL, never an empty success."""
+
+    def applies(self, info: MethodInfo) -> bool:
+        return info.is_api
+
+    async def _abort(self, context: Ctx, exc: Exception) -> None:
+        if isinstance(exc, SwitchboardError):
+            await context.abort_with_status(to_status(exc))
+        log.error("unhandled error in rpc", exc_info=exc)
+        await context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"internal error (request id {request_id_var.get() or 'unknown'})",
+        )
+
+    async def around_unary(
+        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
+    ) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # mapped, never swallowed: _abort always raises
+            await self._abort(context, exc)
+            raise
+
+    async def around_stream(
+        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
+    ) -> AsyncIterator[Any]:
+        try:
+            async for item in _responses(behavior, request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # mapped, never swallowed: _abort always raises
+            await self._abort(context, exc)
+            raise

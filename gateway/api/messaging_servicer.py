@@ -1,0 +1,85 @@
+"""switchboard.v1.Messaging."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from switchboard.v1 import common_pb2, messaging_pb2, messaging_pb2_grpc
+
+from gateway.api import convert
+from gateway.api.context import Ctx
+from gateway.api.interceptors import current_token, require_tenant
+from gateway.domain.bus import Bus
+from gateway.domain.errors import Unimplemented
+from gateway.services.history import History
+
+
+class MessagingServicer(messaging_pb2_grpc.MessagingServicer):
+    def __init__(self, history: History, bus: Bus | None) -> None:
+        self._history = history
+        self._bus = bus
+
+    async def SendMessage(
+        self, request: messaging_pb2.SendMessageRequest, context: Ctx
+    ) -> messaging_pb2.SendMessageResponse:
+        raise Unimplemented("sending messages is not implemented yet")
+
+    async def GetMessage(
+        self, request: messaging_pb2.GetMessageRequest, context: Ctx
+    ) -> common_pb2.Message:
+        message = await self._history.get_message(request.message_id)
+        require_tenant(message.tenant_id)
+        return convert.message(message)
+
+    async def ListConversations(
+        self, request: messaging_pb2.ListConversationsRequest, context: Ctx
+    ) -> messaging_pb2.ListConversationsResponse:
+        require_tenant(request.tenant_id)
+        page = await self._history.list_conversations(
+            request.tenant_id,
+            connection_id=request.connection_id,
+            size=request.page_size,
+            token=request.page_token,
+        )
+        return messaging_pb2.ListConversationsResponse(
+            conversations=[convert.conversation(c) for c in page.items],
+            next_page_token=page.next_token,
+        )
+
+    async def GetConversation(
+        self, request: messaging_pb2.GetConversationRequest, context: Ctx
+    ) -> common_pb2.Conversation:
+        conversation = await self._history.get_conversation(request.conversation_id)
+        require_tenant(conversation.tenant_id)
+        return convert.conversation(conversation)
+
+    async def ListMessages(
+        self, request: messaging_pb2.ListMessagesRequest, context: Ctx
+    ) -> messaging_pb2.ListMessagesResponse:
+        conversation = await self._history.get_conversation(request.conversation_id)
+        require_tenant(conversation.tenant_id)
+        _, page = await self._history.list_messages(
+            conversation.id, size=request.page_size, token=request.page_token
+        )
+        participant = conversation.participant
+        return messaging_pb2.ListMessagesResponse(
+            messages=[
+                convert.message(
+                    m, participant if m.sender_id == participant.channel_user_id else None
+                )
+                for m in page.items
+            ],
+            next_page_token=page.next_token,
+        )
+
+    async def Subscribe(
+        self,
+        request_iterator: AsyncIterator[messaging_pb2.SubscribeRequest],
+        context: Ctx,
+    ) -> AsyncIterator[messaging_pb2.SubscribeResponse]:
+        if self._bus is None:
+            raise Unimplemented("this process runs no event bus")
+        from gateway.api.subscribe import run_subscribe
+
+        async for response in run_subscribe(self._bus, request_iterator, context, current_token()):
+            yield response

@@ -1,0 +1,123 @@
+"""The gRPC server: both services, health, reflection and the interceptor chain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from switchboard.v1 import connect_pb2, connect_pb2_grpc, messaging_pb2, messaging_pb2_grpc
+
+from gateway.api.interceptors import (
+    AuthInterceptor,
+    ErrorInterceptor,
+    MetricsInterceptor,
+    RequestIdInterceptor,
+)
+from gateway.config import Address
+from gateway.security.tokens import TokenAuthority
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    connect_pb2.DESCRIPTOR.services_by_name["ChannelConnect"].full_name,
+    messaging_pb2.DESCRIPTOR.services_by_name["Messaging"].full_name,
+)
+
+Probe = Callable[[], Awaitable[bool]]
+
+
+class GrpcServer:
+    """Owns a grpc.aio server; health follows ``probe`` (store and bus answering)."""
+
+    def __init__(
+        self,
+        address: Address,
+        *,
+        connect: connect_pb2_grpc.ChannelConnectServicer,
+        messaging: messaging_pb2_grpc.MessagingServicer,
+        authority: TokenAuthority,
+        probe: Probe,
+        probe_interval_s: float = 2.0,
+    ) -> None:
+        self._address = address
+        self._probe = probe
+        self._probe_interval = probe_interval_s
+        self._health = HealthServicer()
+        self._server = grpc.aio.server(
+            interceptors=[
+                RequestIdInterceptor(),
+                MetricsInterceptor(),
+                AuthInterceptor(authority),
+                ErrorInterceptor(),
+            ],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
+        connect_pb2_grpc.add_ChannelConnectServicer_to_server(connect, self._server)
+        messaging_pb2_grpc.add_MessagingServicer_to_server(messaging, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._server,
+        )
+        self._probe_task: asyncio.Task[None] | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        self.port = self._server.add_insecure_port(str(self._address))
+        if self.port == 0:
+            raise OSError(f"cannot listen for gRPC on {self._address}")
+        await self._server.start()
+        await self._check_once()
+        self._probe_task = asyncio.create_task(self._probe_loop(), name="grpc-health-probe")
+        log.info("grpc listening", extra={"address": f"{self._address.host}:{self.port}"})
+        return self.port
+
+    async def _set_all(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, status)
+
+    async def _check_once(self) -> None:
+        try:
+            ok = await self._probe()
+        except Exception:  # a probe that fails to run means not serving; logged below
+            log.warning("health probe failed", exc_info=True)
+            ok = False
+        await self._set_all(
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._probe_interval)
+            await self._check_once()
+
+    async def stop(self, grace_s: float) -> None:
+        """Graceful: NOT_SERVING first, then stop accepting and let in-flight calls finish."""
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            await asyncio.gather(self._probe_task, return_exceptions=True)
+            self._probe_task = None
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace_s)
+
+    async def wait_for_termination(self) -> None:
+        await self._server.wait_for_termination()

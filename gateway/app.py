@@ -1,0 +1,220 @@
+"""The composition root: builds every part from the Config and runs the chosen roles.
+
+``Gateway`` is an async context manager that opens the store, the bus and the channel
+plugins; ``serve`` adds the front doors (gRPC, HTTP, metrics) and background workers for
+the requested role, and shuts them down in a fixed order on SIGTERM/SIGINT: health
+NOT_SERVING, stop accepting and finish in-flight calls within the grace period, then
+workers, bus, plugins and store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import signal
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+
+from gateway.api.connect_servicer import ChannelConnectServicer
+from gateway.api.messaging_servicer import MessagingServicer
+from gateway.api.server import GrpcServer
+from gateway.config import Address, Config
+from gateway.domain.bus import Bus
+from gateway.domain.channel import ChannelContext
+from gateway.domain.errors import BusUnavailable, ConfigError, StoreUnavailable
+from gateway.domain.store import Store
+from gateway.observability.metrics import create_metrics_app
+from gateway.plugins import ChannelRegistry, load_channels
+from gateway.security.keyring import KeyRing
+from gateway.security.tokens import TokenAuthority
+from gateway.services.history import History
+from gateway.store import open_store
+from gateway.web.app import PathOnlyAccessLogger, WebDeps, create_web_app
+
+log = logging.getLogger("gateway")
+
+
+class Role(enum.StrEnum):
+    ALL = "all"
+    GRPC = "grpc"
+    HTTP = "http"
+
+
+@dataclass
+class Listening:
+    """Where each front door ended up listening (ports may be chosen by the OS)."""
+
+    grpc: Address | None = None
+    http: Address | None = None
+    metrics: Address | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._stack = AsyncExitStack()
+        self.store: Store = open_store(config.database_url.reveal())
+        self.bus: Bus | None = None
+        self.keyring: KeyRing | None = None
+        self.channels = ChannelRegistry(())
+        self.authority: TokenAuthority | None = None
+
+    async def __aenter__(self) -> Gateway:
+        try:
+            await self._open()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _open(self) -> None:
+        cfg = self.config
+        self.keyring = KeyRing.load(
+            cfg.encryption_keys.reveal(), data_dir=cfg.data_dir, allow_generate=cfg.embedded
+        )
+        self.channels = load_channels(
+            ChannelContext(environ=cfg.environ, public_url=cfg.public_url)
+        )
+        await self.store.open()
+        self._stack.push_async_callback(self.store.aclose)
+        self.authority = TokenAuthority(self.store, cfg.api_tokens.reveal())
+        await self.channels.start()
+        self._stack.push_async_callback(self.channels.aclose)
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stack.aclose()
+
+    async def ensure_schema(self) -> None:
+        """SQLite migrates itself; PostgreSQL must have been migrated (a deploy step)."""
+        if self.store.backend == "sqlite":
+            applied = await self.store.migrate()
+            if applied:
+                log.info("applied migrations", extra={"versions": ",".join(applied)})
+            return
+        pending = await self._pending_migrations()
+        if pending:
+            raise ConfigError(
+                [
+                    f"the database schema is behind ({', '.join(pending)} pending): "
+                    "run `switchboard migrate`"
+                ]
+            )
+
+    async def _pending_migrations(self) -> list[str]:
+        from gateway.store.migrate import load_migrations, pending
+
+        applied = set(await self.store.applied_migrations())
+        return [m.version for m in pending(load_migrations(self.store.backend), applied)]
+
+    async def open_bus(self) -> Bus:
+        from gateway.bus import open_bus
+
+        bus = open_bus(
+            self.config.redis_url.reveal() or None,
+            self.store,
+            key_prefix=self.config.redis_key_prefix,
+        )
+        await bus.start()
+        self._stack.push_async_callback(bus.aclose)
+        self.bus = bus
+        return bus
+
+    async def ready(self) -> bool:
+        """Store (and bus, when this process runs one) answering."""
+        try:
+            await self.store.ping()
+            if self.bus is not None:
+                await self.bus.ping()
+        except (StoreUnavailable, BusUnavailable):
+            return False
+        return True
+
+    async def serve(
+        self, role: Role, *, stop: asyncio.Event, on_listening: Any = None
+    ) -> Listening:
+        cfg = self.config
+        listening = Listening()
+        async with AsyncExitStack() as stack:
+            metrics_runner = await _start_site(
+                create_metrics_app(), cfg.metrics_addr, access_log=False
+            )
+            stack.push_async_callback(metrics_runner.cleanup)
+            listening.metrics = _bound(metrics_runner, cfg.metrics_addr)
+
+            grpc_server: GrpcServer | None = None
+            if role in (Role.ALL, Role.GRPC):
+                bus = await self.open_bus()
+                from gateway.services.relay import OutboxRelay
+
+                relay = OutboxRelay(self.store, bus)
+                await relay.start()
+                stack.push_async_callback(relay.aclose)
+                history = History(self.store)
+                assert self.authority is not None  # set in __aenter__
+                grpc_server = GrpcServer(
+                    cfg.grpc_addr,
+                    connect=ChannelConnectServicer(self.channels, history),
+                    messaging=MessagingServicer(history, bus),
+                    authority=self.authority,
+                    probe=self.ready,
+                )
+                port = await grpc_server.start()
+                listening.grpc = Address(cfg.grpc_addr.host, port)
+
+            if role in (Role.ALL, Role.HTTP):
+                web_app = create_web_app(
+                    WebDeps(
+                        store=self.store,
+                        channels=self.channels,
+                        max_body_bytes=cfg.http_max_body_bytes,
+                    )
+                )
+                http_runner = await _start_site(web_app, cfg.http_addr, access_log=True)
+                stack.push_async_callback(http_runner.cleanup)
+                listening.http = _bound(http_runner, cfg.http_addr)
+
+            if on_listening is not None:
+                on_listening(listening)
+            await stop.wait()
+            log.info("shutting down", extra={"grace_s": cfg.shutdown_grace_s})
+            if grpc_server is not None:
+                await grpc_server.stop(cfg.shutdown_grace_s)
+        return listening
+
+
+async def _start_site(app: web.Application, address: Address, *, access_log: bool) -> web.AppRunner:
+    runner = web.AppRunner(
+        app,
+        access_log_class=PathOnlyAccessLogger,
+        access_log=logging.getLogger("gateway.http.access") if access_log else None,
+        handle_signals=False,
+        shutdown_timeout=5.0,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, address.host, address.port)
+    await site.start()
+    return runner
+
+
+def _bound(runner: web.AppRunner, wanted: Address) -> Address:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return Address(wanted.host, int(addr[1]))
+    return wanted
+
+
+def install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)

@@ -1,0 +1,291 @@
+"""The ``switchboard`` command.
+
+Exit status: 0 on success, 1 on a runtime failure, 2 on a configuration or usage problem
+(one line per problem on standard error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway import __version__
+from gateway.config import Config
+from gateway.domain.errors import ConfigError, InvalidArgument, SwitchboardError
+from gateway.observability.logging import configure_logging
+
+log = logging.getLogger("gateway.cli")
+
+DEV_TOKEN_FILE = "dev-token"  # noqa: S105 - a file name, not a secret
+
+
+def _load_config() -> Config:
+    config = Config.from_environ()
+    configure_logging(config.log_level, config.log_format)
+    return config
+
+
+def _run(coro_fn: Callable[[], Coroutine[Any, Any, int]], *, fast_loop: bool = False) -> int:
+    if fast_loop:
+        try:
+            import uvloop
+
+            return uvloop.run(coro_fn())
+        except ImportError:  # uvloop is optional off Linux/macOS
+            pass
+    return asyncio.run(coro_fn())
+
+
+# ---- serve ----
+
+
+async def _ensure_dev_token(gateway: Any, data_dir: str) -> str:
+    """The dev token of ``make run``: created on first run, reused after (0600 file)."""
+    from gateway.domain.errors import Unauthenticated
+    from gateway.security.tokens import create_token
+
+    path = Path(data_dir) / DEV_TOKEN_FILE
+    if path.exists():
+        token = path.read_text().strip()
+        try:
+            await gateway.authority.authenticate(token)
+            return token
+        except Unauthenticated:
+            log.warning("the saved dev token is unknown to this database; creating a new one")
+    token, _ = await create_token(gateway.store, name="dev", tenants=["*"], scopes=[])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    return token
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.app import Gateway, Listening, Role, install_signal_handlers
+
+    config = _load_config()
+    role = Role(args.role)
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        install_signal_handlers(stop)
+        async with Gateway(config) as gateway:
+            await gateway.ensure_schema()
+            dev_token = await _ensure_dev_token(gateway, config.data_dir) if args.dev else ""
+
+            def announce(where: Listening) -> None:
+                log.info(
+                    "switchboard is up",
+                    extra={
+                        "role": role.value,
+                        "grpc": str(where.grpc or "-"),
+                        "http": str(where.http or "-"),
+                        "metrics": str(where.metrics or "-"),
+                        "database": config.database_backend,
+                        "bus": "redis" if config.redis_url else "in-process",
+                    },
+                )
+                if args.dev:
+                    _print_banner(where, dev_token)
+
+            await gateway.serve(role, stop=stop, on_listening=announce)
+        return 0
+
+    return _run(main, fast_loop=True)
+
+
+def _print_banner(where: Any, token: str) -> None:
+    lines = [
+        "",
+        "Switchboard is running (Ctrl-C stops it).",
+        f"  gRPC     {where.grpc}",
+        f"  HTTP     http://{where.http}",
+        f"  metrics  http://{where.metrics}/metrics",
+        f"  token    {token}",
+        "",
+        "Try:  grpcurl -plaintext -H 'authorization: Bearer <token>' "
+        f"{where.grpc} switchboard.v1.ChannelConnect/ListChannels",
+        "",
+    ]
+    # The dev banner is the point of `make run`: it goes to the terminal, not the log.
+    sys.stdout.write("\n".join(lines) + "\n")
+    sys.stdout.flush()
+
+
+# ---- migrate ----
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    from gateway.store import open_store
+
+    config = _load_config()
+
+    async def main() -> int:
+        async with open_store(config.database_url.reveal()) as store:
+            applied = await store.migrate()
+        if applied:
+            print(f"applied {len(applied)} migration(s): {', '.join(applied)}")
+        else:
+            print("the database is up to date")
+        return 0
+
+    return _run(main)
+
+
+# ---- config ----
+
+
+def cmd_config_check(_: argparse.Namespace) -> int:
+    from gateway.domain.channel import ChannelContext
+    from gateway.plugins import load_channels
+
+    config = _load_config()
+    rows = config.describe()
+    channels = load_channels(ChannelContext(environ=config.environ, public_url=config.public_url))
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    for name in channels:
+        info = channels[name].info()
+        flows = ", ".join(
+            f"{f.name}{'' if f.configured else ' (not configured)'}" for f in info.login_flows
+        )
+        mode = (
+            "sandbox" if info.sandbox else ("configured" if info.configured else "not configured")
+        )
+        print(f"{'channel ' + name:<{width}}  {mode}; login flows: {flows}")
+    print("configuration OK")
+    return 0
+
+
+# ---- tokens ----
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from gateway.security.tokens import create_token
+    from gateway.store import open_store
+
+    config = _load_config()
+
+    async def main() -> int:
+        async with open_store(config.database_url.reveal()) as store:
+            if args.tokens_command == "create":
+                token, _ = await create_token(
+                    store, name=args.name, tenants=args.tenant or ["*"], scopes=args.scope or []
+                )
+                print(token)
+            elif args.tokens_command == "list":
+                async with store.transaction() as tx:
+                    records = await tx.list_api_tokens()
+                for r in records:
+                    state = "revoked" if r.revoked_at else "active"
+                    scopes = "+".join(sorted(s.value for s in r.scopes))
+                    print(f"{r.id}\t{r.name}\t{','.join(r.tenants)}\t{scopes}\t{state}")
+            else:
+                from datetime import UTC, datetime
+
+                async with store.transaction() as tx:
+                    count = await tx.revoke_api_token(args.token, datetime.now(UTC))
+                if not count:
+                    print(f"no active token with id or name {args.token!r}", file=sys.stderr)
+                    return 1
+                print(f"revoked {count} token(s)")
+        return 0
+
+    return _run(main)
+
+
+# ---- sandbox ----
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from channels.instagram.sandbox import run_sandbox
+
+    configure_logging(
+        os.environ.get("SWITCHBOARD_LOG_LEVEL", "info") or "info",
+        "text" if sys.stderr.isatty() else "json",
+    )
+    run_sandbox(args.addr, dict(os.environ))
+    return 0
+
+
+def cmd_version(_: argparse.Namespace) -> int:
+    print(f"switchboard {__version__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="switchboard", description="Multi-channel messaging gateway."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("role", nargs="?", default="all", choices=["all", "grpc", "http"])
+    serve.add_argument(
+        "--dev",
+        action="store_true",
+        help="create or reuse a local dev API token and print it with the addresses",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    migrate = sub.add_parser("migrate", help="apply pending database migrations")
+    migrate.set_defaults(func=cmd_migrate)
+
+    config = sub.add_parser("config", help="configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate and print the effective configuration")
+    check.set_defaults(func=cmd_config_check)
+
+    tokens = sub.add_parser("tokens", help="API tokens")
+    tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
+    create = tokens_sub.add_parser("create", help="create a token and print it on stdout")
+    create.add_argument("--name", required=True)
+    create.add_argument("--tenant", action="append", help="a tenant id, or '*' (repeatable)")
+    create.add_argument(
+        "--scope",
+        action="append",
+        help="connect, send, read, subscribe or admin (repeatable; default all)",
+    )
+    create.set_defaults(func=cmd_tokens)
+    listing = tokens_sub.add_parser("list", help="list tokens (never their values)")
+    listing.set_defaults(func=cmd_tokens)
+    revoke = tokens_sub.add_parser("revoke", help="revoke a token by id or name")
+    revoke.add_argument("token", metavar="ID_OR_NAME")
+    revoke.set_defaults(func=cmd_tokens)
+
+    sandbox = sub.add_parser("sandbox", help="run the Instagram sandbox (Meta's stand-in)")
+    sandbox.add_argument("--addr", default="127.0.0.1:8090", help="HOST:PORT (default %(default)s)")
+    sandbox.set_defaults(func=cmd_sandbox)
+
+    ver = sub.add_parser("version", help="print the version")
+    ver.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"switchboard: config: {problem}", file=sys.stderr)
+        return 2
+    except InvalidArgument as exc:
+        print(f"switchboard: {exc.message}", file=sys.stderr)
+        return 2
+    except SwitchboardError as exc:
+        print(f"switchboard: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Configuration: environment variables read once, typed and validated at start.
+
+Every problem is reported on its own line (``ConfigError.problems``); the CLI prints them
+and exits with status 2. Secrets are wrapped in :class:`Secret`, whose ``repr`` and ``str``
+never show the value.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+from urllib.parse import urlsplit
+
+from gateway.domain.errors import ConfigError
+
+PREFIX = "SWITCHBOARD_"
+DEFAULT_DATABASE_URL = "sqlite:///./var/switchboard.db"
+DEFAULT_DATA_DIR = "./var"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
+
+
+class Secret:
+    """A value that must never be printed; ``reveal()`` is the only way in."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret('')"
+
+    def __str__(self) -> str:
+        return "***" if self._value else ""
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(value: str) -> Address:
+    """``host:port`` or ``[v6]:port``; port 0 lets the OS pick (tests)."""
+    value = value.strip()
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError("expected [host]:port")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep:
+            raise ValueError("expected host:port")
+    if not host:
+        raise ValueError("the host is empty")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"the port {port_text!r} is not a number from 0 to 65535")
+    return Address(host, int(port_text))
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: Secret
+    redis_url: Secret
+    redis_key_prefix: str
+    grpc_addr: Address
+    http_addr: Address
+    metrics_addr: Address
+    public_url: str
+    encryption_keys: Secret
+    api_tokens: Secret
+    allowed_return_origins: tuple[str, ...]
+    log_level: str
+    log_format: str
+    data_dir: str
+    shutdown_grace_s: float
+    http_max_body_bytes: int
+    # The raw environment, for channel plugins (they validate their own variables).
+    environ: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def embedded(self) -> bool:
+        """True when running on SQLite and the in-process bus."""
+        return self.database_url.reveal().startswith("sqlite:") and not self.redis_url
+
+    @property
+    def database_backend(self) -> str:
+        return "sqlite" if self.database_url.reveal().startswith("sqlite:") else "postgres"
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Config:
+        env = dict(os.environ if environ is None else environ)
+        problems: list[str] = []
+        reader = _Reader(env, problems)
+
+        database_url = reader.text("DATABASE_URL", DEFAULT_DATABASE_URL)
+        if not database_url.startswith(("postgresql://", "postgres://", "sqlite:")):
+            problems.append(
+                f"{PREFIX}DATABASE_URL: must start with postgresql:// or sqlite:/// "
+                f"(got scheme {urlsplit(database_url).scheme or 'none'!r})"
+            )
+        redis_url = reader.text("REDIS_URL", "")
+        if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+            problems.append(f"{PREFIX}REDIS_URL: must start with redis://, rediss:// or unix://")
+
+        public_url = reader.text("PUBLIC_URL", "http://127.0.0.1:8080").rstrip("/")
+        pub = urlsplit(public_url)
+        if pub.scheme not in ("http", "https") or not pub.netloc:
+            problems.append(f"{PREFIX}PUBLIC_URL: must be an absolute http(s) URL")
+
+        origins_text = reader.text("ALLOWED_RETURN_ORIGINS", "")
+        origins: list[str] = []
+        for item in filter(None, (o.strip() for o in origins_text.split(","))):
+            parts = urlsplit(item)
+            if (
+                parts.scheme not in ("http", "https")
+                or not parts.netloc
+                or parts.path
+                not in (
+                    "",
+                    "/",
+                )
+            ):
+                problems.append(
+                    f"{PREFIX}ALLOWED_RETURN_ORIGINS: {item!r} is not an origin "
+                    "(scheme://host[:port], no path)"
+                )
+            else:
+                origins.append(origin_of(item))
+        if not origins and pub.netloc:
+            origins.append(origin_of(public_url))
+
+        log_level = reader.choice("LOG_LEVEL", "info", LOG_LEVELS)
+        default_format = "text" if sys.stderr.isatty() else "json"
+        log_format = reader.choice("LOG_FORMAT", default_format, LOG_FORMATS)
+
+        config = cls(
+            database_url=Secret(database_url),
+            redis_url=Secret(redis_url),
+            redis_key_prefix=reader.text("REDIS_KEY_PREFIX", "switchboard:"),
+            grpc_addr=reader.address("GRPC_ADDR", "127.0.0.1:50051"),
+            http_addr=reader.address("HTTP_ADDR", "127.0.0.1:8080"),
+            metrics_addr=reader.address("METRICS_ADDR", "127.0.0.1:9464"),
+            public_url=public_url,
+            encryption_keys=Secret(reader.text("ENCRYPTION_KEYS", "")),
+            api_tokens=Secret(reader.text("API_TOKENS", "")),
+            allowed_return_origins=tuple(origins),
+            log_level=log_level,
+            log_format=log_format,
+            data_dir=reader.text("DATA_DIR", DEFAULT_DATA_DIR),
+            shutdown_grace_s=reader.number("SHUTDOWN_GRACE_SECONDS", 10.0, low=0, high=600),
+            http_max_body_bytes=int(
+                reader.number("HTTP_MAX_BODY_BYTES", 4 * 1024 * 1024, low=1024, high=1 << 30)
+            ),
+            environ=env,
+        )
+        # Deeper checks of structured secrets live with their owners.
+        from gateway.security.keyring import validate_key_ring_spec
+        from gateway.security.tokens import validate_static_tokens_spec
+
+        problems.extend(validate_key_ring_spec(config.encryption_keys.reveal()))
+        problems.extend(validate_static_tokens_spec(config.api_tokens.reveal()))
+        if problems:
+            raise ConfigError(problems)
+        return config
+
+    def describe(self) -> list[tuple[str, str]]:
+        """The effective configuration as (name, printable value), secrets masked."""
+        out: list[tuple[str, str]] = []
+        for f in fields(self):
+            if f.name == "environ":
+                continue
+            value: Any = getattr(self, f.name)
+            if isinstance(value, Secret):
+                shown = _mask_url(value.reveal()) if f.name.endswith("_url") else str(value)
+            elif isinstance(value, tuple):
+                shown = ",".join(value)
+            else:
+                shown = str(value)
+            out.append((PREFIX + f.name.upper(), shown or "(unset)"))
+        return out
+
+
+def _mask_url(url: str) -> str:
+    """Keeps a URL readable while hiding its password."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+    return url
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str], problems: list[str]) -> None:
+        self.env = env
+        self.problems = problems
+
+    def text(self, name: str, default: str) -> str:
+        return self.env.get(PREFIX + name, "").strip() or default
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        value = self.text(name, default).lower()
+        if value not in allowed:
+            self.problems.append(f"{PREFIX}{name}: {value!r} is not one of {', '.join(allowed)}")
+            return default
+        return value
+
+    def address(self, name: str, default: str) -> Address:
+        value = self.text(name, default)
+        try:
+            return parse_address(value)
+        except ValueError as exc:
+            self.problems.append(f"{PREFIX}{name}: {value!r}: {exc}")
+            return parse_address(default)
+
+    def number(self, name: str, default: float, *, low: float, high: float) -> float:
+        raw = self.text(name, "")
+        if not raw:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            self.problems.append(f"{PREFIX}{name}: {raw!r} is not a number")
+            return default
+        if not low <= value <= high:
+            self.problems.append(f"{PREFIX}{name}: {raw} is outside {low:g}..{high:g}")
+            return default
+        return value

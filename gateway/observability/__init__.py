@@ -1,0 +1,1 @@
+"""Logging (request ids, JSON or text) and Prometheus metrics."""

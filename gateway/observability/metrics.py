@@ -1,0 +1,67 @@
+"""Prometheus metrics shared by the gRPC server and the HTTP sidecar, and their endpoint.
+
+The gRPC metric names and labels are those of the Go grpc-prometheus middleware, so that
+existing dashboards work unchanged.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+
+grpc_server_started_total = Counter(
+    "grpc_server_started_total", "RPCs started on the server.", GRPC_LABELS
+)
+grpc_server_handled_total = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, regardless of success or failure.",
+    (*GRPC_LABELS, "grpc_code"),
+)
+grpc_server_handling_seconds = Histogram(
+    "grpc_server_handling_seconds",
+    "Response latency of RPCs handled by the server (seconds).",
+    GRPC_LABELS,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+grpc_server_msg_received_total = Counter(
+    "grpc_server_msg_received_total", "Stream messages received by the server.", GRPC_LABELS
+)
+grpc_server_msg_sent_total = Counter(
+    "grpc_server_msg_sent_total", "Stream messages sent by the server.", GRPC_LABELS
+)
+
+http_requests_total = Counter(
+    "switchboard_http_requests_total",
+    "HTTP requests answered by the sidecar.",
+    ("route", "method", "status"),
+)
+http_request_seconds = Histogram(
+    "switchboard_http_request_duration_seconds",
+    "Time from request to response in the sidecar.",
+    ("route", "method"),
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+
+def create_metrics_app(registry: CollectorRegistry = REGISTRY) -> web.Application:
+    """``GET /metrics`` in the Prometheus text format (process metrics included)."""
+
+    async def metrics(_: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", metrics)
+    return app

@@ -1,0 +1,1 @@
+"""Key ring (credential encryption), API tokens and OAuth state values."""

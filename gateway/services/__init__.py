@@ -1,0 +1,1 @@
+"""Use cases: connect, inbound, outbound, history, and the background workers."""

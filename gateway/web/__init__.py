@@ -1,0 +1,1 @@
+"""The HTTP sidecar: OAuth redirects, channel webhooks, liveness and readiness."""

@@ -1,0 +1,136 @@
+"""The aiohttp sidecar application (app factory; resources tied to ``cleanup_ctx``)."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.web_exceptions import HTTPException
+
+from gateway.domain.channel import HttpRequest
+from gateway.domain.errors import StoreUnavailable
+from gateway.domain.store import Store
+from gateway.observability import metrics
+from gateway.observability.logging import request_id_var
+from gateway.plugins import ChannelRegistry
+
+log = logging.getLogger("gateway.web")
+
+
+@dataclass(frozen=True, slots=True)
+class WebDeps:
+    store: Store
+    channels: ChannelRegistry
+    max_body_bytes: int
+
+
+DEPS = web.AppKey("deps", WebDeps)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class PathOnlyAccessLogger(AbstractAccessLogger):
+    """Access log without query strings: OAuth codes and states travel there."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "http request",
+            extra={
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "duration_ms": round(time * 1000, 2),
+                "remote": request.remote,
+            },
+        )
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id for log lines, and request metrics labelled by route (not raw path)."""
+    given = request.headers.get("X-Request-Id", "")
+    request_id = given if 0 < len(given) <= 64 and given.isascii() else secrets.token_hex(8)
+    request_id_var.set(request_id)
+    route = (
+        request.match_info.route.resource.canonical
+        if request.match_info.route.resource
+        else "unmatched"
+    )
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers["X-Request-Id"] = request_id
+        return response
+    except HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.http_requests_total.labels(route, request.method, str(status)).inc()
+        metrics.http_request_seconds.labels(route, request.method).observe(
+            time.perf_counter() - start
+        )
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        await request.app[DEPS].store.ping()
+    except StoreUnavailable:
+        return web.json_response({"status": "unavailable", "store": "down"}, status=503)
+    return web.json_response({"status": "ready"})
+
+
+def _channel(request: web.Request) -> str:
+    name = request.match_info["channel"]
+    if name not in request.app[DEPS].channels:
+        raise web.HTTPNotFound(text=f"no channel named {name!r} is installed\n")
+    return name
+
+
+async def webhook(request: web.Request) -> web.Response:
+    deps = request.app[DEPS]
+    plugin = deps.channels[_channel(request)]
+    # read() enforces client_max_size and raises 413 past it, before any parsing.
+    body = await request.read() if request.method == "POST" else b""
+    reply = await plugin.handle_webhook(
+        HttpRequest(
+            method=request.method,
+            path=request.path,
+            query=dict(request.query),
+            headers=dict(request.headers),
+            body=body,
+        )
+    )
+    return web.Response(
+        status=reply.status, body=reply.body, content_type=reply.content_type, headers=reply.headers
+    )
+
+
+async def oauth_callback(request: web.Request) -> web.Response:
+    _channel(request)
+    return web.Response(
+        status=501,
+        text="Connecting a channel account is not implemented yet.\n",
+        content_type="text/plain",
+    )
+
+
+def create_web_app(deps: WebDeps) -> web.Application:
+    app = web.Application(client_max_size=deps.max_body_bytes, middlewares=[observe])
+    app[DEPS] = deps
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/oauth/{channel}/callback", oauth_callback)
+    app.router.add_route("GET", "/webhooks/{channel}", webhook)
+    app.router.add_route("POST", "/webhooks/{channel}", webhook)
+    return app

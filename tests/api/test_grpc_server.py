@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+import grpc
+import grpc.aio
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+from switchboard.v1 import connect_pb2, connect_pb2_grpc, messaging_pb2, messaging_pb2_grpc
+
+from gateway.security.tokens import create_token
+from tests.api.conftest import bearer
+from tests.gateway_harness import RunningGateway
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "no google.rpc.Status in the trailers"
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info
+
+
+async def test_health_is_serving_for_the_server_and_both_services(
+    channel: grpc.aio.Channel,
+) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "switchboard.v1.ChannelConnect", "switchboard.v1.Messaging"):
+        reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_reflection_lists_both_services(channel: grpc.aio.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    names: set[str] = set()
+    async for reply in stub.ServerReflectionInfo(iter([request])):
+        names |= {s.name for s in reply.list_services_response.service}
+    assert {"switchboard.v1.ChannelConnect", "switchboard.v1.Messaging"} <= names
+
+
+async def test_list_channels_names_instagram_with_both_login_flows(
+    embedded: RunningGateway, channel: grpc.aio.Channel
+) -> None:
+    stub = connect_pb2_grpc.ChannelConnectStub(channel)
+    reply = await stub.ListChannels(
+        connect_pb2.ListChannelsRequest(), metadata=bearer(embedded.token)
+    )
+    instagram = {c.name: c for c in reply.channels}["instagram"]
+    assert {f.name for f in instagram.login_flows} == {"facebook", "instagram"}
+    assert "text" in instagram.capabilities
+    flows = {f.name: f for f in instagram.login_flows}
+    assert "instagram_business_manage_messages" in flows["instagram"].scopes
+    assert "instagram_manage_messages" in flows["facebook"].scopes
+
+
+async def test_missing_token_is_unauthenticated_with_a_reason(channel: grpc.aio.Channel) -> None:
+    stub = connect_pb2_grpc.ChannelConnectStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListChannels(connect_pb2.ListChannelsRequest())
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    info = error_info(caught.value)
+    assert info.reason == "MISSING_TOKEN"
+    assert info.domain == "switchboard.dev"
+
+
+async def test_unknown_and_revoked_tokens_are_unauthenticated(
+    embedded: RunningGateway, channel: grpc.aio.Channel
+) -> None:
+    stub = connect_pb2_grpc.ChannelConnectStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListChannels(connect_pb2.ListChannelsRequest(), metadata=bearer("sb_nobody"))
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_token_without_the_scope_is_denied(
+    embedded: RunningGateway, channel: grpc.aio.Channel
+) -> None:
+    token, _ = await create_token(
+        embedded.gateway.store, name="reader", tenants=["*"], scopes=["read"]
+    )
+    stub = connect_pb2_grpc.ChannelConnectStub(channel)
+    await stub.ListChannels(connect_pb2.ListChannelsRequest(), metadata=bearer(token))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.StartConnect(
+            connect_pb2.StartConnectRequest(tenant_id="acme", channel="instagram"),
+            metadata=bearer(token),
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(caught.value).metadata["scope"] == "connect"
+
+
+async def test_a_token_is_limited_to_its_tenants(
+    embedded: RunningGateway, channel: grpc.aio.Channel
+) -> None:
+    token, _ = await create_token(embedded.gateway.store, name="acme", tenants=["acme"], scopes=[])
+    stub = connect_pb2_grpc.ChannelConnectStub(channel)
+    own = await stub.ListConnections(
+        connect_pb2.ListConnectionsRequest(tenant_id="acme"), metadata=bearer(token)
+    )
+    assert list(own.connections) == []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListConnections(
+            connect_pb2.ListConnectionsRequest(tenant_id="globex"), metadata=bearer(token)
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(caught.value).reason == "TENANT_NOT_ALLOWED"
+
+
+async def test_bad_arguments_name_the_field(
+    embedded: RunningGateway, channel: grpc.aio.Channel
+) -> None:
+    stub = messaging_pb2_grpc.MessagingStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListConversations(
+            messaging_pb2.ListConversationsRequest(tenant_id="acme", page_size=-1),
+            metadata=bearer(embedded.token),
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).metadata["field"] == "page_size"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetMessage(messaging_pb2.GetMessageRequest(), metadata=bearer(embedded.token))
+    assert error_info(caught.value).metadata["field"] == "message_id"
+
+
+async def test_missing_resources_are_not_found(
+    embedded: RunningGateway, channel: grpc.aio.Channel
+) -> None:
+    stub = connect_pb2_grpc.ChannelConnectStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetConnection(
+            connect_pb2.GetConnectionRequest(connection_id="conn_missing"),
+            metadata=bearer(embedded.token),
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_rpcs_of_later_milestones_say_unimplemented(
+    embedded: RunningGateway, channel: grpc.aio.Channel
+) -> None:
+    stub = messaging_pb2_grpc.MessagingStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.SendMessage(
+            messaging_pb2.SendMessageRequest(tenant_id="acme", text="hi"),
+            metadata=bearer(embedded.token),
+        )
+    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_request_id_is_returned_and_logged(
+    embedded: RunningGateway, channel: grpc.aio.Channel, caplog: pytest.LogCaptureFixture
+) -> None:
+    stub = connect_pb2_grpc.ChannelConnectStub(channel)
+    caplog.set_level(logging.INFO, logger="gateway.api")
+    call = stub.ListChannels(
+        connect_pb2.ListChannelsRequest(),
+        metadata=(*bearer(embedded.token), ("x-request-id", "req-abc-123")),
+    )
+    await call
+    initial = dict(await call.initial_metadata())
+    assert initial["x-request-id"] == "req-abc-123"
+    finished = [r for r in caplog.records if r.getMessage() == "rpc finished"]
+    assert any(getattr(r, "method", "").endswith("/ListChannels") for r in finished)
+    assert embedded.token not in caplog.text
+
+
+async def test_metrics_use_the_grpc_prometheus_names(
+    embedded: RunningGateway, channel: grpc.aio.Channel
+) -> None:
+    stub = connect_pb2_grpc.ChannelConnectStub(channel)
+    await stub.ListChannels(connect_pb2.ListChannelsRequest(), metadata=bearer(embedded.token))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await stub.ListChannels(connect_pb2.ListChannelsRequest())
+    async with aiohttp.ClientSession() as http, http.get(embedded.metrics_url) as reply:
+        assert reply.status == 200
+        text = await reply.text()
+    assert "grpc_server_started_total{" in text
+    assert 'grpc_code="OK"' in text
+    assert 'grpc_code="UNAUTHENTICATED"' in text
+    assert 'grpc_method="ListChannels"' in text
+    assert 'grpc_service="switchboard.v1.ChannelConnect"' in text
+    assert "grpc_server_handling_seconds_bucket{" in text
+    assert "process_cpu_seconds_total" in text

@@ -1,0 +1,105 @@
+"""The command line, run as a user runs it: a subprocess with an environment."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.security.keyring import generate_key_spec
+
+
+def switchboard(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli", *args],
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return {
+        "SWITCHBOARD_DATABASE_URL": f"sqlite:///{tmp_path}/cli.db",
+        "SWITCHBOARD_DATA_DIR": str(tmp_path),
+        "SWITCHBOARD_ENCRYPTION_KEYS": generate_key_spec("k1"),
+        "SWITCHBOARD_LOG_FORMAT": "json",
+    }
+
+
+def test_bad_configuration_exits_2_with_one_line_per_problem(env: dict[str, str]) -> None:
+    env |= {"SWITCHBOARD_GRPC_ADDR": "nope", "SWITCHBOARD_LOG_LEVEL": "loud"}
+    result = switchboard("config", "check", env=env)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 2
+    assert any("SWITCHBOARD_GRPC_ADDR" in line for line in lines)
+    assert any("SWITCHBOARD_LOG_LEVEL" in line for line in lines)
+
+
+def test_config_check_prints_the_effective_configuration_masked(env: dict[str, str]) -> None:
+    env["SWITCHBOARD_REDIS_URL"] = "redis://:sekritpass@127.0.0.1:6379/0"
+    result = switchboard("config", "check", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "SWITCHBOARD_GRPC_ADDR" in result.stdout
+    assert "redis://:***@127.0.0.1:6379/0" in result.stdout
+    assert "sekritpass" not in result.stdout
+    assert env["SWITCHBOARD_ENCRYPTION_KEYS"].split(":", 1)[1] not in result.stdout
+    assert "channel instagram" in result.stdout
+
+
+def test_migrate_twice_is_a_no_op(env: dict[str, str]) -> None:
+    first = switchboard("migrate", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "applied" in first.stdout
+    second = switchboard("migrate", env=env)
+    assert second.returncode == 0, second.stderr
+    assert "up to date" in second.stdout
+
+
+def test_tokens_create_prints_the_token_alone_and_list_never_shows_it(env: dict[str, str]) -> None:
+    assert switchboard("migrate", env=env).returncode == 0
+    created = switchboard(
+        "tokens",
+        "create",
+        "--name",
+        "ai-backend",
+        "--tenant",
+        "acme",
+        "--scope",
+        "subscribe",
+        "--scope",
+        "send",
+        env=env,
+    )
+    assert created.returncode == 0, created.stderr
+    token = created.stdout.strip()
+    assert created.stdout == token + "\n"
+    assert token.startswith("sb_")
+    listed = switchboard("tokens", "list", env=env)
+    assert "ai-backend" in listed.stdout
+    assert "acme" in listed.stdout
+    assert "send+subscribe" in listed.stdout
+    assert token not in listed.stdout + listed.stderr
+    revoked = switchboard("tokens", "revoke", "ai-backend", env=env)
+    assert revoked.returncode == 0
+    assert "revoked" in switchboard("tokens", "list", env=env).stdout
+
+
+def test_unknown_scope_is_a_usage_error(env: dict[str, str]) -> None:
+    assert switchboard("migrate", env=env).returncode == 0
+    result = switchboard("tokens", "create", "--name", "x", "--scope", "everything", env=env)
+    assert result.returncode == 2
+    assert "scope" in result.stderr
+
+
+def test_version(env: dict[str, str]) -> None:
+    result = switchboard("version", env=env)
+    assert result.returncode == 0
+    assert result.stdout.startswith("switchboard ")
