@@ -11,12 +11,16 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import grpc.aio
 import psycopg
 import pytest
 import redis
 import redis.asyncio
+
+from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -102,3 +106,17 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+async def embedded(tmp_path: Path) -> AsyncIterator[RunningGateway]:
+    """A whole gateway on its embedded default (SQLite, in-process bus)."""
+    env = gateway_environ(f"sqlite:///{tmp_path}/sb.db", str(tmp_path))
+    async with run_gateway(env) as running:
+        yield running
+
+
+@pytest.fixture
+async def channel(embedded: RunningGateway) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(embedded.grpc_target) as ch:
+        yield ch

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 from gateway.domain.events import Event
 from gateway.domain.models import (
@@ -56,29 +57,35 @@ class Tx(Protocol):
     async def create_api_token(self, token: ApiToken, token_hash: str) -> None: ...
     async def find_api_token(self, token_hash: str) -> ApiToken | None:
         """The token with this hash, or None when unknown or revoked."""
+
     async def list_api_tokens(self) -> list[ApiToken]: ...
     async def revoke_api_token(self, id_or_name: str, now: datetime) -> int:
         """Revokes by id or name; returns how many tokens were revoked."""
+
     async def touch_api_token(self, token_id: str, now: datetime) -> None: ...
 
     # ---- OAuth states ----
     async def put_oauth_state(self, state: OAuthState) -> None: ...
     async def take_oauth_state(self, state_hash: str, now: datetime) -> OAuthState | None:
         """Deletes and returns the state; None when unknown, already used or expired."""
+
     async def purge_oauth_states(self, now: datetime) -> int: ...
 
     # ---- connections and their encrypted credentials ----
     async def save_connection(self, conn: Connection) -> None:
         """Inserts or updates by id. Only one non-DISCONNECTED connection may hold a
         (channel, account.external_id): AlreadyExists otherwise."""
+
     async def get_connection(self, connection_id: str) -> Connection | None: ...
     async def find_connection_by_account(self, channel: str, external_id: str) -> Connection | None:
         """The non-DISCONNECTED connection of that account, if any."""
+
     async def find_connections_by_account_ids(
         self, channel: str, account_ids: Sequence[str]
     ) -> list[Connection]:
         """Non-DISCONNECTED connections whose account external_id or page_id is listed
         (webhook routing)."""
+
     async def list_connections(
         self,
         tenant_id: str,
@@ -89,6 +96,7 @@ class Tx(Protocol):
         statuses: Sequence[ConnectionStatus] = (),
     ) -> Page[Connection]:
         """Newest first. A malformed page_token raises InvalidArgument('page_token')."""
+
     async def count_connections_by_status(self) -> dict[tuple[str, ConnectionStatus], int]: ...
     async def claim_connections_due(
         self, *, due_before: datetime, now: datetime, lease_until: datetime, limit: int
@@ -99,15 +107,19 @@ class Tx(Protocol):
     async def put_credential(self, credential: Credential) -> None: ...
     async def get_credential(self, connection_id: str) -> Credential | None: ...
     async def delete_credential(self, connection_id: str) -> bool: ...
-    async def list_credentials(self, *, after_connection_id: str, limit: int) -> list[Credential]: ...
+    async def list_credentials(
+        self, *, after_connection_id: str, limit: int
+    ) -> list[Credential]: ...
 
     # ---- participants, conversations, messages ----
     async def upsert_participant(self, participant: Participant) -> Participant:
         """Unique on (connection_id, channel_user_id); returns the stored row (with its id
         when it existed). Profile fields are only overwritten by non-empty values."""
+
     async def get_participant(self, participant_id: str) -> Participant | None: ...
     async def upsert_conversation(self, conversation: Conversation) -> Conversation:
         """Unique on (connection_id, participant); times only move forward."""
+
     async def get_conversation(self, conversation_id: str) -> Conversation | None: ...
     async def list_conversations(
         self, tenant_id: str, *, connection_id: str = "", page_size: int, page_token: str = ""
@@ -117,13 +129,17 @@ class Tx(Protocol):
     async def insert_message(self, message: Message) -> tuple[Message, bool]:
         """Inserts; on a conflict of (connection_id, external_id) or (tenant_id,
         idempotency_key) returns the existing message and False."""
+
     async def update_message(self, message: Message) -> None: ...
     async def get_message(self, message_id: str) -> Message | None: ...
-    async def find_message_by_external_id(self, connection_id: str, external_id: str) -> Message | None: ...
+    async def find_message_by_external_id(
+        self, connection_id: str, external_id: str
+    ) -> Message | None: ...
     async def list_messages(
         self, conversation_id: str, *, page_size: int, page_token: str = ""
     ) -> Page[Message]:
         """Newest first."""
+
     async def claim_due_messages(
         self, *, now: datetime, lease_until: datetime, limit: int
     ) -> list[Message]:
@@ -141,16 +157,32 @@ class Store(Protocol):
 
     async def open(self) -> None: ...
     async def aclose(self) -> None: ...
+    async def __aenter__(self) -> Self:
+        """Opens the store (``open()``) and returns it."""
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Closes the store (``aclose()``)."""
+
     async def ping(self) -> None:
         """Raises StoreUnavailable unless the database answers."""
+
     async def migrate(self) -> list[str]:
         """Applies pending migrations; returns the versions applied (empty: up to date)."""
+
     async def applied_migrations(self) -> list[str]: ...
     def transaction(self) -> AbstractAsyncContextManager[Tx]: ...
 
     # The outbox relay's side (outside the producers' transactions).
-    async def claim_outbox(self, *, now: datetime, lease_until: datetime, limit: int) -> list[OutboxEntry]:
+    async def claim_outbox(
+        self, *, now: datetime, lease_until: datetime, limit: int
+    ) -> list[OutboxEntry]:
         """Unpublished entries in seq order whose lease lapsed, leased to the caller."""
+
     async def mark_published(self, seqs: Sequence[int], now: datetime) -> None: ...
     async def purge_published(self, before: datetime) -> int:
         """Deletes published entries older than ``before`` (retention), with their bus acks."""
@@ -159,7 +191,9 @@ class Store(Protocol):
     async def bus_load(self, *, since: datetime) -> tuple[list[OutboxEntry], dict[str, set[int]]]:
         """Published entries published at or after ``since``, in seq order, and for each
         known group the seqs it has acked among them."""
+
     async def bus_add_group(self, group: str, now: datetime) -> None:
         """Records a consumer group (idempotent)."""
+
     async def bus_ack(self, group: str, seqs: Sequence[int]) -> None:
         """Records that ``group`` acked these entries (idempotent)."""

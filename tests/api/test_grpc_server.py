@@ -13,8 +13,8 @@ from grpc_status import rpc_status
 from switchboard.v1 import connect_pb2, connect_pb2_grpc, messaging_pb2, messaging_pb2_grpc
 
 from gateway.security.tokens import create_token
-from tests.api.conftest import bearer
 from tests.gateway_harness import RunningGateway
+from tests.helpers import bearer
 
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:

@@ -8,8 +8,8 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchboard.v1 import connect_pb2, connect_pb2_grpc
 
-from tests.api.conftest import bearer
 from tests.gateway_harness import gateway_environ, run_gateway
+from tests.helpers import bearer
 
 
 async def test_postgres_and_redis_gateway_serves_and_is_healthy(

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+from gateway.domain.models import Connection
+from gateway.domain.store import OutboxEntry
+from tests.store.conftest import AnyStore
+from tests.store.factories import connection, event, now
+
+
+async def with_connection(store: AnyStore) -> Connection:
+    conn = connection()
+    async with store.transaction() as tx:
+        await tx.save_connection(conn)
+    return conn
+
+
+async def test_events_added_in_a_transaction_reach_the_outbox_whole(store: AnyStore) -> None:
+    conn = await with_connection(store)
+    events = [event(conn, "cnv_1", text="héllo"), event(conn)]
+    async with store.transaction() as tx:
+        await tx.add_events(events)
+        await tx.add_events([events[0]])  # the same event again is not a second entry
+        await tx.add_events([])
+    t = now()
+    claimed = await store.claim_outbox(now=t, lease_until=t + timedelta(seconds=30), limit=10)
+    assert [e.event for e in claimed] == events
+    assert [e.attempts for e in claimed] == [1, 1]
+
+
+async def test_events_of_a_rolled_back_transaction_never_reach_the_outbox(
+    store: AnyStore,
+) -> None:
+    conn = await with_connection(store)
+    try:
+        async with store.transaction() as tx:
+            await tx.add_events([event(conn)])
+            raise LookupError
+    except LookupError:
+        pass
+    t = now()
+    assert await store.claim_outbox(now=t, lease_until=t, limit=10) == []
+
+
+async def test_an_unpublished_entry_is_claimed_again_after_its_lease_with_one_more_attempt(
+    store: AnyStore,
+) -> None:
+    conn = await with_connection(store)
+    async with store.transaction() as tx:
+        await tx.add_events([event(conn)])
+    t = now()
+    lease = t + timedelta(seconds=30)
+    first = await store.claim_outbox(now=t, lease_until=lease, limit=10)
+    assert await store.claim_outbox(now=t, lease_until=lease, limit=10) == []
+    again = await store.claim_outbox(now=lease, lease_until=lease + timedelta(seconds=30), limit=10)
+    assert [e.seq for e in again] == [e.seq for e in first]
+    assert again[0].attempts == 2
+    await store.mark_published([again[0].seq], lease)
+    later = lease + timedelta(minutes=5)
+    assert await store.claim_outbox(now=later, lease_until=later, limit=10) == []
+
+
+async def test_purging_removes_published_entries_older_than_retention_and_their_acks(
+    store: AnyStore,
+) -> None:
+    conn = await with_connection(store)
+    async with store.transaction() as tx:
+        await tx.add_events([event(conn) for _ in range(4)])
+    t = now()
+    entries = await store.claim_outbox(now=t, lease_until=t, limit=10)
+    seqs = [e.seq for e in entries]
+    await store.mark_published(seqs[:2], t - timedelta(days=2))
+    await store.mark_published(seqs[2:3], t)
+    await store.bus_add_group("ai", t)
+    await store.bus_ack("ai", seqs[:3])
+
+    assert await store.purge_published(t - timedelta(days=1)) == 2
+    loaded, acked = await store.bus_load(since=t - timedelta(days=30))
+    assert [e.seq for e in loaded] == [seqs[2]]
+    assert acked == {"ai": {seqs[2]}}
+    # The unpublished entry is still waiting for the relay.
+    waiting = await store.claim_outbox(now=t, lease_until=t, limit=10)
+    assert [e.seq for e in waiting] == [seqs[3]]
+
+
+async def test_bus_state_reloads_published_entries_and_each_groups_acks(store: AnyStore) -> None:
+    conn = await with_connection(store)
+    events = [event(conn, f"cnv_{i}") for i in range(5)]
+    async with store.transaction() as tx:
+        await tx.add_events(events)
+    t = now()
+    entries = await store.claim_outbox(now=t, lease_until=t, limit=10)
+    seqs = [e.seq for e in entries]
+    await store.mark_published(seqs[:1], t - timedelta(hours=2))
+    await store.mark_published(seqs[1:4], t)
+    await store.mark_published(
+        seqs[1:2], t + timedelta(hours=1)
+    )  # publishing twice changes nothing
+
+    await store.bus_add_group("ai", t)
+    await store.bus_add_group("ai", t)
+    await store.bus_add_group("audit", t)
+    await store.bus_ack("ai", [seqs[1], seqs[2], seqs[2]])
+    await store.bus_ack("ai", [seqs[1]])
+    await store.bus_ack("late", [seqs[3]])
+    await store.bus_ack("ai", [])
+
+    loaded, acked = await store.bus_load(since=t - timedelta(minutes=1))
+    assert loaded == [
+        OutboxEntry(seq=s, event=events[i + 1], attempts=1) for i, s in enumerate(seqs[1:4])
+    ]
+    assert acked == {"ai": {seqs[1], seqs[2]}, "audit": set(), "late": {seqs[3]}}
