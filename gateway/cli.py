@@ -92,7 +92,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     },
                 )
                 if args.dev:
-                    _print_banner(where, dev_token)
+                    sandboxes = {
+                        name: getattr(gateway.channels[name], "sandbox_url", "")
+                        for name in gateway.channels
+                    }
+                    _print_banner(where, dev_token, {k: v for k, v in sandboxes.items() if v})
 
             await gateway.serve(role, stop=stop, on_listening=announce)
         return 0
@@ -100,7 +104,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return _run(main, fast_loop=True)
 
 
-def _print_banner(where: Any, token: str) -> None:
+def _print_banner(where: Any, token: str, sandboxes: dict[str, str]) -> None:
+    sandbox_lines = [
+        f"  sandbox  {url}  ({name}: Meta's stand-in)" for name, url in sandboxes.items()
+    ]
     lines = [
         "",
         "Switchboard is running (Ctrl-C stops it).",
@@ -108,6 +115,7 @@ def _print_banner(where: Any, token: str) -> None:
         f"  HTTP     http://{where.http}",
         f"  metrics  http://{where.metrics}/metrics",
         f"  token    {token}",
+        *sandbox_lines,
         "",
         "Try:  grpcurl -plaintext -H 'authorization: Bearer <token>' "
         f"{where.grpc} switchboard.v1.ChannelConnect/ListChannels",
@@ -205,13 +213,20 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from channels.instagram.sandbox import run_sandbox
+    from channels.instagram.sandbox import SandboxSettingsError, run_sandbox
 
     configure_logging(
         os.environ.get("SWITCHBOARD_LOG_LEVEL", "info") or "info",
         "text" if sys.stderr.isatty() else "json",
     )
-    run_sandbox(args.addr, dict(os.environ))
+    try:
+        run_sandbox(args.addr, dict(os.environ))
+    except (SandboxSettingsError, ValueError) as exc:
+        print(f"switchboard sandbox: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"switchboard sandbox: cannot listen on {args.addr}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -6,6 +6,7 @@ import hmac
 import logging
 from typing import ClassVar
 
+from channels.instagram.sandbox import RunningSandbox, SandboxSettings, start_sandbox
 from channels.instagram.settings import (
     FACEBOOK_SCOPES,
     FLOW_FACEBOOK,
@@ -42,28 +43,44 @@ CAPABILITIES = (
 class InstagramChannel:
     name: ClassVar[str] = "instagram"
 
-    def __init__(self, settings: InstagramSettings) -> None:
+    def __init__(
+        self,
+        settings: InstagramSettings,
+        context: ChannelContext,
+        *,
+        embedded_sandbox: bool = False,
+    ) -> None:
         self.settings = settings
+        self._context = context
+        # No Meta credentials and no sandbox URL: run Meta's stand-in inside this process.
+        self.embedded_sandbox = embedded_sandbox
+        self._sandbox: RunningSandbox | None = None
 
     @classmethod
     def create(cls, context: ChannelContext) -> InstagramChannel:
-        return cls(InstagramSettings.from_environ(context.environ, context.public_url))
+        settings = InstagramSettings.from_environ(context.environ, context.public_url)
+        embedded = not (
+            settings.instagram_flow_configured
+            or settings.facebook_flow_configured
+            or settings.uses_sandbox
+        )
+        return cls(settings, context, embedded_sandbox=embedded)
 
     def info(self) -> ChannelInfo:
         s = self.settings
-        sandbox = s.uses_sandbox
+        sandbox = s.uses_sandbox or self.embedded_sandbox
         flows = (
             LoginFlowInfo(
                 name=FLOW_INSTAGRAM,
                 display_name="Instagram Login",
                 scopes=INSTAGRAM_SCOPES,
-                configured=s.instagram_flow_configured,
+                configured=s.instagram_flow_configured or self.embedded_sandbox,
             ),
             LoginFlowInfo(
                 name=FLOW_FACEBOOK,
                 display_name="Facebook Login",
                 scopes=FACEBOOK_SCOPES,
-                configured=s.facebook_flow_configured,
+                configured=s.facebook_flow_configured or self.embedded_sandbox,
             ),
         )
         return ChannelInfo(
@@ -77,14 +94,41 @@ class InstagramChannel:
         )
 
     async def start(self) -> None:
-        if self.settings.uses_sandbox:
+        if self.embedded_sandbox and self._sandbox is None:
+            await self._start_embedded_sandbox()
+        elif self.settings.uses_sandbox:
             log.warning(
                 "instagram: every Meta host points at the sandbox",
                 extra={"sandbox_url": self.settings.sandbox_url},
             )
 
+    async def _start_embedded_sandbox(self) -> None:
+        sandbox_settings = SandboxSettings.generate(
+            webhook_url=self._context.webhook_url(self.name),
+            webhook_verify_token=self.settings.webhook_verify_token.reveal(),
+        )
+        self._sandbox = await start_sandbox(sandbox_settings)
+        environ = {
+            **self._context.environ,
+            **sandbox_settings.credentials(),
+            "INSTAGRAM_SANDBOX_URL": self._sandbox.url,
+        }
+        self.settings = InstagramSettings.from_environ(environ, self._context.public_url)
+        log.warning(
+            "instagram: no Meta credentials given; running against the built-in sandbox "
+            "with generated credentials (its control API is at /_sandbox/)",
+            extra={"sandbox_url": self._sandbox.url},
+        )
+
+    @property
+    def sandbox_url(self) -> str:
+        """The sandbox this channel talks to, if any."""
+        return self.settings.sandbox_url
+
     async def aclose(self) -> None:
-        return None
+        if self._sandbox is not None:
+            await self._sandbox.aclose()
+            self._sandbox = None
 
     async def handle_webhook(self, request: HttpRequest) -> HttpResponse:
         if request.method == "GET":
