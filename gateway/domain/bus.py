@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from gateway.domain.events import Event, EventKind
+from gateway.domain.store import OutboxEntry
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,7 @@ class Consumer(Protocol):
 
     async def receive(self, max_count: int, timeout_s: float) -> list[Delivery]:
         """Up to ``max_count`` deliveries (respecting max_in_flight); [] after ``timeout_s``."""
+
     async def ack(self, delivery_ids: Sequence[str]) -> None: ...
     async def nack(self, delivery_id: str, delay_s: float = 0.0) -> None: ...
     async def aclose(self) -> None: ...
@@ -64,8 +66,18 @@ class Bus(Protocol):
     async def aclose(self) -> None: ...
     async def ping(self) -> None:
         """Raises BusUnavailable unless the bus answers."""
+
     async def publish(self, events: Sequence[Event]) -> None:
         """Durably appends the events (one round trip for the batch)."""
+
+    async def publish_outbox(self, entries: Sequence[OutboxEntry]) -> None:
+        """Publishes outbox entries (the relay's path). The in-process bus keeps their
+        ``seq`` to record acks in the store, which is what makes it durable."""
+
+    async def trim(self) -> int:
+        """Drops events older than the retention window now (the bus also does it
+        periodically); returns how many were dropped."""
+
     def subscribe(self, subscription: Subscription) -> AbstractAsyncContextManager[Consumer]: ...
     async def group_lag(self, group: str) -> int:
         """Events retained that the group has not acked yet."""

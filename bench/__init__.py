@@ -1,0 +1,1 @@
+"""Benchmarks, one script per path (``python -m bench.<name>``)."""

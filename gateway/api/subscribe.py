@@ -1,0 +1,121 @@
+"""Messaging.Subscribe: one bus consumer per stream, acks and nacks from the client.
+
+The first client message is a ``start`` (group, consumer, filters, limits); deliveries
+then flow to the client while its acks and nacks are read concurrently. When the client
+cancels or the connection breaks, the consumer closes and its unacked deliveries are
+delivered again to the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import timestamp_pb2
+from switchboard.v1 import messaging_pb2
+
+from gateway.api.convert_events import event_to_proto, kinds_from_proto
+from gateway.api.errors import status_code_for
+from gateway.domain.bus import Bus, Consumer, Subscription
+from gateway.domain.errors import InvalidArgument, PermissionDenied, SwitchboardError
+from gateway.domain.models import ApiToken
+
+DEFAULT_MAX_IN_FLIGHT, MAX_IN_FLIGHT = 64, 1000
+DEFAULT_ACK_DEADLINE_S, MIN_ACK_DEADLINE_S, MAX_ACK_DEADLINE_S = 30.0, 1.0, 600.0
+DEFAULT_MAX_BATCH, MAX_BATCH = 1, 500
+# How long one receive waits before checking whether the client went away.
+_POLL_S = 0.5
+
+
+def _bounded(value: float, low: float, high: float) -> float:
+    return min(max(value, low), high)
+
+
+def subscription_from_start(start: messaging_pb2.SubscribeStart, token: ApiToken) -> Subscription:
+    if not start.group:
+        raise InvalidArgument("start.group", "required")
+    if not start.consumer:
+        raise InvalidArgument("start.consumer", "required")
+    tenants = frozenset(start.tenant_ids)
+    outside = sorted(t for t in tenants if not token.allows_tenant(t))
+    if outside:
+        raise PermissionDenied(
+            f"start.tenant_ids: not allowed for this token: {', '.join(outside)}"
+        )
+    if not tenants and not token.all_tenants:
+        tenants = frozenset(token.tenants)
+    deadline = DEFAULT_ACK_DEADLINE_S
+    if start.HasField("ack_deadline"):
+        deadline = start.ack_deadline.ToTimedelta().total_seconds()
+    return Subscription(
+        group=start.group,
+        consumer=start.consumer,
+        tenant_ids=tenants,
+        channels=frozenset(start.channels),
+        kinds=kinds_from_proto(list(start.kinds)),
+        max_in_flight=int(_bounded(start.max_in_flight or DEFAULT_MAX_IN_FLIGHT, 1, MAX_IN_FLIGHT)),
+        ack_deadline_s=_bounded(deadline, MIN_ACK_DEADLINE_S, MAX_ACK_DEADLINE_S),
+    )
+
+
+async def _read_requests(
+    requests: AsyncIterator[messaging_pb2.SubscribeRequest], consumer: Consumer
+) -> None:
+    async for request in requests:
+        kind = request.WhichOneof("kind")
+        if kind == "ack":
+            if request.ack.delivery_ids:
+                await consumer.ack(list(request.ack.delivery_ids))
+        elif kind == "nack":
+            delay = request.nack.delay.ToTimedelta().total_seconds()
+            await consumer.nack(request.nack.delivery_id, max(delay, 0.0))
+        elif kind == "start":
+            raise InvalidArgument("start", "sent twice on one stream")
+
+
+async def run_subscribe(
+    bus: Bus,
+    requests: AsyncIterator[messaging_pb2.SubscribeRequest],
+    context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    token: ApiToken,
+) -> AsyncIterator[messaging_pb2.SubscribeResponse]:
+    stream = aiter(requests)
+    first = await anext(stream, None)
+    if first is None or first.WhichOneof("kind") != "start":
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT, "start: the first message must be a start"
+        )
+        return
+    try:
+        subscription = subscription_from_start(first.start, token)
+        max_batch = int(_bounded(first.start.max_batch or DEFAULT_MAX_BATCH, 1, MAX_BATCH))
+        async with bus.subscribe(subscription) as consumer:
+            reader = asyncio.create_task(_read_requests(stream, consumer))
+            try:
+                while not reader.done():
+                    deliveries = await consumer.receive(max_batch, _POLL_S)
+                    if not deliveries:
+                        continue
+                    sent_at = timestamp_pb2.Timestamp()
+                    sent_at.GetCurrentTime()
+                    yield messaging_pb2.SubscribeResponse(
+                        deliveries=[
+                            messaging_pb2.Delivery(
+                                delivery_id=d.delivery_id,
+                                attempt=d.attempt,
+                                event=event_to_proto(d.event),
+                            )
+                            for d in deliveries
+                        ],
+                        sent_at=sent_at,
+                    )
+                # The client half-closed (no more acks can come) or sent something wrong.
+                reader.result()
+            finally:
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
+    except SwitchboardError as exc:
+        await context.abort(status_code_for(exc), exc.message)

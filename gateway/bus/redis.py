@@ -1,0 +1,246 @@
+"""The Redis Streams bus: production, any number of replicas on one Redis.
+
+Ordering design: shard streams + one leased reader per (group, shard) + local hold-back.
+
+- ``publish`` appends each event to one of N shard streams (``crc32(ordering_key) % N``)
+  with ``XADD MAXLEN ~``, one pipeline per batch. A conversation always lands on the same
+  shard, in publish order.
+- Each group is a Redis consumer group on every shard. Within a group, each shard is read
+  by exactly one consumer at a time, the holder of a lease key (``SET NX PX``, renewed by
+  a heartbeat). Shards are spread round-robin over the group's live members (a sorted set
+  of heartbeats), so consumers that join take over shards and consumers that leave (or
+  stop heartbeating) hand theirs over; a shard changes hands only after its owner's
+  deliveries are acked or past their deadline (drain), so two consumers never hold
+  deliveries of one conversation at once.
+- The owner reads its shards in bulk (``XREADGROUP COUNT n BLOCK t`` over all of them in
+  one call) into a hold-back buffer that hands out a conversation's next entry only after
+  the previous one is acked, nacked or past its deadline. Many conversations of one shard
+  are thus in flight in parallel, bounded by max_in_flight, while each is strictly ordered.
+- Redelivery: a deadline that passes or a nack puts the entry back at the head of its
+  conversation (``XCLAIM`` to count the delivery: attempt + 1; an entry acked meanwhile is
+  not claimed and just frees the conversation). A new owner first ``XAUTOCLAIM``\\ s
+  everything pending on the shard (a departed consumer's unacked work) and delivers it
+  before new entries.
+
+Why not "hold back a conversation while an earlier entry is unacked" across consumers
+sharing one stream: it needs a shared per-conversation lock on every delivery (another
+round trip per event, and a Lua script per entry), and a consumer that dies holding locks
+stalls those conversations until the locks expire. Leasing whole shards costs one
+heartbeat per consumer per interval, and keeps the hot path at one ``XREADGROUP`` and one
+``XACK`` per batch. The price: parallelism across consumers of one group is bounded by the
+shard count (16 by default), and a crashed consumer's shards wait for its lease to expire.
+
+Retention: ``MAXLEN ~`` on every append bounds memory; ``trim`` (periodically, and on
+demand) drops entries older than the retention window with ``XTRIM MINID``.
+
+Every key is built in :mod:`gateway.bus.keys` and hash-tagged per shard stream. Reading all
+owned shards in one ``XREADGROUP`` assumes a single Redis (or a client that splits the call
+by slot on Redis Cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import redis.asyncio
+from redis.exceptions import RedisError, ResponseError
+
+from gateway.bus import metrics
+from gateway.bus.keys import BusKeys
+from gateway.bus.redis_consumer import FIELD, RedisConsumer
+from gateway.domain.bus import Subscription
+from gateway.domain.codec import encode_event
+from gateway.domain.errors import BusUnavailable
+from gateway.domain.events import Event
+from gateway.domain.store import OutboxEntry
+
+log = logging.getLogger(__name__)
+
+BACKEND = "redis"
+
+
+def _unavailable(exc: BaseException) -> BusUnavailable:
+    return BusUnavailable(f"redis: {exc.__class__.__name__}")
+
+
+class RedisBus:
+    backend = BACKEND
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "switchboard:",
+        shards: int = 16,
+        retention_s: float = 3 * 86400.0,
+        max_len: int = 200_000,
+        lease_ttl_s: float = 10.0,
+        block_ms: int = 500,
+        read_count: int = 500,
+        trim_interval_s: float = 60.0,
+        lag_interval_s: float = 15.0,
+    ) -> None:
+        self._url = url
+        self.keys = BusKeys(key_prefix, shards)
+        self.retention_s = retention_s
+        self.max_len = max_len
+        self.lease_ttl_s = lease_ttl_s
+        self.block_ms = block_ms
+        self.read_count = read_count
+        self._trim_interval_s = trim_interval_s
+        self._lag_interval_s = lag_interval_s
+        self._client: redis.asyncio.Redis | None = None
+        self._groups: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._consumers: set[RedisConsumer] = set()
+
+    async def __aenter__(self) -> RedisBus:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def client(self) -> redis.asyncio.Redis:
+        if self._client is None:
+            raise RuntimeError("RedisBus.start() was not called")
+        return self._client
+
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        self._client = redis.asyncio.Redis.from_url(self._url)
+        await self.ping()
+        self.track(asyncio.create_task(self._maintain_loop(), name="bus-redis-maintain"))
+
+    async def aclose(self) -> None:
+        for consumer in list(self._consumers):
+            await consumer.aclose()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Keeps a background task referenced until it ends; ``aclose`` cancels it."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def ping(self) -> None:
+        try:
+            await self.client.ping()
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        keys = self.keys
+        pipe = self.client.pipeline(transaction=False)
+        for event in events:
+            stream = keys.stream(keys.shard_of(event.ordering_key))
+            pipe.xadd(stream, {FIELD: encode_event(event)}, maxlen=self.max_len, approximate=True)
+        try:
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+        metrics.EVENTS_PUBLISHED.labels(BACKEND).inc(len(events))
+
+    async def publish_outbox(self, entries: Sequence[OutboxEntry]) -> None:
+        await self.publish([entry.event for entry in entries])
+
+    async def ensure_group(self, group: str, *, force: bool = False) -> None:
+        """Creates the group on every shard from the start of retention (idempotent)."""
+        if group in self._groups and not force:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.keys.shards):
+            pipe.xgroup_create(self.keys.stream(shard), group, id="0", mkstream=True)
+        pipe.sadd(self.keys.groups(), group)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+        for result in results:
+            if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
+                raise _unavailable(result)
+        self._groups.add(group)
+
+    @asynccontextmanager
+    async def subscribe(self, subscription: Subscription) -> AsyncIterator[RedisConsumer]:
+        await self.ensure_group(subscription.group)
+        consumer = RedisConsumer(self, subscription)
+        await consumer.start()
+        self._consumers.add(consumer)
+        try:
+            yield consumer
+        finally:
+            self._consumers.discard(consumer)
+            await consumer.aclose()
+
+    async def group_lag(self, group: str) -> int:
+        """Entries not yet delivered to the group plus those delivered and not acked."""
+        shards = range(self.keys.shards)
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for shard in shards:
+                pipe.xinfo_groups(self.keys.stream(shard))
+                pipe.xlen(self.keys.stream(shard))
+            results = await pipe.execute(raise_on_error=False)
+            total = 0
+            for shard in shards:
+                infos, length = results[2 * shard], results[2 * shard + 1]
+                if isinstance(infos, ResponseError):  # no stream yet
+                    continue
+                total += await self._shard_lag(shard, group, infos, int(length))
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+        metrics.GROUP_LAG.labels(BACKEND, group).set(total)
+        return total
+
+    async def _shard_lag(self, shard: int, group: str, infos: list[Any], length: int) -> int:
+        for info in infos:
+            name = info["name"]
+            if (name.decode() if isinstance(name, bytes) else name) != group:
+                continue
+            pending = int(info["pending"])
+            if info.get("lag") is not None:
+                return int(info["lag"]) + pending
+            # Redis cannot tell the lag after some deletions: count what is left to read.
+            last = info["last-delivered-id"]
+            last_id = last.decode() if isinstance(last, bytes) else str(last)
+            stream = self.keys.stream(shard)
+            after: Any = await self.client.xrange(stream, min=f"({last_id}", count=length)
+            return len(after) + pending
+        return length  # the group does not exist yet: it will receive everything retained
+
+    async def trim(self) -> int:
+        min_id = f"{int((time.time() - self.retention_s) * 1000)}-0"
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(self.keys.shards):
+            pipe.xtrim(self.keys.stream(shard), minid=min_id, approximate=False)
+        try:
+            return sum(int(n) for n in await pipe.execute())
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+
+    async def _maintain_loop(self) -> None:
+        next_trim = time.monotonic() + self._trim_interval_s
+        while True:
+            await asyncio.sleep(min(self._lag_interval_s, self._trim_interval_s))
+            try:
+                if time.monotonic() >= next_trim:
+                    next_trim = time.monotonic() + self._trim_interval_s
+                    await self.trim()
+                for group in list(self._groups):
+                    await self.group_lag(group)
+            except BusUnavailable:
+                log.warning("bus maintenance failed", exc_info=True)

@@ -1,0 +1,71 @@
+"""What only the Redis bus has: hash-tagged keys, leases that expire, the factory."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import redis.asyncio
+
+from gateway.bus import MemoryBus, RedisBus, open_bus
+from gateway.bus.keys import BusKeys
+from gateway.domain.bus import Subscription
+from tests.bus.conftest import Harness, make_event
+from tests.bus.test_contract import drain
+
+
+def test_every_key_of_a_shard_shares_its_hash_tag() -> None:
+    keys = BusKeys("switchboard:", 16)
+    stream = keys.stream(3)
+    assert stream == "{switchboard:bus:3}"
+    assert keys.lease("ai", 3).startswith(stream + ":")
+    assert keys.shard_from_stream(stream) == 3
+    assert keys.shard_of("conv_1") == keys.shard_of("conv_1")
+
+
+def test_open_bus_picks_redis_only_when_a_url_is_set(harness: Harness) -> None:
+    assert harness.store is not None
+    assert isinstance(open_bus(None, harness.store), MemoryBus)
+    assert isinstance(open_bus("redis://127.0.0.1:6379/0", harness.store), RedisBus)
+
+
+async def test_a_crashed_consumers_shards_move_when_its_lease_expires(
+    redis_url: str, redis_prefix: str
+) -> None:
+    prefix = f"{redis_prefix}{secrets.token_hex(4)}:"
+    opts = {"key_prefix": prefix, "shards": 4, "lease_ttl_s": 0.4, "block_ms": 100}
+    crashed = RedisBus(redis_url, **opts)  # type: ignore[arg-type]
+    survivor = RedisBus(redis_url, **opts)  # type: ignore[arg-type]
+    await crashed.start()
+    await survivor.start()
+    try:
+        events = [make_event(f"conv{i}", 0) for i in range(6)]
+        await crashed.publish(events)
+        async with crashed.subscribe(Subscription("g", "a")) as a:
+            taken = await drain(a, 6, ack=False)
+            # The process dies: no lease released, no goodbye.
+            a._closed = True
+            await asyncio.wait(a._tasks)
+            async with survivor.subscribe(Subscription("g", "b")) as b:
+                got = await drain(b, 6, timeout=5.0)
+    finally:
+        await survivor.aclose()
+        await crashed.aclose()
+    assert len(taken) == 6
+    assert sorted(d.event.event_id for d in got) == sorted(e.event_id for e in events)
+    assert all(d.attempt == 2 for d in got)
+
+
+async def test_streams_are_capped_by_maxlen(redis_url: str, redis_prefix: str) -> None:
+    prefix = f"{redis_prefix}{secrets.token_hex(4)}:"
+    bus = RedisBus(redis_url, key_prefix=prefix, shards=1, max_len=100)
+    await bus.start()
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        for _ in range(10):
+            await bus.publish([make_event(f"conv{i}") for i in range(100)])
+        length = await client.xlen(bus.keys.stream(0))
+    finally:
+        await client.aclose()
+        await bus.aclose()
+    assert length < 1000

@@ -1,0 +1,69 @@
+"""The outbox relay: what a transaction commits is published, even across a crash."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+from gateway.domain.bus import Subscription
+from gateway.services.relay import OutboxRelay
+from tests.bus.conftest import Harness, make_event
+from tests.bus.test_contract import drain
+
+
+async def test_committed_events_are_published_by_the_sweep_after_a_crash(
+    harness: Harness,
+) -> None:
+    store = harness.store
+    assert store is not None
+    events = [make_event("conv1", n) for n in range(3)]
+    async with store.transaction() as tx:
+        await tx.add_events(events)
+    # The process died after the commit: nothing was published, nobody was notified.
+    bus = await harness.reopen()
+    assert harness.relay is not None
+    async with harness.relay, bus.subscribe(Subscription("g", "c")) as c:
+        got = await drain(c, 3, timeout=3.0)
+    assert [d.event.event_id for d in got] == [e.event_id for e in events]
+
+
+async def test_a_claim_that_was_never_marked_published_is_published_again(
+    harness: Harness,
+) -> None:
+    store = harness.store
+    assert store is not None
+    events = [make_event("conv1", n) for n in range(2)]
+    async with store.transaction() as tx:
+        await tx.add_events(events)
+    # A relay claimed the entries and died before publishing: its lease lapses.
+    now = datetime.now(UTC)
+    claimed = await store.claim_outbox(now=now, lease_until=now + timedelta(seconds=0.3), limit=10)
+    assert len(claimed) == 2
+    relay = OutboxRelay(store, harness.bus, sweep_interval_s=0.05)
+    assert await relay.run_once() == 0  # still leased
+    async with relay, harness.bus.subscribe(Subscription("g", "c")) as c:
+        got = await drain(c, 2, timeout=3.0)
+    assert [d.event.event_id for d in got] == [e.event_id for e in events]
+    assert await relay.run_once() == 0  # marked published: not again
+
+
+async def test_notify_publishes_without_waiting_for_the_sweep(harness: Harness) -> None:
+    store = harness.store
+    assert store is not None
+    relay = OutboxRelay(store, harness.bus, sweep_interval_s=60.0)
+    async with relay, harness.bus.subscribe(Subscription("g", "c")) as c:
+        await asyncio.sleep(0.05)  # the relay's first sweep found nothing
+        event = make_event("conv1")
+        async with store.transaction() as tx:
+            await tx.add_events([event])
+        relay.notify()
+        got = await drain(c, 1, timeout=2.0)
+    assert [d.event.event_id for d in got] == [event.event_id]
+
+
+async def test_published_entries_are_purged_after_retention(harness: Harness) -> None:
+    store = harness.store
+    assert store is not None
+    await harness.publish([make_event("conv1")])
+    relay = OutboxRelay(store, harness.bus, retention_s=0.0)
+    assert await relay.purge() == 1
