@@ -173,6 +173,9 @@ class PostgresStore(SqlStore):
             timeout=timeout_s,
             kwargs=kwargs,
             configure=_configure,
+            # After an outage the pool would otherwise hand out connections the outage
+            # killed, failing the first call of each; a check costs one round trip.
+            check=AsyncConnectionPool.check_connection,
             name="switchboard-store",
         )
 

@@ -97,6 +97,7 @@ class SqliteStore(SqlStore):
         self._busy_timeout_ms = busy_timeout_ms
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self._dirty = False
 
     async def open(self) -> None:
         if self._db is not None:
@@ -127,6 +128,11 @@ class SqliteStore(SqlStore):
             if db is None:
                 raise StoreUnavailable("SQLite store is not open")
             with translate_errors():
+                if self._dirty:
+                    await self._recover(db)
+                # Until COMMIT or ROLLBACK has run, a cancelled caller may leave statements
+                # queued on aiosqlite's thread; the next session cleans up after it.
+                self._dirty = True
                 await db.execute("BEGIN IMMEDIATE")
             try:
                 yield SqliteExecutor(db)
@@ -136,6 +142,15 @@ class SqliteStore(SqlStore):
                 if db.in_transaction:
                     await db.execute("ROLLBACK")
                 raise
+            self._dirty = False
+
+    async def _recover(self, db: aiosqlite.Connection) -> None:
+        """Rolls back what a cancelled session left open. aiosqlite runs statements in
+        order on one thread, so a no-op statement waits for everything queued before it."""
+        await db.execute("SELECT 1")
+        if db.in_transaction:
+            await db.execute("ROLLBACK")
+        self._dirty = False
 
     async def _lock_migrations(self, ex: Executor) -> None:
         # BEGIN IMMEDIATE already holds the database's write lock.
