@@ -1,0 +1,230 @@
+"""A small client for Meta's hosts (Graph API, Instagram API, OAuth endpoints).
+
+One ``aiohttp.ClientSession`` per plugin, opened in ``start`` and closed in ``aclose``.
+Base URLs are looked up per call, by setting name (``INSTAGRAM_GRAPH_URL``, ...), so that a
+plugin whose settings change after start (the embedded sandbox) needs no rebuild.
+
+Meta's error bodies become the gateway's channel errors here, in one place
+(:func:`error_from_body`). Nothing this module logs carries a query string, a form body or
+a token: tokens go in the ``Authorization`` header whenever Meta accepts it there.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gateway.config import Secret
+from gateway.domain.errors import (
+    ChannelAuthError,
+    ChannelError,
+    ChannelRateLimited,
+    ChannelRequestError,
+    ChannelTransientError,
+)
+
+log = logging.getLogger(__name__)
+
+TRANSIENT_CODES = frozenset({1, 2})
+THROTTLE_CODES = frozenset({4, 17, 32, 613, 80002, 80006})
+AUTH_CODES = frozenset({102, 190})
+POLICY_BLOCK_CODE = 368
+# Outside the 24-hour messaging window: (10, 2018278) and 2534022.
+OUTSIDE_WINDOW_SUBCODE = 2018278
+OUTSIDE_WINDOW_CODE = 2534022
+_DEFAULT_THROTTLE = timedelta(minutes=1)
+_POLICY_PAUSE = timedelta(hours=1)
+_MAX_MESSAGE = 300
+
+Params = Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class GraphResponse:
+    status: int
+    data: dict[str, Any]
+    headers: Mapping[str, str]
+
+
+class GraphClient:
+    """``request(method, host_setting, path, ...)`` against the host ``base_url`` names."""
+
+    def __init__(self, base_url: Callable[[str], str], *, timeout_s: float = 15.0) -> None:
+        self._base_url = base_url
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(
+        self,
+        method: str,
+        host_setting: str,
+        path: str,
+        *,
+        params: Params | None = None,
+        data: Params | None = None,
+        json: Any = None,
+        token: Secret | None = None,
+    ) -> dict[str, Any]:
+        """The parsed JSON object of a 2xx answer; a channel error otherwise."""
+        reply = await self.call(
+            method, host_setting, path, params=params, data=data, json=json, token=token
+        )
+        return reply.data
+
+    async def call(
+        self,
+        method: str,
+        host_setting: str,
+        path: str,
+        *,
+        params: Params | None = None,
+        data: Params | None = None,
+        json: Any = None,
+        token: Secret | None = None,
+    ) -> GraphResponse:
+        """Like :meth:`request`, with the status and headers (Meta's usage headers)."""
+        if self._session is None:
+            raise RuntimeError("the Graph client is not started")
+        url = self._base_url(host_setting).rstrip("/") + "/" + path.lstrip("/")
+        headers = {"Authorization": f"Bearer {token.reveal()}"} if token else {}
+        started = time.perf_counter()
+        try:
+            async with self._session.request(
+                method, url, params=params, data=data, json=json, headers=headers
+            ) as response:
+                raw = await response.read()
+                status = response.status
+                reply_headers = {k.lower(): v for k, v in response.headers.items()}
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The exception's text may quote the URL, query string included: keep its type only.
+            log.warning(
+                "meta call failed",
+                extra={"host": host_setting, "path": path, "error": type(exc).__name__},
+            )
+            raise ChannelTransientError(
+                f"{host_setting} could not be reached ({type(exc).__name__})"
+            ) from None
+        log.debug(
+            "meta call",
+            extra={
+                "method": method,
+                "host": host_setting,
+                "path": path,
+                "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            },
+        )
+        body = _parse(raw)
+        if 200 <= status < 300 and body is not None and not _is_error(body):
+            return GraphResponse(status, body, reply_headers)
+        raise error_from_body(status, body, reply_headers)
+
+
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _is_error(body: dict[str, Any]) -> bool:
+    return "error" in body or "error_type" in body
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _short(message: Any) -> str:
+    text = str(message or "").strip()
+    return text[:_MAX_MESSAGE]
+
+
+def error_from_body(
+    status: int, body: dict[str, Any] | None, headers: Mapping[str, str]
+) -> ChannelError:
+    """Meta's error (Graph's ``{"error": {...}}`` or Instagram Login's flat shape) as a
+    channel error; the code and subcode land in its metadata."""
+    if body is None:
+        if status >= 500 or status in (408, 429):
+            return ChannelTransientError(f"Meta answered HTTP {status}")
+        return ChannelRequestError(f"Meta answered HTTP {status} without an error body")
+    if isinstance(body.get("error"), dict):
+        err = body["error"]
+        code, subcode = _int(err.get("code")), _int(err.get("error_subcode"))
+        message = _short(err.get("message")) or f"Meta error {code}"
+        transient = bool(err.get("is_transient"))
+    elif "error_type" in body or "error_message" in body:
+        # Instagram Login's OAuth endpoints: "code" is the HTTP status, not a Graph code.
+        code, subcode = 0, 0
+        message = _short(body.get("error_message")) or "Instagram refused the request"
+        transient = status >= 500
+    else:
+        return ChannelTransientError(f"Meta answered HTTP {status} with an unexpected body")
+    return _classify(status, code, subcode, message, transient, headers)
+
+
+def _classify(
+    status: int,
+    code: int,
+    subcode: int,
+    message: str,
+    transient: bool,
+    headers: Mapping[str, str],
+) -> ChannelError:
+    kw: dict[str, Any] = {"code": code, "subcode": subcode}
+    if code == OUTSIDE_WINDOW_CODE or (code == 10 and subcode == OUTSIDE_WINDOW_SUBCODE):
+        return ChannelRequestError(message, reason="OUTSIDE_MESSAGING_WINDOW", **kw)
+    if code in AUTH_CODES:
+        return ChannelAuthError(message, **kw)
+    if code == 10 or 200 <= code <= 299:
+        return ChannelAuthError(message, reason="PERMISSION_MISSING", **kw)
+    if code in THROTTLE_CODES:
+        return ChannelRateLimited(message, retry_at=_regain_at(headers), **kw)
+    if code == POLICY_BLOCK_CODE:
+        return ChannelRateLimited(
+            message, retry_at=datetime.now(UTC) + _POLICY_PAUSE, reason="POLICY_BLOCKED", **kw
+        )
+    if transient or code in TRANSIENT_CODES or (status >= 500 and code == 0):
+        return ChannelTransientError(message, **kw)
+    if code == 551:
+        return ChannelRequestError(message, reason="RECIPIENT_UNAVAILABLE", **kw)
+    return ChannelRequestError(message, **kw)
+
+
+def _regain_at(headers: Mapping[str, str]) -> datetime:
+    """When a throttled account may call again, from ``x-business-use-case-usage``."""
+    minutes = 0
+    raw = headers.get("x-business-use-case-usage", "")
+    if raw:
+        try:
+            usage = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            usage = {}
+        if isinstance(usage, dict):
+            for entries in usage.values():
+                for entry in entries if isinstance(entries, list) else ():
+                    if isinstance(entry, dict):
+                        minutes = max(minutes, _int(entry.get("estimated_time_to_regain_access")))
+    wait = timedelta(minutes=minutes) if minutes else _DEFAULT_THROTTLE
+    return datetime.now(UTC) + wait
