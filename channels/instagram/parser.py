@@ -1,0 +1,375 @@
+"""Instagram webhook deliveries -> channel-neutral inbound items (INSTAGRAM.md §2-3).
+
+Lenient by design: real deliveries miss fields, send numbers as strings and mix shapes, so
+every field is read defensively and an item this module does not understand becomes a raw
+item carrying its JSON. Only a body that is not Meta's envelope at all is rejected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from gateway.domain.events import EventKind
+from gateway.domain.inbound import (
+    DeliveryRejected,
+    InboundItem,
+    Leftover,
+    ParsedDelivery,
+    ReferralInfo,
+    StoryRef,
+)
+from gateway.domain.models import Attachment
+
+# Meta's dashboard "Test" buttons post samples for this account id.
+TEST_ACCOUNT_ID = "0"
+
+_ENTRY_LISTS = ("messaging", "standby")
+_HEADER_KEYS = frozenset({"sender", "recipient", "timestamp"})
+
+# Instagram attachment types -> the neutral names of AttachmentType.
+ATTACHMENT_TYPES: Mapping[str, str] = {
+    "image": "image",
+    "video": "video",
+    "audio": "audio",
+    "file": "file",
+    "share": "share",
+    "story_mention": "story_mention",
+    "reel": "reel",
+    "ig_reel": "reel",
+    "ig_post": "post",
+    "ig_story": "story",
+    "ephemeral": "ephemeral",
+    "template": "template",
+    "fallback": "fallback",
+    "sticker": "sticker",
+    "like_heart": "sticker",
+}
+_MEDIA_ID_KEYS = ("ig_post_media_id", "reel_video_id", "media_id", "story_id", "id")
+_REFERRAL_KEYS = frozenset({"ref", "source", "type", "ad_id", "product"})
+# Bounds of datetime.fromtimestamp on every platform, in milliseconds.
+_MIN_MS, _MAX_MS = 0, 253_402_300_799_000
+
+
+def parse_delivery(body: bytes, *, now: datetime | None = None) -> ParsedDelivery:
+    """Every entry and every messaging/standby/changes item of one delivery."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise DeliveryRejected("the body is not JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("entry"), list):
+        raise DeliveryRejected("the body is not a webhook envelope (no 'entry' list)")
+    received = now or datetime.now(UTC)
+    items: list[InboundItem] = []
+    leftovers: list[Leftover] = []
+    test_items = 0
+    for entry in data["entry"]:
+        if not isinstance(entry, dict):
+            leftovers.append(Leftover("MALFORMED_ENTRY", _dumps(entry)))
+            continue
+        entry_id = _str(entry.get("id"))
+        if entry_id == TEST_ACCOUNT_ID:
+            test_items += _count_items(entry)
+            continue
+        entry_time = _ms(entry.get("time"))
+        for key in _ENTRY_LISTS:
+            found = entry.get(key)
+            if found is None:
+                continue
+            if not isinstance(found, list):
+                leftovers.append(Leftover("MALFORMED_ENTRY", _dumps(found), entry_id))
+                continue
+            for raw in found:
+                if not isinstance(raw, dict):
+                    leftovers.append(Leftover("MALFORMED_ITEM", _dumps(raw), entry_id))
+                    continue
+                items.append(_safe_item(raw, entry_id, entry_time, received))
+        changes = entry.get("changes")
+        if isinstance(changes, list):
+            items.extend(_change(c, entry_id, entry_time, received) for c in changes)
+        elif changes is not None:
+            leftovers.append(Leftover("MALFORMED_ENTRY", _dumps(changes), entry_id))
+    return ParsedDelivery(items=tuple(items), leftovers=tuple(leftovers), test_items=test_items)
+
+
+def _count_items(entry: dict[str, Any]) -> int:
+    total = sum(len(v) for k in (*_ENTRY_LISTS, "changes") if isinstance(v := entry.get(k), list))
+    return max(total, 1)
+
+
+def _safe_item(
+    raw: dict[str, Any], entry_id: str, entry_time: int | None, received: datetime
+) -> InboundItem:
+    try:
+        return _item(raw, entry_id, entry_time, received)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        # A shape no branch foresaw: keep it whole as a raw item rather than lose it.
+        return _raw(raw, "unparsed", _ids(entry_id), "", _time(None, entry_time, received))
+
+
+def _item(
+    raw: dict[str, Any], entry_id: str, entry_time: int | None, received: datetime
+) -> InboundItem:
+    sender = _id(raw.get("sender"))
+    recipient = _id(raw.get("recipient"))
+    occurred = _time(raw.get("timestamp"), entry_time, received)
+    ts = _ms(raw.get("timestamp")) or entry_time or 0
+    message = raw.get("message")
+    if isinstance(message, dict):
+        if _true(message.get("is_echo")) or _true(message.get("is_self")):
+            # The business sent it: sender and recipient swap.
+            return _message(
+                raw, message, EventKind.MESSAGE_ECHOED, (sender, entry_id), recipient, ts, occurred
+            )
+        if _true(message.get("is_deleted")):
+            mid = _str(message.get("mid"))
+            return InboundItem(
+                source=raw,
+                kind=EventKind.MESSAGE_DELETED,
+                account_ids=_ids(recipient, entry_id),
+                customer_id=sender,
+                occurred_at=occurred,
+                dedupe_key=f"del:{mid or ts}:{sender}",
+                external_id=mid,
+            )
+        return _message(
+            raw, message, EventKind.MESSAGE_RECEIVED, (recipient, entry_id), sender, ts, occurred
+        )
+    accounts = _ids(recipient, entry_id)
+    edit = raw.get("message_edit")
+    if isinstance(edit, dict):
+        mid = _str(edit.get("mid"))
+        count = _int(edit.get("num_edit"))
+        text = _str(edit.get("text"))
+        return InboundItem(
+            source=raw,
+            kind=EventKind.MESSAGE_EDITED,
+            account_ids=accounts,
+            customer_id=sender,
+            occurred_at=occurred,
+            dedupe_key=f"edit:{mid}:{count}:{ts}:{_digest(text)}",
+            external_id=mid,
+            text=text,
+            edit_count=count,
+        )
+    reaction = raw.get("reaction")
+    if isinstance(reaction, dict):
+        mid = _str(reaction.get("mid"))
+        react = _str(reaction.get("action")).lower() != "unreact"
+        name = _str(reaction.get("reaction")) if react else ""
+        emoji = _str(reaction.get("emoji")) if react else ""
+        return InboundItem(
+            source=raw,
+            kind=EventKind.REACTION_CHANGED,
+            account_ids=accounts,
+            customer_id=sender,
+            occurred_at=occurred,
+            dedupe_key=f"react:{mid}:{sender}:{react}:{name}:{emoji}:{ts}",
+            external_id=mid,
+            react=react,
+            reaction=name,
+            emoji=emoji,
+        )
+    read = raw.get("read")
+    if isinstance(read, dict):
+        mid = _str(read.get("mid"))
+        return InboundItem(
+            source=raw,
+            kind=EventKind.MESSAGES_READ,
+            account_ids=accounts,
+            customer_id=sender,
+            occurred_at=occurred,
+            dedupe_key=f"read:{mid}:{sender}:{ts}",
+            external_id=mid,
+        )
+    postback = raw.get("postback")
+    if isinstance(postback, dict):
+        mid = _str(postback.get("mid"))
+        payload = _str(postback.get("payload"))
+        return InboundItem(
+            source=raw,
+            kind=EventKind.POSTBACK,
+            account_ids=accounts,
+            customer_id=sender,
+            occurred_at=occurred,
+            dedupe_key=f"pb:{mid}:{sender}:{ts}:{_digest(payload)}",
+            external_id=mid,
+            title=_str(postback.get("title")),
+            payload=payload,
+        )
+    referral = raw.get("referral")
+    if isinstance(referral, dict):
+        info = _referral(referral)
+        return InboundItem(
+            source=raw,
+            kind=EventKind.REFERRAL,
+            account_ids=accounts,
+            customer_id=sender,
+            occurred_at=occurred,
+            dedupe_key=f"ref:{sender}:{ts}:{info.ref}:{info.source}",
+            referral=info,
+        )
+    kind = next((k for k in raw if k not in _HEADER_KEYS), "unknown")
+    return _raw(raw, kind, accounts, sender, occurred)
+
+
+def _message(
+    raw: dict[str, Any],
+    message: dict[str, Any],
+    kind: EventKind,
+    account_candidates: tuple[str, str],
+    customer: str,
+    ts: int,
+    occurred: datetime,
+) -> InboundItem:
+    mid = _str(message.get("mid"))
+    text = _str(message.get("text"))
+    reply = message.get("reply_to")
+    reply_mid = ""
+    story = None
+    if isinstance(reply, dict):
+        reply_mid = _str(reply.get("mid"))
+        if isinstance(reply.get("story"), dict):
+            story = StoryRef(id=_str(reply["story"].get("id")), url=_str(reply["story"].get("url")))
+    quick = message.get("quick_reply")
+    referral = message.get("referral")
+    attachments = message.get("attachments")
+    return InboundItem(
+        source=raw,
+        kind=kind,
+        account_ids=_ids(*account_candidates),
+        customer_id=customer,
+        occurred_at=occurred,
+        dedupe_key=f"msg:{mid}" if mid else f"msg:{customer}:{ts}:{_digest(text)}",
+        external_id=mid,
+        text=text,
+        attachments=tuple(
+            _attachment(a) for a in (attachments if isinstance(attachments, list) else ())
+        ),
+        reply_to_external_id=reply_mid,
+        reply_to_story=story,
+        quick_reply_payload=_str(quick.get("payload")) if isinstance(quick, dict) else "",
+        unsupported=_true(message.get("is_unsupported")),
+        is_self=_true(message.get("is_self")),
+        referral=_referral(referral) if isinstance(referral, dict) else None,
+    )
+
+
+def _attachment(raw: Any) -> Attachment:
+    if not isinstance(raw, dict):
+        return Attachment(type="other", raw_type=_str(raw))
+    raw_type = _str(raw.get("type"))
+    payload = raw.get("payload")
+    payload = payload if isinstance(payload, dict) else {}
+    media_id = next((_str(payload[k]) for k in _MEDIA_ID_KEYS if payload.get(k)), "")
+    return Attachment(
+        type=ATTACHMENT_TYPES.get(raw_type.lower(), "other"),
+        url="" if raw_type == "ephemeral" else _str(payload.get("url")),
+        title=_str(payload.get("title") or raw.get("title")),
+        media_id=media_id,
+        raw_type=raw_type,
+    )
+
+
+def _referral(raw: dict[str, Any]) -> ReferralInfo:
+    product = raw.get("product")
+    return ReferralInfo(
+        ref=_str(raw.get("ref")),
+        source=_str(raw.get("source")),
+        type=_str(raw.get("type")),
+        ad_id=_str(raw.get("ad_id")),
+        product_id=_str(product.get("id")) if isinstance(product, dict) else "",
+        extra={k: v for k, v in raw.items() if k not in _REFERRAL_KEYS},
+    )
+
+
+def _change(raw: Any, entry_id: str, entry_time: int | None, received: datetime) -> InboundItem:
+    field = _str(raw.get("field")) if isinstance(raw, dict) else ""
+    return _raw(raw, field or "changes", _ids(entry_id), "", _time(None, entry_time, received))
+
+
+def _raw(
+    raw: Any, kind: str, accounts: tuple[str, ...], customer: str, occurred: datetime
+) -> InboundItem:
+    text = _dumps(raw)
+    stamp = int(occurred.timestamp() * 1000)
+    return InboundItem(
+        source=raw,
+        kind=EventKind.RAW,
+        account_ids=accounts,
+        customer_id=customer,
+        occurred_at=occurred,
+        dedupe_key=f"raw:{kind}:{stamp}:{_digest(text)}",
+        raw_kind=kind,
+        raw_json=text,
+    )
+
+
+# ---- lenient readers ----
+
+
+def _str(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or value is None:
+        return ""
+    if isinstance(value, int | float):
+        return str(value)
+    return ""
+
+
+def _id(value: Any) -> str:
+    return _str(value.get("id")) if isinstance(value, dict) else ""
+
+
+def _ids(*candidates: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(c for c in candidates if c))
+
+
+def _true(value: Any) -> bool:
+    return value is True or (isinstance(value, str) and value.lower() == "true")
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return max(0, min(value, 2**31 - 1))
+    if isinstance(value, str) and value.strip().isdigit():
+        return min(int(value.strip()[:12]), 2**31 - 1)
+    return 0
+
+
+def _ms(value: Any) -> int | None:
+    """Milliseconds since the epoch from a number or a numeric string, within range."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+        if not value.isdigit() or len(value) > 15:
+            return None
+        value = int(value)
+    if isinstance(value, float) and value == value:  # NaN never equals itself
+        value = int(value) if abs(value) < 1e16 else None
+    if isinstance(value, int) and _MIN_MS < value <= _MAX_MS:
+        return value
+    return None
+
+
+def _time(value: Any, fallback_ms: int | None, received: datetime) -> datetime:
+    ms = _ms(value) or fallback_ms
+    if ms is None:
+        return received
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _digest(text: str) -> str:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()

@@ -1,0 +1,231 @@
+"""Inbound: verify -> normalize -> route -> store (+ outbox) -> answer, for any channel.
+
+The channel's :class:`~gateway.domain.inbound.ChannelInbound` checks the signature on the
+raw bytes first and normalizes the delivery; this service routes the items to connections
+by the account ids they name and stores them through a group committer, so the items of
+concurrent deliveries share one transaction. A delivery is answered 200 only after the
+transaction holding its items committed, 503 when the store cannot take it (the channel
+retries), 400 when it is not the channel's envelope (kept in quarantine), 403 when it is
+not authentic (nothing stored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import orjson
+
+from gateway.domain.channel import HttpRequest, HttpResponse
+from gateway.domain.errors import Unavailable
+from gateway.domain.inbound import (
+    ChannelInbound,
+    DeliveryRejected,
+    ParsedDelivery,
+    QuarantinedDelivery,
+    RoutedItem,
+)
+from gateway.domain.models import Connection, Participant
+from gateway.domain.store import Store
+from gateway.observability import inbound_metrics as m
+from gateway.services.inbound_events import build_events
+from gateway.services.ingest_batcher import GroupCommitter
+from gateway.services.profiles import ProfileEnricher
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_ACCOUNT = "UNKNOWN_ACCOUNT"
+MALFORMED = "MALFORMED"
+# A quarantined body is cut here; its full size is recorded beside it.
+MAX_QUARANTINED_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    channel: str
+    parsed: ParsedDelivery
+    received_at: datetime
+
+
+class InboundService:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        on_commit: Callable[[], None] | None = None,
+        enricher: ProfileEnricher | None = None,
+        quarantine_keep: int = 10_000,
+        max_batch_items: int = 1000,
+        max_wait_s: float = 0.001,
+        workers: int = 1,
+        ack_timeout_s: float = 4.0,
+    ) -> None:
+        self._store = store
+        self._ack_timeout_s = ack_timeout_s
+        self._on_commit = on_commit
+        self._enricher = enricher
+        self._keep = quarantine_keep
+        self._committer: GroupCommitter[_Job, None] = GroupCommitter(
+            self._flush,
+            size=lambda job: max(1, len(job.parsed.items)),
+            max_items=max_batch_items,
+            max_wait_s=max_wait_s,
+            workers=workers,
+            name="inbound-commit",
+        )
+
+    async def start(self) -> None:
+        await self._committer.start()
+
+    async def aclose(self) -> None:
+        await self._committer.aclose()
+        if self._enricher is not None:
+            await self._enricher.aclose()
+
+    def set_on_commit(self, callback: Callable[[], None] | None) -> None:
+        """Who to tell that events were committed (the outbox relay, in the same process)."""
+        self._on_commit = callback
+
+    async def receive(
+        self, channel: str, inbound: ChannelInbound, request: HttpRequest
+    ) -> HttpResponse:
+        """One webhook request, answered as the channel expects."""
+        if request.method == "GET":
+            return inbound.verify_subscription(request)
+        started = time.perf_counter()
+        verdict = inbound.verify(request)
+        if not verdict.ok:
+            m.WEBHOOK_REJECTED_SIGNATURES.labels(channel, verdict.reason).inc()
+            m.WEBHOOK_DELIVERIES.labels(channel, "forbidden").inc()
+            log.warning("webhook refused", extra={"channel": channel, "signature": verdict.reason})
+            return HttpResponse.text(403, "invalid signature")
+        received_at = datetime.now(UTC)
+        try:
+            parsed = inbound.parse(request.body)
+        except DeliveryRejected as exc:
+            return await self._reject(channel, request.body, received_at, exc)
+        if not parsed.items and not parsed.leftovers:
+            m.WEBHOOK_DELIVERIES.labels(channel, "test" if parsed.test_items else "empty").inc()
+            return HttpResponse.text(200, "EVENT_RECEIVED")
+        try:
+            # Meta gives up on a slow answer; a 503 in time makes it retry sooner. Should
+            # the commit still land afterwards, the retry is deduplicated.
+            await asyncio.wait_for(
+                self._committer.submit(_Job(channel, parsed, received_at)), self._ack_timeout_s
+            )
+        except (Unavailable, TimeoutError) as exc:
+            m.WEBHOOK_DELIVERIES.labels(channel, "unavailable").inc()
+            log.warning(
+                "webhook not stored, asking for a retry",
+                extra={"reason": getattr(exc, "reason", "ACK_TIMEOUT")},
+            )
+            return HttpResponse.text(503, "temporarily unavailable, retry later")
+        m.WEBHOOK_DELIVERIES.labels(channel, "accepted").inc()
+        m.WEBHOOK_ACK_SECONDS.labels(channel).observe(time.perf_counter() - started)
+        return HttpResponse.text(200, "EVENT_RECEIVED")
+
+    async def _reject(
+        self, channel: str, body: bytes, received_at: datetime, exc: DeliveryRejected
+    ) -> HttpResponse:
+        entry = _quarantined(channel, MALFORMED, body, received_at)
+        try:
+            async with self._store.transaction() as tx:
+                await tx.quarantine([entry], keep=self._keep)
+        except Unavailable:
+            # Not even quarantine could keep it: let the channel retry rather than lose it.
+            m.WEBHOOK_DELIVERIES.labels(channel, "unavailable").inc()
+            return HttpResponse.text(503, "temporarily unavailable, retry later")
+        m.WEBHOOK_DELIVERIES.labels(channel, "malformed").inc()
+        m.INBOUND_QUARANTINED.labels(channel, MALFORMED).inc()
+        log.warning("malformed webhook quarantined", extra={"channel": channel, "why": exc.message})
+        return HttpResponse.text(400, exc.message)
+
+    async def _flush(self, jobs: Sequence[_Job]) -> list[None]:
+        routed: list[RoutedItem] = []
+        kept: list[QuarantinedDelivery] = []
+        async with self._store.transaction() as tx:
+            for channel in sorted({job.channel for job in jobs}):
+                wanted = [a for j in jobs if j.channel == channel for a in j.parsed.account_ids()]
+                found = await tx.find_connections_by_account_ids(channel, wanted)
+                index = _account_index(found)
+                for job in (j for j in jobs if j.channel == channel):
+                    self._route(job, index, routed, kept)
+            results = await tx.ingest_inbound(routed)
+            events = build_events(routed, results)
+            await tx.add_events(events)
+            if kept:
+                await tx.quarantine(kept, keep=self._keep)
+        if events and self._on_commit is not None:
+            self._on_commit()
+        m.INGEST_BATCH_ITEMS.observe(len(routed))
+        touched: dict[str, tuple[Connection, Participant]] = {}
+        for r, result in zip(routed, results, strict=True):
+            if result.duplicate:
+                m.INBOUND_DUPLICATES.labels(r.connection.channel).inc()
+            if result.conversation is not None:
+                participant = result.conversation.participant
+                touched.setdefault(participant.id, (r.connection, participant))
+        for event in events:
+            m.INBOUND_EVENTS.labels(event.channel, event.kind.value).inc()
+        for entry in kept:
+            m.INBOUND_QUARANTINED.labels(entry.channel, entry.reason).inc()
+        if self._enricher is not None:
+            self._enricher.consider(touched.values())
+        return [None] * len(jobs)
+
+    @staticmethod
+    def _route(
+        job: _Job,
+        index: dict[str, Connection],
+        routed: list[RoutedItem],
+        kept: list[QuarantinedDelivery],
+    ) -> None:
+        for item in job.parsed.items:
+            connection = next((index[a] for a in item.account_ids if a in index), None)
+            if connection is None:
+                # Counted and kept, never an error: Meta would retry an error forever.
+                body = orjson.dumps(item.source) if item.source is not None else b"{}"
+                account = item.account_ids[0] if item.account_ids else ""
+                kept.append(
+                    _quarantined(job.channel, UNKNOWN_ACCOUNT, body, job.received_at, account)
+                )
+                continue
+            routed.append(RoutedItem(connection, item, job.received_at))
+        for leftover in job.parsed.leftovers:
+            kept.append(
+                _quarantined(
+                    job.channel,
+                    leftover.reason,
+                    leftover.raw_json.encode(),
+                    job.received_at,
+                    leftover.account_id,
+                )
+            )
+
+
+def _account_index(connections: Sequence[Connection]) -> dict[str, Connection]:
+    """Account id -> connection; an IG_ID match wins over a page id match."""
+    index: dict[str, Connection] = {}
+    for conn in connections:
+        if conn.account.page_id:
+            index.setdefault(conn.account.page_id, conn)
+    for conn in connections:
+        index[conn.account.external_id] = conn
+    return index
+
+
+def _quarantined(
+    channel: str, reason: str, body: bytes, received_at: datetime, account_id: str = ""
+) -> QuarantinedDelivery:
+    return QuarantinedDelivery(
+        channel=channel,
+        reason=reason,
+        body=body[:MAX_QUARANTINED_BYTES],
+        received_at=received_at,
+        account_id=account_id[:200],
+        body_size=len(body),
+    )

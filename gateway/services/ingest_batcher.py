@@ -1,0 +1,135 @@
+"""Group commit: the work of concurrent requests goes into one transaction.
+
+Each request ``submit``s a job and waits; a worker takes every job queued (up to
+``max_items``, lingering at most ``max_wait_s`` for more), hands them to ``flush`` in one
+call, and resolves every waiting request with its result once that call returns (after the
+commit). PERFORMANCE.md: per-row commits are CPU-bound here, batching is the lever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from gateway.domain.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class _Pending(Generic[J, R]):
+    job: J
+    future: asyncio.Future[R]
+
+
+class Closed(Unavailable):
+    """The batcher is shutting down; the job was not processed."""
+
+    reason = "SHUTTING_DOWN"
+
+
+class GroupCommitter(Generic[J, R]):
+    def __init__(
+        self,
+        flush: Callable[[Sequence[J]], Awaitable[Sequence[R]]],
+        *,
+        size: Callable[[J], int] = lambda _: 1,
+        max_items: int = 1000,
+        max_wait_s: float = 0.001,
+        workers: int = 1,
+        name: str = "group-commit",
+    ) -> None:
+        self._flush = flush
+        self._size = size
+        self._max_items = max_items
+        self._max_wait_s = max_wait_s
+        self._workers = workers
+        self._name = name
+        self._queue: asyncio.Queue[_Pending[J, R]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+
+    async def start(self) -> None:
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._run(), name=f"{self._name}-{n}")
+                for n in range(self._workers)
+            ]
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        while not self._queue.empty():
+            pending = self._queue.get_nowait()
+            if not pending.future.done():
+                pending.future.set_exception(Closed("shutting down"))
+
+    async def submit(self, job: J) -> R:
+        """The job's result once its batch committed; the flush's error otherwise."""
+        if self._closed or not self._tasks:
+            raise Closed("not accepting work")
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Pending(job, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._collect()
+            await self._commit(batch)
+
+    async def _collect(self) -> list[_Pending[J, R]]:
+        first = await self._queue.get()
+        batch = [first]
+        count = self._size(first.job)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._max_wait_s
+        while count < self._max_items:
+            if self._queue.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                # Linger briefly: requests arriving together share one commit.
+                await asyncio.sleep(min(remaining, 0.0005))
+                continue
+            pending = self._queue.get_nowait()
+            batch.append(pending)
+            count += self._size(pending.job)
+        return batch
+
+    async def _commit(self, batch: list[_Pending[J, R]]) -> None:
+        try:
+            results = await self._flush([p.job for p in batch])
+        except Unavailable as exc:
+            for p in batch:
+                _fail(p, exc)
+            return
+        except Exception as exc:
+            # Not the store being down: maybe one job the flush cannot take. Retry each
+            # alone so that one bad job fails alone instead of its whole batch.
+            if len(batch) == 1:
+                log.exception("group commit failed", extra={"batcher": self._name})
+                _fail(batch[0], exc)
+                return
+            for p in batch:
+                await self._commit([p])
+            return
+        for p, result in zip(batch, results, strict=True):
+            if not p.future.done():
+                p.future.set_result(result)
+
+
+def _fail(pending: _Pending[J, R], exc: BaseException) -> None:
+    if not pending.future.done():
+        pending.future.set_exception(exc)

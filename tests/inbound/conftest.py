@@ -1,0 +1,147 @@
+"""An end-to-end stack per backend: the sandbox (Meta), a gateway on real ports, a
+connected sandbox account with a sealed credential, and a subscriber.
+
+``postgres+redis`` gets a database of its own per test (so that a test can take it down)
+and a Redis key prefix of its own; ``embedded`` is SQLite and the in-process bus.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from channels.instagram.sandbox import (
+    RunningSandbox,
+    SandboxClient,
+    SandboxSettings,
+    start_sandbox,
+)
+from gateway.config import Secret
+from gateway.domain.connect import AccessToken
+from gateway.domain.ids import new_id
+from gateway.domain.models import Account, Connection, ConnectionStatus
+from gateway.services.credentials import seal
+from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
+from tests.inbound.subscriber import Subscriber
+from tests.store.conftest import with_database
+
+BACKENDS = ["embedded", pytest.param("postgres+redis", marks=[pytest.mark.postgres])]
+
+
+@dataclass
+class Stack:
+    backend: str
+    gateway: RunningGateway
+    sandbox: RunningSandbox
+    control: SandboxClient
+    account: dict[str, Any]
+    connection: Connection
+    database: str
+
+    @property
+    def ig_id(self) -> str:
+        return str(self.account["ig_id"])
+
+    @property
+    def webhook_url(self) -> str:
+        return self.gateway.http_url + "/webhooks/instagram"
+
+    def subscriber(self, group: str = "ai") -> Subscriber:
+        return Subscriber(self.gateway, group)
+
+    async def connect_account(self, **account: Any) -> tuple[dict[str, Any], Connection]:
+        """Another sandbox account, connected to tenant ``t2`` by default."""
+        created = await self.control.create_account(**account)
+        return created, await connect(self, created, tenant="t2")
+
+
+async def connect(stack: Stack, account: dict[str, Any], *, tenant: str = "t1") -> Connection:
+    """Does what the connect flow would: the connection and its sealed token, in the store."""
+    now = datetime.now(UTC)
+    conn = Connection(
+        id=new_id("conn"),
+        tenant_id=tenant,
+        channel="instagram",
+        status=ConnectionStatus.CONNECTED,
+        account=Account(
+            external_id=str(account["ig_id"]),
+            username=str(account.get("username", "")),
+            page_id=str(account.get("page_id") or ""),
+        ),
+        login_flow="instagram",
+        connected_at=now,
+    )
+    token = await stack.control.issue_token(conn.account.external_id, "instagram_long")
+    gateway = stack.gateway.gateway
+    assert gateway.keyring is not None
+    credential = seal(
+        gateway.keyring,
+        conn.id,
+        AccessToken(value=Secret(token["access_token"]), issued_at=now),
+    )
+    async with gateway.store.transaction() as tx:
+        await tx.save_connection(conn)
+        await tx.put_credential(credential)
+    return conn
+
+
+@pytest.fixture(params=BACKENDS)
+def inbound_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def inbound_database(
+    inbound_backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    if inbound_backend == "embedded":
+        yield f"sqlite:///{tmp_path}/sb.db"
+        return
+    request.getfixturevalue("postgres_url")  # fails the run at once when PostgreSQL is down
+    admin_url = str(request.getfixturevalue("postgres_admin_url"))
+    name = f"switchboard_inbound_{secrets.token_hex(4)}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(admin_url, name)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def stack(
+    inbound_backend: str, inbound_database: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Stack]:
+    sandbox = await start_sandbox(SandboxSettings.generate())
+    extra = {"INSTAGRAM_SANDBOX_URL": sandbox.url, **sandbox.settings.credentials()}
+    if inbound_backend == "postgres+redis":
+        prefix = str(request.getfixturevalue("redis_prefix"))
+        extra["SWITCHBOARD_REDIS_URL"] = str(request.getfixturevalue("redis_url"))
+        extra["SWITCHBOARD_REDIS_KEY_PREFIX"] = f"{prefix}{secrets.token_hex(3)}:"
+    env = gateway_environ(inbound_database, str(tmp_path), **extra)
+    try:
+        async with run_gateway(env) as running, SandboxClient(sandbox.url) as control:
+            account = await control.create_account(username="shop")
+            await control.set_webhook(running.http_url + "/webhooks/instagram")
+            placeholder = Stack(
+                inbound_backend,
+                running,
+                sandbox,
+                control,
+                account,
+                connection=None,  # type: ignore[arg-type]
+                database=inbound_database,
+            )
+            placeholder.connection = await connect(placeholder, account)
+            yield placeholder
+    finally:
+        await sandbox.aclose()
