@@ -13,8 +13,10 @@ import asyncio
 import enum
 import logging
 import signal
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
@@ -27,12 +29,22 @@ from gateway.config import Address, Config
 from gateway.domain.bus import Bus
 from gateway.domain.channel import ChannelContext
 from gateway.domain.errors import BusUnavailable, ConfigError, StoreUnavailable
+from gateway.domain.outbound import RateCategory
 from gateway.domain.store import Store
 from gateway.observability.metrics import create_metrics_app
 from gateway.plugins import ChannelRegistry, load_channels
 from gateway.security.keyring import KeyRing
+from gateway.security.oauth_state import open_oauth_states
 from gateway.security.tokens import TokenAuthority
+from gateway.services.connect import ConnectService
 from gateway.services.history import History
+from gateway.services.inbound import InboundService
+from gateway.services.outbound import OutboundService
+from gateway.services.outbound_delivery import Clock, Deliverer, DeliveryPolicy
+from gateway.services.outbound_worker import OutboundWorker
+from gateway.services.profiles import ProfileEnricher
+from gateway.services.ratelimit import open_rate_limiter
+from gateway.services.refresh import RefreshPolicy, RefreshWorker
 from gateway.store import open_store
 from gateway.web.app import PathOnlyAccessLogger, WebDeps, create_web_app
 
@@ -64,6 +76,11 @@ class Gateway:
         self.keyring: KeyRing | None = None
         self.channels = ChannelRegistry(())
         self.authority: TokenAuthority | None = None
+        self.connect: ConnectService | None = None
+        self.refresher: RefreshWorker | None = None
+        self.inbound: InboundService | None = None
+        self.outbound: OutboundService | None = None
+        self.outbound_worker: OutboundWorker | None = None
 
     async def __aenter__(self) -> Gateway:
         try:
@@ -86,6 +103,17 @@ class Gateway:
         self.authority = TokenAuthority(self.store, cfg.api_tokens.reveal())
         await self.channels.start()
         self._stack.push_async_callback(self.channels.aclose)
+        states = open_oauth_states(
+            self.store, cfg.redis_url.reveal() or None, prefix=cfg.redis_key_prefix
+        )
+        self._stack.push_async_callback(states.aclose)
+        self.connect = ConnectService(
+            self.store,
+            self.channels,
+            self.keyring,
+            states,
+            allowed_return_origins=cfg.allowed_return_origins,
+        )
 
     async def __aexit__(
         self,
@@ -153,6 +181,7 @@ class Gateway:
             listening.metrics = _bound(metrics_runner, cfg.metrics_addr)
 
             grpc_server: GrpcServer | None = None
+            relay_notify: Callable[[], None] | None = None
             if role in (Role.ALL, Role.GRPC):
                 bus = await self.open_bus()
                 from gateway.services.relay import OutboxRelay
@@ -160,12 +189,25 @@ class Gateway:
                 relay = OutboxRelay(self.store, bus)
                 await relay.start()
                 stack.push_async_callback(relay.aclose)
+                relay_notify = relay.notify
+                # Both are set in __aenter__.
+                assert self.keyring is not None
+                assert self.connect is not None
+                self.refresher = RefreshWorker(
+                    self.store,
+                    self.channels,
+                    self.keyring,
+                    RefreshPolicy(margin=timedelta(seconds=cfg.token_refresh_margin_s)),
+                )
+                await self.refresher.start()
+                stack.push_async_callback(self.refresher.aclose)
+                self.outbound = await self._start_outbound(stack, relay_notify)
                 history = History(self.store)
                 assert self.authority is not None  # set in __aenter__
                 grpc_server = GrpcServer(
                     cfg.grpc_addr,
-                    connect=ChannelConnectServicer(self.channels, history),
-                    messaging=MessagingServicer(history, bus),
+                    connect=ChannelConnectServicer(self.channels, history, self.connect),
+                    messaging=MessagingServicer(history, bus, self.outbound),
                     authority=self.authority,
                     probe=self.ready,
                 )
@@ -173,11 +215,16 @@ class Gateway:
                 listening.grpc = Address(cfg.grpc_addr.host, port)
 
             if role in (Role.ALL, Role.HTTP):
+                # In-process the relay publishes at once; otherwise its sweep picks events up.
+                self.inbound = await self._start_inbound(relay_notify)
+                stack.push_async_callback(self.inbound.aclose)
                 web_app = create_web_app(
                     WebDeps(
                         store=self.store,
                         channels=self.channels,
                         max_body_bytes=cfg.http_max_body_bytes,
+                        connect=self.connect,
+                        inbound=self.inbound,
                     )
                 )
                 http_runner = await _start_site(web_app, cfg.http_addr, access_log=True)
@@ -191,6 +238,55 @@ class Gateway:
             if grpc_server is not None:
                 await grpc_server.stop(cfg.shutdown_grace_s)
         return listening
+
+    async def _start_outbound(
+        self, stack: AsyncExitStack, on_commit: Callable[[], None] | None
+    ) -> OutboundService:
+        """The send path and its retry worker; closed before the relay they notify."""
+        cfg = self.config
+        assert self.keyring is not None  # set in __aenter__
+        limiter = open_rate_limiter(
+            cfg.redis_url.reveal() or None,
+            {RateCategory.TEXT: cfg.send_rate_text, RateCategory.MEDIA: cfg.send_rate_media},
+            prefix=cfg.redis_key_prefix,
+        )
+        stack.push_async_callback(limiter.aclose)
+        deliverer = Deliverer(
+            self.store,
+            self.channels,
+            self.keyring,
+            limiter,
+            DeliveryPolicy(
+                max_attempts=cfg.send_max_attempts,
+                retry_base_s=cfg.send_retry_base_s,
+                retry_max_s=cfg.send_retry_max_s,
+            ),
+            clock=Clock(),
+            on_commit=on_commit,
+        )
+        service = OutboundService(self.store, deliverer, wait_s=cfg.send_wait_s)
+        stack.push_async_callback(service.aclose)
+        self.outbound_worker = OutboundWorker(self.store, deliverer, poll_s=cfg.send_poll_s)
+        await self.outbound_worker.start()
+        stack.push_async_callback(self.outbound_worker.aclose)
+        return service
+
+    async def _start_inbound(self, on_commit: Callable[[], None] | None) -> InboundService:
+        assert self.keyring is not None  # set in __aenter__
+        sources = {
+            name: plugin.profiles
+            for name, plugin in self.channels.items()
+            if plugin.profiles is not None
+        }
+        service = InboundService(
+            self.store,
+            on_commit=on_commit,
+            enricher=ProfileEnricher(self.store, self.keyring, sources),
+            # SQLite serializes writers anyway; PostgreSQL overlaps two commits.
+            workers=2 if self.store.backend == "postgres" else 1,
+        )
+        await service.start()
+        return service
 
 
 async def _start_site(app: web.Application, address: Address, *, access_log: bool) -> web.AppRunner:

@@ -209,6 +209,32 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     return _run(main)
 
 
+# ---- keys ----
+
+
+def cmd_keys_rotate(_: argparse.Namespace) -> int:
+    from gateway.security.keyring import KeyRing
+    from gateway.services.credentials import rotate_credentials
+    from gateway.store import open_store
+
+    config = _load_config()
+    # Rotation never invents a key: a missing ring is a configuration problem here.
+    keyring = KeyRing.load(
+        config.encryption_keys.reveal(), data_dir=config.data_dir, allow_generate=False
+    )
+
+    async def main() -> int:
+        async with open_store(config.database_url.reveal()) as store:
+            report = await rotate_credentials(store, keyring)
+        print(
+            f"credentials: {report.total}; re-encrypted with key {keyring.primary_key_id}: "
+            f"{report.rotated}; already current: {report.current}; failed: {report.failed}"
+        )
+        return 1 if report.failed else 0
+
+    return _run(main)
+
+
 # ---- sandbox ----
 
 
@@ -274,6 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = tokens_sub.add_parser("revoke", help="revoke a token by id or name")
     revoke.add_argument("token", metavar="ID_OR_NAME")
     revoke.set_defaults(func=cmd_tokens)
+
+    keys = sub.add_parser("keys", help="credential encryption keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    rotate = keys_sub.add_parser(
+        "rotate", help="re-encrypt every credential with the first key of the ring"
+    )
+    rotate.set_defaults(func=cmd_keys_rotate)
 
     sandbox = sub.add_parser("sandbox", help="run the Instagram sandbox (Meta's stand-in)")
     sandbox.add_argument("--addr", default="127.0.0.1:8090", help="HOST:PORT (default %(default)s)")

@@ -100,6 +100,17 @@ class Config:
     data_dir: str
     shutdown_grace_s: float
     http_max_body_bytes: int
+    # Tokens are refreshed once they expire within this margin.
+    token_refresh_margin_s: float = 30 * 86400.0
+    # Outbound: per-account send rates (per second), the first attempt's wait in
+    # SendMessage, and the retry schedule of transient failures.
+    send_rate_text: float = 100.0
+    send_rate_media: float = 10.0
+    send_wait_s: float = 2.0
+    send_max_attempts: int = 6
+    send_retry_base_s: float = 1.0
+    send_retry_max_s: float = 300.0
+    send_poll_s: float = 1.0
     # The raw environment, for channel plugins (they validate their own variables).
     environ: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
 
@@ -177,6 +188,15 @@ class Config:
             http_max_body_bytes=int(
                 reader.number("HTTP_MAX_BODY_BYTES", 4 * 1024 * 1024, low=1024, high=1 << 30)
             ),
+            token_refresh_margin_s=reader.number("TOKEN_REFRESH_MARGIN_DAYS", 30.0, low=1, high=365)
+            * 86400.0,
+            send_rate_text=reader.number("SEND_RATE_TEXT_PER_SECOND", 100.0, low=0.01, high=1e5),
+            send_rate_media=reader.number("SEND_RATE_MEDIA_PER_SECOND", 10.0, low=0.01, high=1e5),
+            send_wait_s=reader.number("SEND_WAIT_SECONDS", 2.0, low=0, high=60),
+            send_max_attempts=int(reader.number("SEND_MAX_ATTEMPTS", 6, low=1, high=100)),
+            send_retry_base_s=reader.number("SEND_RETRY_BASE_SECONDS", 1.0, low=0.001, high=3600),
+            send_retry_max_s=reader.number("SEND_RETRY_MAX_SECONDS", 300.0, low=0.001, high=86400),
+            send_poll_s=reader.number("SEND_POLL_SECONDS", 1.0, low=0.01, high=60),
             environ=env,
         )
         # Deeper checks of structured secrets live with their owners.

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import ClassVar
 
+from channels.instagram.connect import InstagramConnector
+from channels.instagram.graph_client import GraphClient
+from channels.instagram.inbound import InstagramInbound
+from channels.instagram.profiles import InstagramProfiles
 from channels.instagram.sandbox import RunningSandbox, SandboxSettings, start_sandbox
+from channels.instagram.send import InstagramOutbound
 from channels.instagram.settings import (
     FACEBOOK_SCOPES,
     FLOW_FACEBOOK,
@@ -14,12 +18,9 @@ from channels.instagram.settings import (
     INSTAGRAM_SCOPES,
     InstagramSettings,
 )
-from channels.instagram.signature import HEADER, check_signature
 from gateway.domain.channel import (
     ChannelContext,
     ChannelInfo,
-    HttpRequest,
-    HttpResponse,
     LoginFlowInfo,
 )
 
@@ -55,6 +56,12 @@ class InstagramChannel:
         # No Meta credentials and no sandbox URL: run Meta's stand-in inside this process.
         self.embedded_sandbox = embedded_sandbox
         self._sandbox: RunningSandbox | None = None
+        # Both read the settings at call time: start() may replace them (embedded sandbox).
+        self.graph = GraphClient(lambda host: self.settings.base_urls[host])
+        self.connector = InstagramConnector(lambda: self.settings, self.graph)
+        self.inbound = InstagramInbound(lambda: self.settings)
+        self.profiles = InstagramProfiles(lambda: self.settings, self.graph)
+        self.outbound = InstagramOutbound(lambda: self.settings, self.graph)
 
     @classmethod
     def create(cls, context: ChannelContext) -> InstagramChannel:
@@ -94,6 +101,7 @@ class InstagramChannel:
         )
 
     async def start(self) -> None:
+        await self.graph.start()
         if self.embedded_sandbox and self._sandbox is None:
             await self._start_embedded_sandbox()
         elif self.settings.uses_sandbox:
@@ -126,31 +134,7 @@ class InstagramChannel:
         return self.settings.sandbox_url
 
     async def aclose(self) -> None:
+        await self.graph.aclose()
         if self._sandbox is not None:
             await self._sandbox.aclose()
             self._sandbox = None
-
-    async def handle_webhook(self, request: HttpRequest) -> HttpResponse:
-        if request.method == "GET":
-            return self._verify_subscription(request)
-        verdict = check_signature(
-            request.body, request.headers.get(HEADER), self.settings.app_secrets()
-        )
-        if verdict != "ok":
-            log.warning("instagram webhook refused", extra={"signature": verdict})
-            return HttpResponse.text(403, "invalid signature")
-        # Storing deliveries is the inbound pipeline's job (not built yet): a 5xx makes Meta
-        # keep the delivery and retry it, so nothing is lost meanwhile.
-        return HttpResponse.text(501, "webhook processing is not implemented yet")
-
-    def _verify_subscription(self, request: HttpRequest) -> HttpResponse:
-        q = request.query
-        expected = self.settings.webhook_verify_token.reveal()
-        given = q.get("hub.verify_token", "")
-        if (
-            q.get("hub.mode") == "subscribe"
-            and expected
-            and hmac.compare_digest(given.encode(), expected.encode())
-        ):
-            return HttpResponse.text(200, q.get("hub.challenge", ""))
-        return HttpResponse.text(403, "verification failed")

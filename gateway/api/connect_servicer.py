@@ -10,15 +10,23 @@ from gateway.api.interceptors import require_tenant
 from gateway.domain.errors import Unimplemented
 from gateway.domain.models import ConnectionStatus
 from gateway.plugins import ChannelRegistry
+from gateway.services.connect import ConnectService
 from gateway.services.history import History
-
-_NOT_YET = "the OAuth connect flow is not implemented yet"
 
 
 class ChannelConnectServicer(connect_pb2_grpc.ChannelConnectServicer):
-    def __init__(self, channels: ChannelRegistry, history: History) -> None:
+    def __init__(
+        self, channels: ChannelRegistry, history: History, connect: ConnectService | None = None
+    ) -> None:
         self._channels = channels
         self._history = history
+        self._connect_service = connect
+
+    @property
+    def _connect(self) -> ConnectService:
+        if self._connect_service is None:
+            raise Unimplemented("connecting accounts is not enabled on this server")
+        return self._connect_service
 
     async def ListChannels(
         self, request: connect_pb2.ListChannelsRequest, context: Ctx
@@ -30,12 +38,34 @@ class ChannelConnectServicer(connect_pb2_grpc.ChannelConnectServicer):
     async def StartConnect(
         self, request: connect_pb2.StartConnectRequest, context: Ctx
     ) -> connect_pb2.StartConnectResponse:
-        raise Unimplemented(_NOT_YET)
+        started = await self._connect.start(
+            tenant_id=request.tenant_id,
+            channel=request.channel,
+            return_url=request.return_url,
+            login_flow=request.login_flow,
+            authorize=require_tenant,
+        )
+        return connect_pb2.StartConnectResponse(
+            authorization_url=started.authorization_url,
+            state=started.state,
+            expires_at=convert.timestamp(started.expires_at),
+        )
 
     async def CompleteConnect(
         self, request: connect_pb2.CompleteConnectRequest, context: Ctx
     ) -> connect_pb2.CompleteConnectResponse:
-        raise Unimplemented(_NOT_YET)
+        done = await self._connect.complete(
+            channel=request.channel,
+            code=request.code,
+            state=request.state,
+            account_external_id=request.account_external_id,
+            authorize=require_tenant,
+        )
+        return connect_pb2.CompleteConnectResponse(
+            connection=convert.connection(done.connection),
+            available_accounts=[convert.account(a) for a in done.available_accounts],
+            return_url=done.return_url,
+        )
 
     async def GetConnection(
         self, request: connect_pb2.GetConnectionRequest, context: Ctx
@@ -68,4 +98,5 @@ class ChannelConnectServicer(connect_pb2_grpc.ChannelConnectServicer):
     async def Disconnect(
         self, request: connect_pb2.DisconnectRequest, context: Ctx
     ) -> common_pb2.Connection:
-        raise Unimplemented("disconnecting is not implemented yet")
+        conn = await self._connect.disconnect(request.connection_id, authorize=require_tenant)
+        return convert.connection(conn)

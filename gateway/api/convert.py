@@ -9,6 +9,7 @@ from switchboard.v1 import common_pb2, connect_pb2
 
 from gateway.domain.channel import ChannelInfo
 from gateway.domain.models import (
+    Account,
     Attachment,
     Connection,
     Conversation,
@@ -46,19 +47,23 @@ def channel_info(info: ChannelInfo) -> connect_pb2.ChannelInfo:
     )
 
 
+def account(a: Account) -> common_pb2.Account:
+    return common_pb2.Account(
+        external_id=a.external_id,
+        username=a.username,
+        display_name=a.display_name,
+        picture_url=a.picture_url,
+        page_id=a.page_id,
+    )
+
+
 def connection(conn: Connection) -> common_pb2.Connection:
     return common_pb2.Connection(
         id=conn.id,
         tenant_id=conn.tenant_id,
         channel=conn.channel,
         status=f"CONNECTION_STATUS_{conn.status.value}",
-        account=common_pb2.Account(
-            external_id=conn.account.external_id,
-            username=conn.account.username,
-            display_name=conn.account.display_name,
-            picture_url=conn.account.picture_url,
-            page_id=conn.account.page_id,
-        ),
+        account=account(conn.account),
         scopes=list(conn.scopes),
         token_expires_at=timestamp(conn.token_expires_at),
         connected_at=timestamp(conn.connected_at),

@@ -6,30 +6,47 @@ from collections.abc import AsyncIterator
 
 from switchboard.v1 import common_pb2, messaging_pb2, messaging_pb2_grpc
 
-from gateway.api import convert
+from gateway.api import convert, convert_send
 from gateway.api.context import Ctx
 from gateway.api.interceptors import current_token, require_tenant
 from gateway.domain.bus import Bus
 from gateway.domain.errors import Unimplemented
+from gateway.domain.models import Direction
 from gateway.services.history import History
+from gateway.services.outbound import OutboundService
 
 
 class MessagingServicer(messaging_pb2_grpc.MessagingServicer):
-    def __init__(self, history: History, bus: Bus | None) -> None:
+    def __init__(
+        self, history: History, bus: Bus | None, outbound: OutboundService | None = None
+    ) -> None:
         self._history = history
         self._bus = bus
+        self._outbound = outbound
 
     async def SendMessage(
         self, request: messaging_pb2.SendMessageRequest, context: Ctx
     ) -> messaging_pb2.SendMessageResponse:
-        raise Unimplemented("sending messages is not implemented yet")
+        require_tenant(request.tenant_id)
+        if self._outbound is None:
+            raise Unimplemented("this process does not send messages")
+        outcome = await self._outbound.send(convert_send.send_request(request))
+        reply = convert.message(outcome.message)
+        if outcome.duplicate:
+            reply.attempts.extend(
+                convert_send.attempts(await self._outbound.attempts(outcome.message.id))
+            )
+        return messaging_pb2.SendMessageResponse(message=reply, duplicate=outcome.duplicate)
 
     async def GetMessage(
         self, request: messaging_pb2.GetMessageRequest, context: Ctx
     ) -> common_pb2.Message:
         message = await self._history.get_message(request.message_id)
         require_tenant(message.tenant_id)
-        return convert.message(message)
+        reply = convert.message(message)
+        if message.direction is Direction.OUTBOUND and self._outbound is not None:
+            reply.attempts.extend(convert_send.attempts(await self._outbound.attempts(message.id)))
+        return reply
 
     async def ListConversations(
         self, request: messaging_pb2.ListConversationsRequest, context: Ctx

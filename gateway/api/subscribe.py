@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -18,15 +19,26 @@ from switchboard.v1 import messaging_pb2
 
 from gateway.api.convert_events import event_to_proto, kinds_from_proto
 from gateway.api.errors import status_code_for
-from gateway.domain.bus import Bus, Consumer, Subscription
+from gateway.domain.bus import Bus, Consumer, Delivery, Subscription
 from gateway.domain.errors import InvalidArgument, PermissionDenied, SwitchboardError
 from gateway.domain.models import ApiToken
+from gateway.observability.inbound_metrics import EVENT_DELIVERY_SECONDS
 
 DEFAULT_MAX_IN_FLIGHT, MAX_IN_FLIGHT = 64, 1000
 DEFAULT_ACK_DEADLINE_S, MIN_ACK_DEADLINE_S, MAX_ACK_DEADLINE_S = 30.0, 1.0, 600.0
 DEFAULT_MAX_BATCH, MAX_BATCH = 1, 500
 # How long one receive waits before checking whether the client went away.
 _POLL_S = 0.5
+
+
+def _observe_latency(deliveries: list[Delivery]) -> None:
+    """Receipt-to-delivery time of first attempts (redeliveries would measure deadlines)."""
+    now = datetime.now(UTC)
+    for d in deliveries:
+        if d.attempt == 1:
+            EVENT_DELIVERY_SECONDS.labels(d.event.channel).observe(
+                max(0.0, (now - d.event.received_at).total_seconds())
+            )
 
 
 def _bounded(value: float, low: float, high: float) -> float:
@@ -100,6 +112,7 @@ async def run_subscribe(
                         continue
                     sent_at = timestamp_pb2.Timestamp()
                     sent_at.GetCurrentTime()
+                    _observe_latency(deliveries)
                     yield messaging_pb2.SubscribeResponse(
                         deliveries=[
                             messaging_pb2.Delivery(

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from gateway.domain.inbound import ChannelInbound, ProfileSource
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +74,10 @@ class ChannelContext:
 
 class ChannelPlugin(Protocol):
     name: ClassVar[str]
+    # The webhook endpoint: verification, signature, normalization (gateway.domain.inbound).
+    inbound: ChannelInbound
+    # Customer profiles for enrichment; None when the channel has no such lookup.
+    profiles: ProfileSource | None
 
     @classmethod
     def create(cls, context: ChannelContext) -> ChannelPlugin:
@@ -79,5 +86,3 @@ class ChannelPlugin(Protocol):
     def info(self) -> ChannelInfo: ...
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...
-    async def handle_webhook(self, request: HttpRequest) -> HttpResponse:
-        """Meta-style webhook endpoint: verification (GET) and deliveries (POST)."""

@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from gateway.domain.events import Event
+from gateway.domain.inbound import IngestResult, QuarantinedDelivery, RoutedItem
 from gateway.domain.models import (
     ApiToken,
     Connection,
@@ -39,6 +40,7 @@ from gateway.domain.models import (
     Page,
     Participant,
 )
+from gateway.domain.outbound import DeliveryAttempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +148,68 @@ class Tx(Protocol):
         """Outbound QUEUED/RETRYING messages with next_attempt_at <= now whose lease lapsed;
         each is leased until ``lease_until`` so concurrent workers never claim it twice."""
 
+    # ---- inbound: webhook ingestion (gateway.services.inbound) ----
+    async def ingest_inbound(self, items: Sequence[RoutedItem]) -> list[IngestResult]:
+        """Stores a batch of routed items in a few statements, one result per item in order:
+        participants (unique per connection and channel user id), conversations (one per
+        connection and participant; last message, last inbound and window times only move
+        forward), received and echoed messages (unique per connection and external id:
+        a duplicate is reported, not stored again), edits (applied when not older than the
+        stored edit) and unsends of known messages."""
+
+    async def quarantine(self, entries: Sequence[QuarantinedDelivery], *, keep: int) -> None:
+        """Keeps the entries, and only the ``keep`` most recent entries of all."""
+
+    async def list_quarantine(
+        self, *, channel: str = "", limit: int = 100
+    ) -> list[QuarantinedDelivery]:
+        """Most recent first."""
+
+    # ---- outbound: sending (gateway.services.outbound) ----
+    async def find_conversation_for_recipient(
+        self, connection_id: str, channel_user_id: str
+    ) -> Conversation | None:
+        """The connection's conversation with that customer, if they ever wrote."""
+
+    async def find_message_by_idempotency_key(self, tenant_id: str, key: str) -> Message | None: ...
+
+    async def enqueue_outbound(
+        self, message: Message, lease_until: datetime
+    ) -> tuple[Message, bool]:
+        """Inserts an outbound message leased until ``lease_until`` (its first attempt is
+        under way); on a conflict of (tenant_id, idempotency_key) returns the existing
+        message and False."""
+
+    async def record_outbound(
+        self, message: Message, attempt: DeliveryAttempt | None, *, lease_until: datetime | None
+    ) -> Message:
+        """Writes the status fields, the attempt (if any) and the lease (None releases it).
+        Should an echo of ``external_id`` have been stored as a message of its own, that
+        message is removed and ``confirmed_at`` set from it."""
+
+    async def list_attempts(self, message_id: str) -> list[DeliveryAttempt]: ...
+    async def count_send_queue(self) -> int:
+        """Outbound messages QUEUED or RETRYING."""
+
+    async def confirm_outbound(self, echoes: Sequence[tuple[str, str, datetime]]) -> list[Message]:
+        """Sets ``confirmed_at`` on sent messages named by (connection_id, external_id,
+        time) and not confirmed yet; returns the messages it changed."""
+
     # ---- outbox ----
     async def add_events(self, events: Sequence[Event]) -> None: ...
+
+    # ---- connect: refresh scheduling and reconciliation (gateway.services.refresh) ----
+    async def set_connection_claim(self, connection_id: str, until: datetime | None) -> None:
+        """Leases the connection until ``until`` (None releases it): a worker that backs
+        off after a failure keeps other workers away until its retry time."""
+
+    async def scan_connections(
+        self, *, statuses: Sequence[ConnectionStatus], after_id: str, limit: int
+    ) -> list[Connection]:
+        """Connections of every tenant with one of ``statuses``, by id after ``after_id``."""
+
+    async def nearest_token_expiry(self) -> datetime | None:
+        """The earliest ``token_expires_at`` among CONNECTED connections."""
 
 
 class Store(Protocol):

@@ -13,10 +13,11 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from gateway.domain.errors import AlreadyExists, NotFound
 from gateway.domain.events import Event
+from gateway.domain.inbound import IngestResult, QuarantinedDelivery, RoutedItem
 from gateway.domain.models import (
     ApiToken,
     Connection,
@@ -30,6 +31,11 @@ from gateway.domain.models import (
 )
 from gateway.store import pagination, rows
 from gateway.store.rows import Codec, Params, Row
+
+if TYPE_CHECKING:
+    from gateway.domain.outbound import DeliveryAttempt
+    from gateway.store.ingest import InboundWriter
+    from gateway.store.outbound import OutboundWriter
 
 
 class Executor(Protocol):
@@ -452,6 +458,66 @@ class SqlTx:
         claimed = [rows.message_from_row(self._codec, r) for r in found]
         return sorted(claimed, key=lambda m: (m.next_attempt_at, m.id))
 
+    # ---- inbound: webhook ingestion (gateway.store.ingest) ----
+
+    def _inbound(self) -> InboundWriter:
+        # Imported here: gateway.store.ingest builds on this module's helpers.
+        from gateway.store.ingest import InboundWriter
+
+        return InboundWriter(self._ex, self._codec)
+
+    async def ingest_inbound(self, items: Sequence[RoutedItem]) -> list[IngestResult]:
+        return await self._inbound().ingest(items)
+
+    async def quarantine(self, entries: Sequence[QuarantinedDelivery], *, keep: int) -> None:
+        await self._inbound().quarantine(entries, keep=keep)
+
+    async def list_quarantine(
+        self, *, channel: str = "", limit: int = 100
+    ) -> list[QuarantinedDelivery]:
+        return await self._inbound().list_quarantine(channel=channel, limit=limit)
+
+    # ---- end of inbound ----
+
+    # ---- outbound: sending (gateway.store.outbound) ----
+
+    def _outbound(self) -> OutboundWriter:
+        # Imported here: gateway.store.outbound builds on this module's Executor.
+        from gateway.store.outbound import OutboundWriter
+
+        return OutboundWriter(self._ex, self._codec)
+
+    async def find_conversation_for_recipient(
+        self, connection_id: str, channel_user_id: str
+    ) -> Conversation | None:
+        return await self._outbound().find_conversation_for_recipient(
+            connection_id, channel_user_id
+        )
+
+    async def find_message_by_idempotency_key(self, tenant_id: str, key: str) -> Message | None:
+        return await self._outbound().find_message_by_idempotency_key(tenant_id, key)
+
+    async def enqueue_outbound(
+        self, message: Message, lease_until: datetime
+    ) -> tuple[Message, bool]:
+        return await self._outbound().enqueue(message, lease_until, _now())
+
+    async def record_outbound(
+        self, message: Message, attempt: DeliveryAttempt | None, *, lease_until: datetime | None
+    ) -> Message:
+        return await self._outbound().record(message, attempt, lease_until=lease_until)
+
+    async def list_attempts(self, message_id: str) -> list[DeliveryAttempt]:
+        return await self._outbound().list_attempts(message_id)
+
+    async def count_send_queue(self) -> int:
+        return await self._outbound().count_queue()
+
+    async def confirm_outbound(self, echoes: Sequence[tuple[str, str, datetime]]) -> list[Message]:
+        return await self._outbound().confirm(echoes)
+
+    # ---- end of outbound ----
+
     # ---- outbox ----
 
     async def add_events(self, events: Sequence[Event]) -> None:
@@ -499,3 +565,34 @@ class SqlTx:
         items = items[:page_size]
         sort_key, last_id = key(items[-1])
         return Page(items=items, next_token=pagination.encode_token(kind, sort_key, last_id))
+
+    # ---- connect: refresh scheduling and reconciliation ----
+
+    async def set_connection_claim(self, connection_id: str, until: datetime | None) -> None:
+        await self._ex.execute(
+            "UPDATE connections SET claimed_until = :until WHERE id = :id",
+            {
+                "until": None if until is None else self._codec.ts(rows.utc(until)),
+                "id": connection_id,
+            },
+        )
+
+    async def scan_connections(
+        self, *, statuses: Sequence[ConnectionStatus], after_id: str, limit: int
+    ) -> list[Connection]:
+        if not statuses:
+            return []
+        status_sql, params = in_list("s", [s.value for s in statuses])
+        found = await self._ex.fetch(
+            f"SELECT * FROM connections WHERE status IN {status_sql}"  # noqa: S608
+            " AND id > :after ORDER BY id LIMIT :limit",
+            {**params, "after": after_id, "limit": limit},
+        )
+        return [rows.connection_from_row(self._codec, r) for r in found]
+
+    async def nearest_token_expiry(self) -> datetime | None:
+        found = await self._ex.fetch(
+            "SELECT token_expires_at FROM connections WHERE status = 'CONNECTED'"
+            " AND token_expires_at IS NOT NULL ORDER BY token_expires_at LIMIT 1"
+        )
+        return self._codec.ts_in(found[0]["token_expires_at"]) if found else None

@@ -15,9 +15,12 @@ from aiohttp.web_exceptions import HTTPException
 from gateway.domain.channel import HttpRequest
 from gateway.domain.errors import StoreUnavailable
 from gateway.domain.store import Store
-from gateway.observability import metrics
+from gateway.observability import inbound_metrics, metrics
 from gateway.observability.logging import request_id_var
 from gateway.plugins import ChannelRegistry
+from gateway.services.connect import ConnectService
+from gateway.services.inbound import InboundService
+from gateway.web.oauth import handle_callback as handle_oauth_callback
 
 log = logging.getLogger("gateway.web")
 
@@ -27,6 +30,10 @@ class WebDeps:
     store: Store
     channels: ChannelRegistry
     max_body_bytes: int
+    # The OAuth callback's core path; None answers the callback 503.
+    connect: ConnectService | None = None
+    # Webhook ingestion; None answers deliveries 503 so that the channel retries them.
+    inbound: InboundService | None = None
 
 
 DEPS = web.AppKey("deps", WebDeps)
@@ -99,17 +106,26 @@ def _channel(request: web.Request) -> str:
 
 async def webhook(request: web.Request) -> web.Response:
     deps = request.app[DEPS]
-    plugin = deps.channels[_channel(request)]
-    # read() enforces client_max_size and raises 413 past it, before any parsing.
-    body = await request.read() if request.method == "POST" else b""
-    reply = await plugin.handle_webhook(
+    name = _channel(request)
+    if deps.inbound is None:
+        # This process does not ingest (a 5xx keeps the delivery at Meta, retried later).
+        return web.Response(status=503, text="webhooks are not served here\n")
+    try:
+        # read() enforces client_max_size and raises 413 past it, before any parsing.
+        body = await request.read() if request.method == "POST" else b""
+    except web.HTTPRequestEntityTooLarge:
+        inbound_metrics.WEBHOOK_DELIVERIES.labels(name, "too_large").inc()
+        raise
+    reply = await deps.inbound.receive(
+        name,
+        deps.channels[name].inbound,
         HttpRequest(
             method=request.method,
             path=request.path,
-            query=dict(request.query),
-            headers=dict(request.headers),
+            query=request.query,
+            headers=request.headers,
             body=body,
-        )
+        ),
     )
     return web.Response(
         status=reply.status, body=reply.body, content_type=reply.content_type, headers=reply.headers
@@ -117,12 +133,7 @@ async def webhook(request: web.Request) -> web.Response:
 
 
 async def oauth_callback(request: web.Request) -> web.Response:
-    _channel(request)
-    return web.Response(
-        status=501,
-        text="Connecting a channel account is not implemented yet.\n",
-        content_type="text/plain",
-    )
+    return await handle_oauth_callback(request, _channel(request), request.app[DEPS].connect)
 
 
 def create_web_app(deps: WebDeps) -> web.Application:

@@ -139,7 +139,7 @@ async def test_missing_resources_are_not_found(
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_rpcs_of_later_milestones_say_unimplemented(
+async def test_send_message_is_served_and_names_a_missing_field(
     embedded: RunningGateway, channel: grpc.aio.Channel
 ) -> None:
     stub = messaging_pb2_grpc.MessagingStub(channel)
@@ -148,7 +148,8 @@ async def test_rpcs_of_later_milestones_say_unimplemented(
             messaging_pb2.SendMessageRequest(tenant_id="acme", text="hi"),
             metadata=bearer(embedded.token),
         )
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "connection_id" in (caught.value.details() or "")
 
 
 async def test_request_id_is_returned_and_logged(

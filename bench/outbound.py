@@ -1,0 +1,388 @@
+"""Outbound benchmark: SendMessage calls -> validated, stored, rate-limited, sent to the sandbox.
+
+Usage: ``python -m bench.outbound [--quick] [--backend embedded|postgres+redis|all]``.
+
+For each backend, Meta latency (0 or 50 ms, the sandbox's artificial delay) and client
+concurrency it reports, one JSON line per figure (DESIGN.md §8): ``messages_per_s`` (closed
+loop, each call answered after its first attempt reached the sandbox and was recorded),
+``rpc_p50_ms``/``rpc_p99_ms``, and beside them ``ceiling_messages_per_s`` and
+``ratio_to_ceiling``. The ceiling is the same client driving a bare grpc.aio server whose
+SendMessage handler only POSTs the body to the sandbox with aiohttp (no validation,
+storage or limits). The sandbox and the client each run in a process of their own; the
+gateway runs in this one. The per-account rate limit is set far above the offered load so
+that it is exercised (one bucket decision per send) without capping the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import secrets
+import statistics
+import tempfile
+import time
+from typing import Any
+
+from bench._common import emit, percentile
+
+PG_ADMIN = os.environ.get(
+    "SWITCHBOARD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+REDIS = os.environ.get("SWITCHBOARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+CUSTOMERS = 50
+
+
+def _uvloop() -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+
+# ---- the sandbox (Meta), in a process of its own ----
+
+
+def _sandbox_process(out: Any, stop: Any) -> None:
+    _uvloop()
+
+    async def main() -> None:
+        from channels.instagram.sandbox import SandboxSettings, start_sandbox
+
+        settings = SandboxSettings.generate()
+        async with await start_sandbox(settings) as sandbox:
+            out.put((sandbox.url, settings.credentials()))
+            while not stop.is_set():  # noqa: ASYNC110 - a multiprocessing event, not asyncio's
+                await asyncio.sleep(0.1)
+
+    asyncio.run(main())
+
+
+# ---- the load generator (a separate process) ----
+
+
+async def _drive(
+    target: str, token: str, requests: list[bytes], concurrency: int, duration_s: float
+) -> dict[str, Any]:
+    import grpc.aio
+    from switchboard.v1 import messaging_pb2, messaging_pb2_grpc
+
+    latencies: list[float] = []
+    failed = 0
+    metadata = (("authorization", f"Bearer {token}"),)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = messaging_pb2_grpc.MessagingStub(channel)
+        parsed = [messaging_pb2.SendMessageRequest.FromString(r) for r in requests]
+        end = time.perf_counter() + duration_s
+        counter = 0
+
+        async def loop() -> None:
+            nonlocal counter, failed
+            while time.perf_counter() < end:
+                counter += 1
+                request = parsed[counter % len(parsed)]
+                started = time.perf_counter()
+                try:
+                    await stub.SendMessage(request, metadata=metadata)
+                except grpc.aio.AioRpcError:
+                    failed += 1
+                    continue
+                latencies.append(time.perf_counter() - started)
+
+        begin = time.perf_counter()
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - begin
+    return {"latencies": latencies, "failed": failed, "elapsed": elapsed}
+
+
+def _drive_process(args: tuple[str, str, list[bytes], int, float], out: Any) -> None:
+    _uvloop()
+    out.put(asyncio.run(_drive(*args)))
+
+
+def drive(
+    target: str, token: str, requests: list[bytes], concurrency: int, duration_s: float
+) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(
+        target=_drive_process, args=((target, token, requests, concurrency, duration_s), out)
+    )
+    proc.start()
+    result: dict[str, Any] = out.get(timeout=duration_s + 120)
+    proc.join()
+    return result
+
+
+def _figures(result: dict[str, Any]) -> dict[str, float]:
+    done = result["latencies"]
+    return {
+        "messages_per_s": len(done) / result["elapsed"],
+        "rpc_p50_ms": percentile(done, 0.5) * 1000,
+        "rpc_p99_ms": percentile(done, 0.99) * 1000,
+        "failed": float(result["failed"]),
+    }
+
+
+# ---- the ceiling: a bare grpc.aio server that only POSTs the body to the sandbox ----
+
+
+def _bare_server(send_url: str, meta_token: str, port_out: Any, stop: Any) -> None:
+    _uvloop()
+
+    async def main() -> None:
+        import aiohttp
+        import grpc.aio
+        from switchboard.v1 import common_pb2, messaging_pb2, messaging_pb2_grpc
+
+        session = aiohttp.ClientSession()
+        headers = {"Authorization": f"Bearer {meta_token}"}
+
+        class Bare(messaging_pb2_grpc.MessagingServicer):
+            async def SendMessage(
+                self, request: messaging_pb2.SendMessageRequest, context: Any
+            ) -> messaging_pb2.SendMessageResponse:
+                body = {
+                    "recipient": {"id": request.recipient_id},
+                    "message": {"text": request.text},
+                }
+                async with session.post(send_url, json=body, headers=headers) as reply:
+                    data = await reply.json()
+                return messaging_pb2.SendMessageResponse(
+                    message=common_pb2.Message(external_id=str(data.get("message_id", "")))
+                )
+
+        server = grpc.aio.server()
+        messaging_pb2_grpc.add_MessagingServicer_to_server(Bare(), server)  # type: ignore[abstract]
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        port_out.put(port)
+        while not stop.is_set():  # noqa: ASYNC110 - a multiprocessing event, not asyncio's
+            await asyncio.sleep(0.1)
+        await server.stop(1)
+        await session.close()
+
+    asyncio.run(main())
+
+
+def ceiling(
+    send_url: str, meta_token: str, requests: list[bytes], concurrency: int, duration_s: float
+) -> dict[str, float]:
+    ctx = mp.get_context("spawn")
+    port_q, stop = ctx.Queue(), ctx.Event()
+    server = ctx.Process(target=_bare_server, args=(send_url, meta_token, port_q, stop))
+    server.start()
+    try:
+        port = port_q.get(timeout=30)
+        return _figures(drive(f"127.0.0.1:{port}", "", requests, concurrency, duration_s))
+    finally:
+        stop.set()
+        server.join(10)
+
+
+# ---- the gateway under test ----
+
+
+async def _database(backend: str, tmp: str) -> str:
+    if backend == "embedded":
+        return f"sqlite:///{tmp}/bench.db"
+    import psycopg
+
+    name = f"switchboard_bench_{secrets.token_hex(4)}"
+    async with await psycopg.AsyncConnection.connect(PG_ADMIN, autocommit=True) as admin:
+        await admin.execute(f'CREATE DATABASE "{name}"'.encode())
+    return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+
+
+async def _drop_database(backend: str, database: str) -> None:
+    if backend == "embedded":
+        return
+    import psycopg
+
+    name = database.rsplit("/", 1)[1]
+    async with await psycopg.AsyncConnection.connect(PG_ADMIN, autocommit=True) as admin:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+
+
+async def measure(
+    backend: str,
+    sandbox_url: str,
+    credentials: dict[str, str],
+    latency_ms: int,
+    concurrencies: list[int],
+    duration_s: float,
+) -> dict[int, dict[str, Any]]:
+    """The gateway's figures per concurrency, and the ceiling's, measured in the same run."""
+    from datetime import UTC, datetime
+
+    from switchboard.v1 import messaging_pb2
+
+    from channels.instagram.sandbox import SandboxClient
+    from gateway.app import Gateway, Role
+    from gateway.config import Config, Secret
+    from gateway.domain.connect import AccessToken
+    from gateway.domain.ids import new_id
+    from gateway.domain.models import Account, Connection, ConnectionStatus
+    from gateway.security.keyring import generate_key_spec
+    from gateway.security.tokens import create_token
+    from gateway.services.credentials import seal
+
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {
+            "SWITCHBOARD_GRPC_ADDR": "127.0.0.1:0",
+            "SWITCHBOARD_HTTP_ADDR": "127.0.0.1:0",
+            "SWITCHBOARD_METRICS_ADDR": "127.0.0.1:0",
+            "SWITCHBOARD_ENCRYPTION_KEYS": generate_key_spec("bench"),
+            "SWITCHBOARD_DATA_DIR": tmp,
+            "SWITCHBOARD_LOG_LEVEL": "error",
+            "SWITCHBOARD_LOG_FORMAT": "json",
+            "SWITCHBOARD_SEND_RATE_TEXT_PER_SECOND": "100000",
+            "INSTAGRAM_SANDBOX_URL": sandbox_url,
+            **credentials,
+        }
+        database = await _database(backend, tmp)
+        env["SWITCHBOARD_DATABASE_URL"] = database
+        if backend == "postgres+redis":
+            env["SWITCHBOARD_REDIS_URL"] = REDIS
+            env["SWITCHBOARD_REDIS_KEY_PREFIX"] = f"bench:{secrets.token_hex(4)}:"
+        try:
+            async with (
+                Gateway(Config.from_environ(env)) as gateway,
+                SandboxClient(sandbox_url) as control,
+            ):
+                await gateway.store.migrate()
+                await control.update_settings(latency_ms=0)
+                token, _ = await create_token(gateway.store, name="bench", tenants=["*"], scopes=[])
+                stop = asyncio.Event()
+                up: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                serving = asyncio.create_task(
+                    gateway.serve(Role.ALL, stop=stop, on_listening=up.set_result)
+                )
+                listening = await up
+                try:
+                    account = await control.create_account(username=f"b{secrets.token_hex(3)}")
+                    ig_id = str(account["ig_id"])
+                    meta_token = (await control.issue_token(ig_id, "instagram_long"))[
+                        "access_token"
+                    ]
+                    conn = Connection(
+                        id=new_id("conn"),
+                        tenant_id="bench",
+                        channel="instagram",
+                        status=ConnectionStatus.CONNECTED,
+                        account=Account(external_id=ig_id),
+                        login_flow="instagram",
+                        connected_at=datetime.now(UTC),
+                    )
+                    assert gateway.keyring is not None
+                    sealed = seal(
+                        gateway.keyring,
+                        conn.id,
+                        AccessToken(value=Secret(meta_token), issued_at=datetime.now(UTC)),
+                    )
+                    async with gateway.store.transaction() as tx:
+                        await tx.save_connection(conn)
+                        await tx.put_credential(sealed)
+                    await control.set_webhook(
+                        f"http://127.0.0.1:{listening.http.port}/webhooks/instagram"
+                    )
+                    customers = [
+                        str((await control.send_dm(ig_id, "hi"))["customer"])
+                        for _ in range(CUSTOMERS)
+                    ]
+                    await _await_conversations(gateway, conn.id, customers)
+                    await control.update_settings(latency_ms=latency_ms)
+                    requests = [
+                        messaging_pb2.SendMessageRequest(
+                            tenant_id="bench",
+                            connection_id=conn.id,
+                            recipient_id=c,
+                            text="Thanks for your message!",
+                        ).SerializeToString()
+                        for c in customers
+                    ]
+                    target = f"127.0.0.1:{listening.grpc.port}"
+                    loop = asyncio.get_running_loop()
+                    send_url = f"{sandbox_url}/graph-instagram/v21.0/{ig_id}/messages"
+                    await loop.run_in_executor(None, drive, target, token, requests, 8, 1.0)
+                    results: dict[int, dict[str, Any]] = {}
+                    for concurrency in concurrencies:
+                        ours = await loop.run_in_executor(
+                            None, drive, target, token, requests, concurrency, duration_s
+                        )
+                        top = await loop.run_in_executor(
+                            None, ceiling, send_url, meta_token, requests, concurrency, duration_s
+                        )
+                        results[concurrency] = {"ours": _figures(ours), "ceiling": top}
+                    return results
+                finally:
+                    stop.set()
+                    await serving
+        finally:
+            await _drop_database(backend, database)
+
+
+async def _await_conversations(gateway: Any, connection_id: str, customers: list[str]) -> None:
+    deadline = time.monotonic() + 30
+    for igsid in customers:
+        while True:
+            async with gateway.store.transaction() as tx:
+                found = await tx.find_conversation_for_recipient(connection_id, igsid)
+            if found is not None:
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: the customers' messages never reached the gateway")
+            await asyncio.sleep(0.05)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one short run (under a minute)")
+    parser.add_argument("--backend", default="all", choices=["all", "embedded", "postgres+redis"])
+    args = parser.parse_args()
+    duration = 2.0 if args.quick else 8.0
+    runs = 1 if args.quick else 3
+    latencies = [0] if args.quick else [0, 50]
+    concurrencies = [16, 64] if args.quick else [8, 32, 128]
+    backends = ["embedded", "postgres+redis"] if args.backend == "all" else [args.backend]
+    ctx = mp.get_context("spawn")
+    sandbox_q, sandbox_stop = ctx.Queue(), ctx.Event()
+    sandbox = ctx.Process(target=_sandbox_process, args=(sandbox_q, sandbox_stop))
+    sandbox.start()
+    try:
+        sandbox_url, credentials = sandbox_q.get(timeout=30)
+        for backend in backends:
+            for latency in latencies:
+                samples = [
+                    asyncio.run(
+                        measure(backend, sandbox_url, credentials, latency, concurrencies, duration)
+                    )
+                    for _ in range(runs)
+                ]
+                for concurrency in concurrencies:
+                    _report(backend, latency, concurrency, [s[concurrency] for s in samples], runs)
+    finally:
+        sandbox_stop.set()
+        sandbox.join(10)
+
+
+def _report(
+    backend: str, latency: int, concurrency: int, samples: list[dict[str, Any]], runs: int
+) -> None:
+    ours = {k: statistics.median(s["ours"][k] for s in samples) for k in samples[0]["ours"]}
+    top = statistics.median(s["ceiling"]["messages_per_s"] for s in samples)
+    extra = {"meta_latency_ms": latency, "concurrency": concurrency, "runs": runs}
+    emit("outbound", backend, "messages_per_s", ours["messages_per_s"], "messages/s", **extra)
+    emit("outbound", backend, "rpc_p50_ms", ours["rpc_p50_ms"], "ms", **extra)
+    emit("outbound", backend, "rpc_p99_ms", ours["rpc_p99_ms"], "ms", **extra)
+    emit("outbound", backend, "ceiling_messages_per_s", top, "messages/s", **extra)
+    emit("outbound", backend, "ratio_to_ceiling", ours["messages_per_s"] / top, "ratio", **extra)
+    if ours["failed"]:
+        emit("outbound", backend, "failed_calls", ours["failed"], "calls", **extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Sending on Instagram: Meta's Send API bodies (INSTAGRAM.md §4) and its usage headers.
+
+Facebook-Login connections send as their page (``graph.facebook.com/{v}/{PAGE_ID}/messages``
+with the page token); Instagram-Login connections as the account
+(``graph.instagram.com/{v}/{IG_ID}/messages``). The token travels in the Authorization
+header. Failures are classified once, by :mod:`channels.instagram.graph_client`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+
+from channels.instagram.graph_client import GraphClient
+from channels.instagram.settings import FLOW_FACEBOOK, InstagramSettings
+from gateway.config import Secret
+from gateway.domain.errors import ChannelRequestError
+from gateway.domain.models import Connection
+from gateway.domain.outbound import (
+    HUMAN_AGENT,
+    ContentKind,
+    OutboundLimits,
+    OutboundMessage,
+    SendResult,
+    TemplateElement,
+)
+
+GRAPH = "INSTAGRAM_GRAPH_URL"
+GRAPH_FB = "INSTAGRAM_GRAPH_FACEBOOK_URL"
+LIMITS = OutboundLimits()
+
+
+def _element(e: TemplateElement) -> dict[str, Any]:
+    out: dict[str, Any] = {"title": e.title}
+    if e.subtitle:
+        out["subtitle"] = e.subtitle
+    if e.image_url:
+        out["image_url"] = e.image_url
+    if e.default_action_url:
+        out["default_action"] = {"type": "web_url", "url": e.default_action_url}
+    if e.buttons:
+        out["buttons"] = [
+            {"type": "web_url", "url": b.url, "title": b.title}
+            if b.type == "web_url"
+            else {"type": "postback", "title": b.title, "payload": b.payload}
+            for b in e.buttons
+        ]
+    return out
+
+
+def _message(m: OutboundMessage) -> dict[str, Any]:
+    if m.kind is ContentKind.TEXT:
+        message: dict[str, Any] = {"text": m.text}
+        if m.quick_replies:
+            message["quick_replies"] = [
+                {"content_type": "text", "title": q.title, "payload": q.payload}
+                for q in m.quick_replies
+            ]
+        return message
+    if m.kind is ContentKind.ATTACHMENT:
+        return {"attachment": {"type": m.attachment_type, "payload": {"url": m.url}}}
+    if m.kind is ContentKind.STICKER:
+        return {"attachment": {"type": m.sticker}}
+    if m.kind is ContentKind.SHARE:
+        return {"attachment": {"type": "MEDIA_SHARE", "payload": {"id": m.post_id}}}
+    if m.kind is ContentKind.TEMPLATE:
+        return {
+            "attachment": {
+                "type": "template",
+                "payload": {
+                    "template_type": "generic",
+                    "elements": [_element(e) for e in m.elements],
+                },
+            }
+        }
+    raise ChannelRequestError(f"{m.kind.value} is not a message")
+
+
+def build_body(m: OutboundMessage) -> dict[str, Any]:
+    """The Send API's JSON body for one message, exactly as Meta documents it."""
+    body: dict[str, Any] = {"recipient": {"id": m.recipient_id}}
+    if m.kind is ContentKind.REACTION:
+        if m.emoji:
+            body["sender_action"] = "react"
+            body["payload"] = {"message_id": m.reaction_external_id, "reaction": m.emoji}
+        else:
+            body["sender_action"] = "unreact"
+            body["payload"] = {"message_id": m.reaction_external_id}
+    elif m.kind is ContentKind.SENDER_ACTION:
+        body["sender_action"] = m.sender_action
+    else:
+        body["message"] = _message(m)
+        if m.reply_to_external_id:
+            body["reply_to"] = {"mid": m.reply_to_external_id}
+    if m.tag == HUMAN_AGENT:
+        body["messaging_type"] = "MESSAGE_TAG"
+        body["tag"] = HUMAN_AGENT
+    return body
+
+
+def pause_from_usage(headers: Mapping[str, str], now: datetime) -> datetime | None:
+    """When ``x-business-use-case-usage`` asks the account to wait, until when."""
+    raw = headers.get("x-business-use-case-usage", "")
+    if not raw:
+        return None
+    try:
+        usage = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    minutes = 0
+    if isinstance(usage, dict):
+        for entries in usage.values():
+            for entry in entries if isinstance(entries, list) else ():
+                if isinstance(entry, dict):
+                    value = entry.get("estimated_time_to_regain_access")
+                    if isinstance(value, int | float) and value > minutes:
+                        minutes = int(value)
+    return now + timedelta(minutes=minutes) if minutes else None
+
+
+class InstagramOutbound:
+    """Implements :class:`gateway.domain.outbound.OutboundChannel` for Instagram."""
+
+    limits = LIMITS
+
+    def __init__(self, settings: Callable[[], InstagramSettings], graph: GraphClient) -> None:
+        self._settings = settings
+        self._graph = graph
+
+    def endpoint(self, connection: Connection) -> tuple[str, str]:
+        """(host setting, path) of the connection's Send API."""
+        version = self._settings().graph_version
+        if connection.login_flow == FLOW_FACEBOOK:
+            return GRAPH_FB, f"/{version}/{connection.account.page_id}/messages"
+        return GRAPH, f"/{version}/{connection.account.external_id}/messages"
+
+    async def send(
+        self, connection: Connection, token: Secret, message: OutboundMessage
+    ) -> SendResult:
+        host, path = self.endpoint(connection)
+        reply = await self._graph.call("POST", host, path, json=build_body(message), token=token)
+        data = reply.data
+        return SendResult(
+            external_id=str(data.get("message_id") or ""),
+            recipient_id=str(data.get("recipient_id") or ""),
+            pause_until=pause_from_usage(reply.headers, datetime.now(UTC)),
+        )

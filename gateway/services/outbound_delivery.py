@@ -1,0 +1,310 @@
+"""One delivery attempt of an outbound message, and what its outcome does to the message.
+
+Both the SendMessage call (the first attempt) and the retry worker go through
+:meth:`Deliverer.attempt`, for a message they hold the lease of. It takes a rate-limit token
+(waiting briefly, or holding the message until later), opens the connection's token, hands
+the message to the channel once and records the outcome, its attempt and its
+``DeliveryUpdate`` event in one transaction, releasing the lease:
+
+- accepted: SENT with the channel's message id;
+- throttled (Meta 4, 17, 32, 613, 80002, 80006, 368): the account is paused until the time
+  Meta gave and the message held until then, neither failed nor counted as an attempt;
+- transient (network, 5xx, Meta 1/2, ``is_transient``): RETRYING after an exponential
+  backoff with jitter, FAILED once ``max_attempts`` is reached;
+- token rejected or permission missing: the connection turns NEEDS_REAUTH, the message FAILED;
+- anything else the channel refuses (window closed, 551, 100 family): FAILED, no retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+
+from gateway.config import Secret
+from gateway.domain.channel import ChannelPlugin
+from gateway.domain.errors import (
+    ChannelAuthError,
+    ChannelError,
+    ChannelRateLimited,
+    ChannelRequestError,
+    ChannelTransientError,
+    Unavailable,
+)
+from gateway.domain.models import (
+    Connection,
+    ConnectionStatus,
+    DeliveryError,
+    Message,
+    MessageStatus,
+)
+from gateway.domain.outbound import (
+    DeliveryAttempt,
+    OutboundChannel,
+    OutboundMessage,
+    from_json,
+    outbound_of,
+)
+from gateway.domain.store import Store
+from gateway.observability import outbound_metrics as m
+from gateway.security.keyring import DecryptionError, KeyRing
+from gateway.services.connection_status import mark_needs_reauth
+from gateway.services.credentials import unseal
+from gateway.services.delivery_events import delivery_update
+from gateway.services.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+RATE_LIMITED = "RATE_LIMITED"
+_TOKEN_TTL_S = 60.0
+# When the store or the limiter cannot answer, try again this much later.
+_UNAVAILABLE_RETRY = timedelta(seconds=5)
+
+
+class Clock:
+    """UTC now, with an offset tests can move (the worker and the limiter follow it)."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += timedelta(seconds=seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPolicy:
+    max_attempts: int = 6
+    retry_base_s: float = 1.0
+    retry_max_s: float = 300.0
+    # A message is leased this long to whoever attempts it (longer than a Send API call).
+    lease_s: float = 60.0
+    # Token-bucket waits up to this long are slept in place; longer ones hold the message.
+    max_inline_wait_s: float = 1.0
+
+    def backoff(self, attempts: int) -> timedelta:
+        """Exponential in the attempts made, with jitter over its upper half so that
+        messages failed together do not retry together."""
+        ceiling = min(self.retry_max_s, self.retry_base_s * 2 ** max(0, attempts - 1))
+        return timedelta(seconds=ceiling * random.uniform(0.5, 1.0))
+
+
+class RateLimitedNow(Exception):
+    """fail_fast was asked and the account may not send now (raised to the caller)."""
+
+    def __init__(self, retry_at: datetime) -> None:
+        super().__init__("rate limited")
+        self.retry_at = retry_at
+
+
+def account_key(conn: Connection) -> str:
+    return f"{conn.channel}:{conn.account.external_id}"
+
+
+class Deliverer:
+    def __init__(
+        self,
+        store: Store,
+        channels: Mapping[str, ChannelPlugin],
+        keyring: KeyRing,
+        limiter: RateLimiter,
+        policy: DeliveryPolicy,
+        *,
+        clock: Clock,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._channels = channels
+        self._keyring = keyring
+        self.limiter = limiter
+        self.policy = policy
+        self.clock = clock
+        self.on_commit = on_commit
+        self._tokens: dict[str, tuple[Secret, float]] = {}
+
+    def sender_of(self, channel: str) -> OutboundChannel | None:
+        plugin = self._channels.get(channel)
+        return outbound_of(plugin) if plugin is not None else None
+
+    async def attempt(
+        self, message: Message, conn: Connection, *, admitted: bool = False, fail_fast: bool = False
+    ) -> Message:
+        """One attempt at a message this process holds the lease of; returns it as stored."""
+        sender = self.sender_of(conn.channel)
+        if conn.status is not ConnectionStatus.CONNECTED or sender is None:
+            reason = f"CONNECTION_{conn.status.value}" if sender else "CHANNEL_CANNOT_SEND"
+            return await self.record_failure(message, DeliveryError(reason, "cannot send now"))
+        content = from_json(message.content["outbound"])
+        try:
+            if not admitted:
+                held = await self._admit(message, conn, content)
+                if held is not None:
+                    return held
+            token = await self._token(conn)
+        except Unavailable:
+            log.warning("send postponed", extra={"message_id": message.id}, exc_info=True)
+            return await self._hold(message, self.clock.now() + _UNAVAILABLE_RETRY)
+        except DecryptionError:
+            error = DeliveryError("NEEDS_REAUTH", "the connection's credential does not open")
+            await mark_needs_reauth(self._store, conn.id, error.message)
+            return await self.record_failure(message, error)
+        return await self._send(message, conn, sender, content, token, fail_fast=fail_fast)
+
+    async def _admit(
+        self, message: Message, conn: Connection, content: OutboundMessage
+    ) -> Message | None:
+        """Takes a token, sleeping short waits; None when admitted, else the held message."""
+        category = content.category
+        while True:
+            admission = await self.limiter.acquire(account_key(conn), category, self.clock.now())
+            if admission.ok:
+                return None
+            if admission.paused_until is None and admission.wait_s <= self.policy.max_inline_wait_s:
+                m.RATE_LIMIT_WAITS.labels(conn.channel, category.value, "wait").inc()
+                m.RATE_LIMIT_WAIT_SECONDS.labels(conn.channel, category.value).inc(admission.wait_s)
+                await asyncio.sleep(admission.wait_s)
+                continue
+            m.RATE_LIMIT_WAITS.labels(conn.channel, category.value, "hold").inc()
+            until = admission.paused_until or (
+                self.clock.now() + timedelta(seconds=admission.wait_s)
+            )
+            return await self._hold(message, until)
+
+    async def _token(self, conn: Connection) -> Secret:
+        cached = self._tokens.get(conn.id)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
+        async with self._store.transaction() as tx:
+            credential = await tx.get_credential(conn.id)
+        if credential is None:
+            raise DecryptionError("the connection has no credential")
+        token = unseal(self._keyring, credential).value
+        self._tokens[conn.id] = (token, time.monotonic() + _TOKEN_TTL_S)
+        return token
+
+    async def _send(
+        self,
+        message: Message,
+        conn: Connection,
+        sender: OutboundChannel,
+        content: OutboundMessage,
+        token: Secret,
+        *,
+        fail_fast: bool,
+    ) -> Message:
+        started = self.clock.now()
+        clock_started = time.perf_counter()
+        try:
+            result = await sender.send(conn, token, content)
+        except ChannelError as exc:
+            m.CHANNEL_API_SECONDS.labels(conn.channel, "send").observe(
+                time.perf_counter() - clock_started
+            )
+            return await self._refused(message, conn, exc, started, fail_fast=fail_fast)
+        m.CHANNEL_API_SECONDS.labels(conn.channel, "send").observe(
+            time.perf_counter() - clock_started
+        )
+        if result.pause_until is not None:
+            m.ACCOUNT_PAUSES.labels(conn.channel, "usage_header").inc()
+            await self.limiter.pause(account_key(conn), result.pause_until)
+        now = self.clock.now()
+        message.status = MessageStatus.SENT
+        message.external_id = result.external_id
+        message.sent_at = now
+        message.error = None
+        message.next_attempt_at = None
+        message.attempts += 1
+        m.SENDS.labels(conn.channel, "sent", "0").inc()
+        return await self._record(message, DeliveryAttempt(message.attempts, started, now))
+
+    async def _refused(
+        self,
+        message: Message,
+        conn: Connection,
+        exc: ChannelError,
+        started: datetime,
+        *,
+        fail_fast: bool,
+    ) -> Message:
+        code = str(exc.code)
+        error = DeliveryError(
+            reason=exc.reason,
+            message=exc.message,
+            channel_code=exc.code,
+            channel_subcode=exc.subcode,
+            retryable=exc.retryable,
+        )
+        if isinstance(exc, ChannelRateLimited):
+            m.ACCOUNT_PAUSES.labels(conn.channel, "error").inc()
+            await self.limiter.pause(account_key(conn), exc.retry_at)
+            if fail_fast:
+                m.SENDS.labels(conn.channel, "failed", code).inc()
+                await self.record_failure(message, replace(error, reason=RATE_LIMITED))
+                raise RateLimitedNow(exc.retry_at) from None
+            m.SENDS.labels(conn.channel, "held", code).inc()
+            log.info(
+                "account throttled by the channel; message held",
+                extra={"message_id": message.id, "connection_id": conn.id, "code": exc.code},
+            )
+            return await self._hold(message, exc.retry_at)
+        now = self.clock.now()
+        message.attempts += 1
+        attempt = DeliveryAttempt(message.attempts, started, now, error)
+        transient = isinstance(exc, ChannelTransientError) or not isinstance(
+            exc, ChannelRequestError | ChannelAuthError
+        )
+        if transient and message.attempts < self.policy.max_attempts:
+            m.SENDS.labels(conn.channel, "retrying", code).inc()
+            message.status = MessageStatus.RETRYING
+            message.error = replace(error, retryable=True)
+            message.next_attempt_at = now + self.policy.backoff(message.attempts)
+            return await self._record(message, attempt)
+        if isinstance(exc, ChannelAuthError):
+            self._tokens.pop(conn.id, None)
+            await mark_needs_reauth(self._store, conn.id, exc.message)
+        if transient:
+            error = replace(
+                error,
+                retryable=False,
+                message=f"gave up after {message.attempts} attempts: {exc.message}",
+            )
+        m.SENDS.labels(conn.channel, "failed", code).inc()
+        log.info(
+            "message failed",
+            extra={"message_id": message.id, "reason": error.reason, "code": exc.code},
+        )
+        message.status = MessageStatus.FAILED
+        message.error = error
+        message.next_attempt_at = None
+        return await self._record(message, attempt)
+
+    async def record_failure(self, message: Message, error: DeliveryError) -> Message:
+        """FAILED with ``error``, without an attempt (nothing reached the channel)."""
+        message.status = MessageStatus.FAILED
+        message.error = error
+        message.next_attempt_at = None
+        return await self._record(message, None)
+
+    async def _hold(self, message: Message, until: datetime) -> Message:
+        """Back to the queue until ``until``: no attempt, no status change, no event."""
+        message.next_attempt_at = until
+        async with self._store.transaction() as tx:
+            return await tx.record_outbound(message, None, lease_until=None)
+
+    async def _record(self, message: Message, attempt: DeliveryAttempt | None) -> Message:
+        now = self.clock.now()
+        async with self._store.transaction() as tx:
+            stored = await tx.record_outbound(message, attempt, lease_until=None)
+            events = [delivery_update(stored, now)]
+            if stored.confirmed_at is not None and stored.status is MessageStatus.SENT:
+                events.append(delivery_update(stored, now, confirmed=True))
+            await tx.add_events(events)
+        if self.on_commit is not None:
+            self.on_commit()
+        return stored

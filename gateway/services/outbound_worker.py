@@ -1,0 +1,115 @@
+"""The send worker: retries, held messages, and messages whose first attempt was cut off.
+
+Every ``poll_s`` (or when woken) it claims due outbound messages through the store (a
+lease, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so replicas never attempt the same
+message at once) and attempts them concurrently. It also refreshes the queue-depth gauge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+
+from gateway.domain.errors import Unavailable
+from gateway.domain.models import DeliveryError, Message
+from gateway.domain.store import Store
+from gateway.observability import outbound_metrics as m
+from gateway.services.outbound_delivery import Deliverer
+
+log = logging.getLogger(__name__)
+
+
+class OutboundWorker:
+    def __init__(
+        self,
+        store: Store,
+        deliverer: Deliverer,
+        *,
+        poll_s: float = 1.0,
+        batch_size: int = 100,
+        concurrency: int = 32,
+    ) -> None:
+        self._store = store
+        self._deliverer = deliverer
+        self._poll_s = poll_s
+        self._batch_size = batch_size
+        self._slots = asyncio.Semaphore(concurrency)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._stopping = False
+            self._task = asyncio.create_task(self._run(), name="outbound-worker")
+
+    async def aclose(self, grace_s: float = 5.0) -> None:
+        if self._task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        _, late = await asyncio.wait([self._task], timeout=grace_s)
+        for task in late:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._task = None
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    async def run_once(self) -> int:
+        """Attempts every message due now; returns how many it claimed."""
+        total = 0
+        while True:
+            now = self._deliverer.clock.now()
+            lease = now + timedelta(seconds=self._deliverer.policy.lease_s)
+            async with self._store.transaction() as tx:
+                claimed = await tx.claim_due_messages(
+                    now=now, lease_until=lease, limit=self._batch_size
+                )
+                depth = await tx.count_send_queue()
+            m.QUEUE_DEPTH.set(depth)
+            if not claimed:
+                return total
+            total += len(claimed)
+            await asyncio.gather(*(self._one(message) for message in claimed))
+            if len(claimed) < self._batch_size:
+                return total
+
+    async def _one(self, message: Message) -> None:
+        async with self._slots:
+            async with self._store.transaction() as tx:
+                conn = await tx.get_connection(message.connection_id)
+            if conn is None:
+                await self._deliverer.record_failure(
+                    message, DeliveryError("CONNECTION_NOT_FOUND", "the connection is gone")
+                )
+                return
+            await self._deliverer.attempt(message, conn)
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll_s)
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                await self.run_once()
+                backoff = 0.1
+            except Unavailable:
+                # Claimed messages stay leased until the lease lapses, then are claimed
+                # again: a send is delayed, never lost.
+                log.warning("send worker cannot reach the store, retrying", exc_info=True)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:
+                # A bug must not stop every retry of every tenant: log it and go on; the
+                # messages in hand are claimed again once their lease lapses.
+                log.exception("send worker failed, retrying")
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)

@@ -1,0 +1,182 @@
+"""Per-account send rate limits: a token bucket per account and category, and pauses.
+
+A bucket refills at ``rate`` tokens per second up to one second's worth; each send takes a
+token. A pause (Meta said the account is throttled until a time) stops every category of
+the account until then. :class:`RedisRateLimiter` shares buckets and pauses across
+replicas with one atomic script per decision; :class:`MemoryRateLimiter` is the embedded
+default's in-process equivalent. Times come from the caller (``now``), so both behave
+the same under a test's clock and replicas agree as far as their clocks do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import redis.asyncio
+from redis.exceptions import RedisError
+
+from gateway.domain.errors import Unavailable
+from gateway.domain.outbound import RateCategory
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """``ok``: a token was taken. Otherwise wait ``wait_s``; ``paused_until`` is set when
+    the account is paused (rather than merely out of tokens)."""
+
+    ok: bool
+    wait_s: float = 0.0
+    paused_until: datetime | None = None
+
+
+class RateLimiter(Protocol):
+    async def acquire(self, account: str, category: RateCategory, now: datetime) -> Admission:
+        """Takes a token when one is available; raises Unavailable when undecidable."""
+
+    async def pause(self, account: str, until: datetime) -> None:
+        """Holds every send of the account until ``until`` (a later pause wins)."""
+
+    async def aclose(self) -> None: ...
+
+
+def _ms(value: datetime) -> int:
+    return int(value.timestamp() * 1000)
+
+
+def _from_ms(value: int) -> datetime:
+    return datetime.fromtimestamp(value / 1000, UTC)
+
+
+class MemoryRateLimiter:
+    def __init__(self, rates: Mapping[RateCategory, float]) -> None:
+        self._rates = dict(rates)
+        self._buckets: dict[tuple[str, RateCategory], tuple[float, float]] = {}
+        self._paused: dict[str, datetime] = {}
+
+    async def acquire(self, account: str, category: RateCategory, now: datetime) -> Admission:
+        paused = self._paused.get(account)
+        if paused is not None:
+            if paused > now:
+                return Admission(False, (paused - now).total_seconds(), paused)
+            del self._paused[account]
+        rate = self._rates[category]
+        now_s = now.timestamp()
+        tokens, at = self._buckets.get((account, category), (rate, now_s))
+        tokens = min(rate, tokens + max(0.0, now_s - at) * rate)
+        if tokens >= 1:
+            self._buckets[(account, category)] = (tokens - 1, max(at, now_s))
+            return Admission(True)
+        self._buckets[(account, category)] = (tokens, max(at, now_s))
+        return Admission(False, (1 - tokens) / rate)
+
+    async def pause(self, account: str, until: datetime) -> None:
+        current = self._paused.get(account)
+        if current is None or until > current:
+            self._paused[account] = until
+
+    async def aclose(self) -> None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitKeys:
+    """Every Redis key of the rate limiter. An account's keys share a hash tag, so one
+    script can touch them all on Redis Cluster."""
+
+    prefix: str
+
+    def _tag(self, account: str) -> str:
+        return f"{{{self.prefix}ratelimit:{account}}}"
+
+    def bucket(self, account: str, category: RateCategory) -> str:
+        return f"{self._tag(account)}:bucket:{category.value}"
+
+    def pause(self, account: str) -> str:
+        return f"{self._tag(account)}:pause"
+
+
+# KEYS: bucket, pause. ARGV: now (ms), rate (tokens/s). Returns {ok, wait_ms, paused_until_ms}.
+_ACQUIRE = """
+local now = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
+if paused > now then return {0, paused - now, paused} end
+local b = redis.call('HMGET', KEYS[1], 't', 'ts')
+local tokens = tonumber(b[1]) or rate
+local ts = tonumber(b[2]) or now
+if now > ts then
+  tokens = math.min(rate, tokens + (now - ts) * rate / 1000)
+  ts = now
+end
+local ok, wait = 0, 0
+if tokens >= 1 then
+  tokens = tokens - 1
+  ok = 1
+else
+  wait = math.ceil((1 - tokens) * 1000 / rate)
+end
+redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(ts))
+redis.call('PEXPIRE', KEYS[1], 2000)
+return {ok, wait, 0}
+"""
+
+# KEYS: pause. ARGV: until (ms), now (ms). Keeps the later of the two pauses.
+_PAUSE = """
+local untl = tonumber(ARGV[1])
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if untl > cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', math.max(1, untl - tonumber(ARGV[2])))
+end
+return 1
+"""
+
+
+class RedisRateLimiter:
+    def __init__(self, url: str, rates: Mapping[RateCategory, float], *, prefix: str) -> None:
+        self._client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(url)
+        self._rates = dict(rates)
+        self.keys = RateLimitKeys(prefix)
+        self._acquire: Any = self._client.register_script(_ACQUIRE)
+        self._pause: Any = self._client.register_script(_PAUSE)
+
+    async def acquire(self, account: str, category: RateCategory, now: datetime) -> Admission:
+        try:
+            ok, wait_ms, paused_ms = await self._acquire(
+                keys=[self.keys.bucket(account, category), self.keys.pause(account)],
+                args=[_ms(now), self._rates[category]],
+            )
+        except RedisError as exc:
+            raise Unavailable(
+                f"Redis cannot decide the rate limit ({type(exc).__name__})",
+                reason="RATE_LIMITER_UNAVAILABLE",
+            ) from None
+        if int(ok):
+            return Admission(True)
+        paused = _from_ms(int(paused_ms)) if int(paused_ms) else None
+        return Admission(False, int(wait_ms) / 1000, paused)
+
+    async def pause(self, account: str, until: datetime) -> None:
+        now = datetime.now(UTC)
+        if until <= now:
+            return
+        try:
+            await self._pause(keys=[self.keys.pause(account)], args=[_ms(until), _ms(now)])
+        except RedisError as exc:
+            raise Unavailable(
+                f"Redis cannot record the pause ({type(exc).__name__})",
+                reason="RATE_LIMITER_UNAVAILABLE",
+            ) from None
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def open_rate_limiter(
+    redis_url: str | None, rates: Mapping[RateCategory, float], *, prefix: str
+) -> RateLimiter:
+    if redis_url:
+        return RedisRateLimiter(redis_url, rates, prefix=prefix)
+    return MemoryRateLimiter(rates)

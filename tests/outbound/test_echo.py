@@ -1,0 +1,60 @@
+"""Meta's echo of a message the gateway sent confirms it; it is not a MessageEchoed."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from gateway.domain.connect import AccessToken
+from gateway.domain.events import EventKind
+from gateway.services.credentials import unseal
+from tests.outbound.conftest import Out
+
+
+async def subscribe(out: Out) -> None:
+    gateway = out.gateway.gateway
+    assert gateway.keyring is not None
+    async with gateway.store.transaction() as tx:
+        credential = await tx.get_credential(out.connection.id)
+    assert credential is not None
+    token: AccessToken = unseal(gateway.keyring, credential)
+    connector = gateway.channels["instagram"].connector  # type: ignore[attr-defined]
+    await connector.subscribe("instagram", out.connection.account, token)
+
+
+async def test_our_echo_confirms_the_message(out: Out) -> None:
+    await subscribe(out)
+    reply = await out.send(text="Confirm me", idempotency_key="echo-1")
+    await out.control.drain_echoes()
+    updates = []
+    for _ in range(100):
+        updates = [
+            e for e in await out.events(EventKind.DELIVERY_UPDATE, 3) if "confirmed_at" in e.payload
+        ]
+        if updates:
+            break
+    [confirmed] = updates
+    assert confirmed.payload["message_id"] == reply.message.id
+    assert confirmed.payload["status"] == "MESSAGE_STATUS_SENT"
+    assert confirmed.payload["external_id"] == reply.message.external_id
+    got = await out.get(reply.message.id)
+    assert got.HasField("confirmed_at")
+    assert got.status == reply.message.status
+    assert await out.events(EventKind.MESSAGE_ECHOED, timeout_s=0.3) == []
+    async with out.gateway.gateway.store.transaction() as tx:
+        page = await tx.list_messages(out.conversation.id, page_size=50)
+    assert [m.id for m in page.items if m.direction.value == "OUTBOUND"] == [reply.message.id]
+
+
+async def test_an_echo_of_another_app_is_still_a_message_echoed(out: Out) -> None:
+    await subscribe(out)
+    token = (await out.control.issue_token(out.ig_id, "instagram_long"))["access_token"]
+    url = f"{out.sandbox.url}/graph-instagram/v21.0/{out.ig_id}/messages"
+    body = {"recipient": {"id": out.customer}, "message": {"text": "From another app"}}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url, json=body, headers={"Authorization": f"Bearer {token}"}) as reply,
+    ):
+        assert reply.status == 200
+    await out.control.drain_echoes()
+    echoed = await out.events(EventKind.MESSAGE_ECHOED)
+    assert [e.payload["message"]["text"] for e in echoed] == ["From another app"]

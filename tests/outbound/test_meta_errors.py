@@ -1,0 +1,52 @@
+"""Meta's error table (INSTAGRAM.md §6) as SendMessage outcomes."""
+
+from __future__ import annotations
+
+import pytest
+from switchboard.v1 import common_pb2
+
+from gateway.domain.events import EventKind
+from tests.outbound.conftest import Out
+
+
+async def test_a_rejected_token_turns_the_connection_needs_reauth(out: Out) -> None:
+    await out.control.revoke(account=out.ig_id)
+    reply = await out.send(text="Hello?")
+    message = reply.message
+    assert message.status == common_pb2.MESSAGE_STATUS_FAILED
+    assert message.error.reason == "NEEDS_REAUTH"
+    assert message.error.channel_code == 190
+    assert message.error.channel_subcode == 460
+    assert message.error.message
+    async with out.gateway.gateway.store.transaction() as tx:
+        conn = await tx.get_connection(out.connection.id)
+    assert conn is not None
+    assert conn.status.value == "NEEDS_REAUTH"
+    [changed] = await out.events(EventKind.CONNECTION_CHANGED)
+    assert changed.payload["connection"]["status"] == "CONNECTION_STATUS_NEEDS_REAUTH"
+
+
+@pytest.mark.parametrize(
+    ("code", "subcode", "reason"),
+    [
+        (551, 1545041, "RECIPIENT_UNAVAILABLE"),
+        (100, 2018001, "CHANNEL_REQUEST_INVALID"),
+        (100, 2018047, "CHANNEL_REQUEST_INVALID"),
+        (10, 0, "PERMISSION_MISSING"),
+    ],
+)
+async def test_permanent_errors_fail_at_once_with_metas_code(
+    out: Out, code: int, subcode: int, reason: str
+) -> None:
+    await out.control.inject_error(
+        code, subcode=subcode, account=out.ig_id, message=f"(#{code}) Meta refused"
+    )
+    reply = await out.send(text="no luck")
+    error = reply.message.error
+    assert reply.message.status == common_pb2.MESSAGE_STATUS_FAILED
+    assert (error.reason, error.channel_code, error.channel_subcode) == (reason, code, subcode)
+    assert "Meta refused" in error.message
+    assert not error.retryable
+    got = await out.get(reply.message.id)
+    assert len(got.attempts) == 1
+    assert len(await out.bodies()) == 1

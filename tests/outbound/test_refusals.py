@@ -1,0 +1,108 @@
+"""What SendMessage refuses, and that a refused call stores and sends nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from switchboard.v1 import common_pb2, messaging_pb2
+
+from gateway.domain.models import ConnectionStatus
+from tests.outbound.conftest import Out, connect, customer_writes
+
+
+def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    status.details[0].Unpack(info)
+    return info
+
+
+async def refused(out: Out, **fields: Any) -> tuple[grpc.StatusCode, error_details_pb2.ErrorInfo]:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await out.send(**fields)
+    return caught.value.code(), error_info(caught.value)
+
+
+async def stored_messages(out: Out) -> int:
+    async with out.gateway.gateway.store.transaction() as tx:
+        page = await tx.list_messages(out.conversation.id, page_size=100)
+    return sum(1 for m in page.items if m.direction.value == "OUTBOUND")
+
+
+INVALID: list[tuple[str, dict[str, Any], str]] = [
+    ("text_over_1000_bytes", {"text": "é" * 501}, "text"),
+    (
+        "fourteen_quick_replies",
+        {
+            "text": "pick",
+            "quick_replies": [
+                messaging_pb2.QuickReply(title=f"o{i}", payload="p") for i in range(14)
+            ],
+        },
+        "quick_replies",
+    ),
+    (
+        "quick_reply_title_over_20",
+        {"text": "pick", "quick_replies": [messaging_pb2.QuickReply(title="x" * 21, payload="p")]},
+        "quick_replies[0].title",
+    ),
+    (
+        "http_attachment",
+        {
+            "attachment": messaging_pb2.OutboundAttachment(
+                type=common_pb2.ATTACHMENT_TYPE_IMAGE, url="http://cdn.example/a.png"
+            )
+        },
+        "attachment.url",
+    ),
+    ("no_content", {}, "content"),
+    ("unknown_recipient", {"text": "hi", "recipient_id": "999999"}, "recipient_id"),
+    ("bad_tag", {"text": "hi", "tag": "CONFIRMED_EVENT_UPDATE"}, "tag"),
+]
+
+
+@pytest.mark.parametrize(("name", "fields", "field"), INVALID, ids=[c[0] for c in INVALID])
+async def test_invalid_requests_name_the_field_and_store_nothing(
+    out: Out, name: str, fields: dict[str, Any], field: str
+) -> None:
+    code, info = await refused(out, idempotency_key=f"k-{name}", **fields)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.metadata["field"] == field
+    assert await stored_messages(out) == 0
+    assert await out.bodies() == []
+
+
+async def test_a_conversation_of_another_connection_is_not_a_recipient(out: Out) -> None:
+    account = await out.control.create_account(username="other")
+    other = await connect(out.gateway, out.control, account, tenant="someone-else")
+    _, conversation, _ = await customer_writes(out.gateway, out.control, other)
+    code, info = await refused(out, text="hi", conversation_id=conversation.id)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.metadata["field"] == "conversation_id"
+
+
+async def test_a_connection_of_another_tenant_is_not_found(out: Out) -> None:
+    code, _ = await refused(out, text="hi", tenant_id="not-the-owner")
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize("status", [ConnectionStatus.DISCONNECTED, ConnectionStatus.NEEDS_REAUTH])
+async def test_a_connection_that_cannot_send_is_a_failed_precondition(
+    out: Out, status: ConnectionStatus
+) -> None:
+    conn = out.connection
+    conn.status = status
+    conn.last_error = "token expired"
+    async with out.gateway.gateway.store.transaction() as tx:
+        await tx.save_connection(conn)
+    code, info = await refused(out, text="hi")
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.reason == f"CONNECTION_{status.value}"
+    assert info.metadata["status"] == status.value
+    assert await stored_messages(out) == 0
+    assert await out.bodies() == []

@@ -1,0 +1,55 @@
+"""The customer's messaging window: refused before calling Meta, the human-agent tag, and
+Meta's own window errors mapped to the same reason."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import grpc
+import pytest
+from switchboard.v1 import common_pb2
+
+from tests.outbound.conftest import Out
+from tests.outbound.test_refusals import error_info
+
+DAY = 86400.0
+
+
+async def test_outside_the_window_is_refused_before_calling_meta(out: Out) -> None:
+    out.advance(25 * 3600)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await out.send(text="Too late")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(caught.value)
+    assert info.reason == "OUTSIDE_MESSAGING_WINDOW"
+    assert out.conversation.last_inbound_at is not None
+    closed = datetime.fromisoformat(info.metadata["window_closed_at"].replace("Z", "+00:00"))
+    assert closed == out.conversation.last_inbound_at + timedelta(hours=24)
+    assert await out.bodies() == []
+
+
+async def test_the_human_agent_tag_allows_seven_days(out: Out) -> None:
+    out.advance(3 * DAY)
+    await out.control.advance_clock(3 * DAY)
+    reply = await out.send(text="A human here", tag="HUMAN_AGENT")
+    assert reply.message.status == common_pb2.MESSAGE_STATUS_SENT, reply.message.error
+    [body] = await out.bodies()
+    assert body["messaging_type"] == "MESSAGE_TAG"
+    assert body["tag"] == "HUMAN_AGENT"
+    out.advance(5 * DAY)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await out.send(text="Much too late", tag="HUMAN_AGENT")
+    assert error_info(caught.value).reason == "OUTSIDE_MESSAGING_WINDOW"
+
+
+async def test_metas_window_error_maps_to_the_same_reason(out: Out) -> None:
+    await out.control.advance_clock(25 * 3600)  # Meta's clock only: our check passes
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await out.send(text="Meta says no", idempotency_key="late-1")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(caught.value)
+    assert info.reason == "OUTSIDE_MESSAGING_WINDOW"
+    failed = await out.get(info.metadata["message_id"])
+    assert failed.status == common_pb2.MESSAGE_STATUS_FAILED
+    assert (failed.error.channel_code, failed.error.channel_subcode) == (10, 2018278)
+    assert len(failed.attempts) == 1
