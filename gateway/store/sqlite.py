@@ -138,10 +138,14 @@ class SqliteStore(SqlStore):
                 yield SqliteExecutor(db)
                 with translate_errors():
                     await db.execute("COMMIT")
-            except BaseException:
+            except Exception:
+                # The failed statement has finished on aiosqlite's thread: safe to roll back.
                 if db.in_transaction:
                     await db.execute("ROLLBACK")
                 raise
+            # Cancellation (a BaseException) may leave BEGIN, a statement or COMMIT still
+            # queued; a ROLLBACK queued now could run after that COMMIT and fail. The next
+            # session recovers instead (_dirty stays set).
             self._dirty = False
 
     async def _recover(self, db: aiosqlite.Connection) -> None:
