@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from gateway.domain import errors
+from gateway.observability.logging import request_id_var
 
 DOMAIN = "switchboard.dev"
 
@@ -49,5 +52,20 @@ def to_status(error: errors.SwitchboardError) -> grpc.Status:
     status = status_pb2.Status(
         code=getattr(code_pb2, code.name), message=error.message, details=[detail]
     )
-    result: grpc.Status = rpc_status.to_status(status)
-    return result
+    base = rpc_status.to_status(status)
+    # abort_with_status replaces the trailers set earlier, so the request id rides along.
+    request_id = request_id_var.get()
+    trailers = tuple(base.trailing_metadata) + (
+        (("x-request-id", request_id),) if request_id else ()
+    )
+    return _Status(base.code, base.details, trailers)
+
+
+class _StatusFields(NamedTuple):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+class _Status(_StatusFields, grpc.Status):
+    """What abort_with_status takes: grpc.Status with the three fields it reads."""

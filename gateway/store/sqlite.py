@@ -64,17 +64,18 @@ class SqliteExecutor:
     def __init__(self, db: aiosqlite.Connection) -> None:
         self._db = db
 
+    # Each call is one trip to aiosqlite's thread: a cursor used as a context manager costs
+    # a second trip to close it (and a third to fetch), all under the store's write lock.
     async def fetch(self, sql: str, params: Params | None = None) -> list[Row]:
         with translate_errors():
-            async with self._db.execute(sql, params or {}) as cur:
-                found = await cur.fetchall()
-                names = [col[0] for col in cur.description or ()]
-        return [dict(zip(names, row, strict=True)) for row in found]
+            found = await self._db.execute_fetchall(sql, params or {})
+        return [dict(zip(row.keys(), row, strict=True)) for row in found]
 
     async def execute(self, sql: str, params: Params | None = None) -> int:
         with translate_errors():
-            async with self._db.execute(sql, params or {}) as cur:
-                return cur.rowcount
+            cursor = await self._db.execute(sql, params or {})
+        # sqlite3 releases an unclosed cursor when it is collected; nothing stays pending.
+        return int(cursor.rowcount)
 
     async def executemany(self, sql: str, params: Sequence[Params]) -> None:
         with translate_errors():
@@ -106,6 +107,7 @@ class SqliteStore(SqlStore):
             await asyncio.to_thread(Path(self.path).parent.mkdir, parents=True, exist_ok=True)
         with translate_errors():
             db = await aiosqlite.connect(self.path, isolation_level=None)
+            db.row_factory = sqlite3.Row
             try:
                 await db.execute("PRAGMA journal_mode = WAL")
                 await db.execute("PRAGMA synchronous = NORMAL")

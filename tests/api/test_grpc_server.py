@@ -66,6 +66,8 @@ async def test_missing_token_is_unauthenticated_with_a_reason(channel: grpc.aio.
     info = error_info(caught.value)
     assert info.reason == "MISSING_TOKEN"
     assert info.domain == "switchboard.dev"
+    trailers = dict(caught.value.trailing_metadata() or ())
+    assert len(str(trailers["x-request-id"])) >= 8
 
 
 async def test_unknown_and_revoked_tokens_are_unauthenticated(
@@ -162,8 +164,8 @@ async def test_request_id_is_returned_and_logged(
         metadata=(*bearer(embedded.token), ("x-request-id", "req-abc-123")),
     )
     await call
-    initial = dict(await call.initial_metadata())
-    assert initial["x-request-id"] == "req-abc-123"
+    trailers = dict(await call.trailing_metadata())
+    assert trailers["x-request-id"] == "req-abc-123"
     finished = [r for r in caplog.records if r.getMessage() == "rpc finished"]
     assert any(getattr(r, "method", "").endswith("/ListChannels") for r in finished)
     assert embedded.token not in caplog.text
