@@ -45,6 +45,7 @@ from gateway.services.outbound_worker import OutboundWorker
 from gateway.services.profiles import ProfileEnricher
 from gateway.services.ratelimit import open_rate_limiter
 from gateway.services.refresh import RefreshPolicy, RefreshWorker
+from gateway.services.relay import OutboxRelay
 from gateway.store import open_store
 from gateway.web.app import PathOnlyAccessLogger, WebDeps, create_web_app
 
@@ -181,15 +182,12 @@ class Gateway:
             listening.metrics = _bound(metrics_runner, cfg.metrics_addr)
 
             grpc_server: GrpcServer | None = None
-            relay_notify: Callable[[], None] | None = None
+            relay: OutboxRelay | None = None
             if role in (Role.ALL, Role.GRPC):
                 bus = await self.open_bus()
-                from gateway.services.relay import OutboxRelay
-
                 relay = OutboxRelay(self.store, bus)
                 await relay.start()
                 stack.push_async_callback(relay.aclose)
-                relay_notify = relay.notify
                 # Both are set in __aenter__.
                 assert self.keyring is not None
                 assert self.connect is not None
@@ -201,7 +199,7 @@ class Gateway:
                 )
                 await self.refresher.start()
                 stack.push_async_callback(self.refresher.aclose)
-                self.outbound = await self._start_outbound(stack, relay_notify)
+                self.outbound = await self._start_outbound(stack, relay.notify)
                 history = History(self.store)
                 assert self.authority is not None  # set in __aenter__
                 grpc_server = GrpcServer(
@@ -216,7 +214,7 @@ class Gateway:
 
             if role in (Role.ALL, Role.HTTP):
                 # In-process the relay publishes at once; otherwise its sweep picks events up.
-                self.inbound = await self._start_inbound(relay_notify)
+                self.inbound = await self._start_inbound(relay)
                 stack.push_async_callback(self.inbound.aclose)
                 web_app = create_web_app(
                     WebDeps(
@@ -271,7 +269,7 @@ class Gateway:
         stack.push_async_callback(self.outbound_worker.aclose)
         return service
 
-    async def _start_inbound(self, on_commit: Callable[[], None] | None) -> InboundService:
+    async def _start_inbound(self, relay: OutboxRelay | None) -> InboundService:
         assert self.keyring is not None  # set in __aenter__
         sources = {
             name: plugin.profiles
@@ -280,7 +278,7 @@ class Gateway:
         }
         service = InboundService(
             self.store,
-            on_commit=on_commit,
+            relay=relay,
             enricher=ProfileEnricher(self.store, self.keyring, sources),
             # SQLite serializes writers anyway; PostgreSQL overlaps two commits.
             workers=2 if self.store.backend == "postgres" else 1,

@@ -12,11 +12,14 @@ not authentic (nothing stored).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 
@@ -30,11 +33,12 @@ from gateway.domain.inbound import (
     RoutedItem,
 )
 from gateway.domain.models import Connection, Participant
-from gateway.domain.store import Store
+from gateway.domain.store import OutboxEntry, Store
 from gateway.observability import inbound_metrics as m
 from gateway.services.inbound_events import build_events
 from gateway.services.ingest_batcher import GroupCommitter
 from gateway.services.profiles import ProfileEnricher
+from gateway.services.relay import OutboxRelay
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,24 @@ UNKNOWN_ACCOUNT = "UNKNOWN_ACCOUNT"
 MALFORMED = "MALFORMED"
 # A quarantined body is cut here; its full size is recorded beside it.
 MAX_QUARANTINED_BYTES = 64 * 1024
+# Entries claimed for the relay lapse a little before its own lease would, never after.
+_LEASE_MARGIN = timedelta(seconds=1)
+
+
+# Labelled children cached: a labels() lookup per request costs more than the increment.
+@functools.cache
+def _deliveries(channel: str, outcome: str) -> Any:
+    return m.WEBHOOK_DELIVERIES.labels(channel, outcome)
+
+
+@functools.cache
+def _ack_seconds(channel: str) -> Any:
+    return m.WEBHOOK_ACK_SECONDS.labels(channel)
+
+
+@functools.cache
+def _events(channel: str, kind: str) -> Any:
+    return m.INBOUND_EVENTS.labels(channel, kind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +78,7 @@ class InboundService:
         self,
         store: Store,
         *,
-        on_commit: Callable[[], None] | None = None,
+        relay: OutboxRelay | None = None,
         enricher: ProfileEnricher | None = None,
         quarantine_keep: int = 10_000,
         max_batch_items: int = 1000,
@@ -66,7 +88,9 @@ class InboundService:
     ) -> None:
         self._store = store
         self._ack_timeout_s = ack_timeout_s
-        self._on_commit = on_commit
+        # The outbox relay of this process, if it runs one: the events of a commit are
+        # handed to it directly. Otherwise another process's relay sweeps them up.
+        self._relay = relay
         self._enricher = enricher
         self._keep = quarantine_keep
         self._committer: GroupCommitter[_Job, None] = GroupCommitter(
@@ -85,10 +109,6 @@ class InboundService:
         await self._committer.aclose()
         if self._enricher is not None:
             await self._enricher.aclose()
-
-    def set_on_commit(self, callback: Callable[[], None] | None) -> None:
-        """Who to tell that events were committed (the outbox relay, in the same process)."""
-        self._on_commit = callback
 
     async def receive(
         self, channel: str, inbound: ChannelInbound, request: HttpRequest
@@ -109,7 +129,7 @@ class InboundService:
         except DeliveryRejected as exc:
             return await self._reject(channel, request.body, received_at, exc)
         if not parsed.items and not parsed.leftovers:
-            m.WEBHOOK_DELIVERIES.labels(channel, "test" if parsed.test_items else "empty").inc()
+            _deliveries(channel, "test" if parsed.test_items else "empty").inc()
             return HttpResponse.text(200, "EVENT_RECEIVED")
         try:
             # Meta gives up on a slow answer; a 503 in time makes it retry sooner. Should
@@ -118,14 +138,14 @@ class InboundService:
                 self._committer.submit(_Job(channel, parsed, received_at)), self._ack_timeout_s
             )
         except (Unavailable, TimeoutError) as exc:
-            m.WEBHOOK_DELIVERIES.labels(channel, "unavailable").inc()
+            _deliveries(channel, "unavailable").inc()
             log.warning(
                 "webhook not stored, asking for a retry",
                 extra={"reason": getattr(exc, "reason", "ACK_TIMEOUT")},
             )
             return HttpResponse.text(503, "temporarily unavailable, retry later")
-        m.WEBHOOK_DELIVERIES.labels(channel, "accepted").inc()
-        m.WEBHOOK_ACK_SECONDS.labels(channel).observe(time.perf_counter() - started)
+        _deliveries(channel, "accepted").inc()
+        _ack_seconds(channel).observe(time.perf_counter() - started)
         return HttpResponse.text(200, "EVENT_RECEIVED")
 
     async def _reject(
@@ -147,30 +167,43 @@ class InboundService:
     async def _flush(self, jobs: Sequence[_Job]) -> list[None]:
         routed: list[RoutedItem] = []
         kept: list[QuarantinedDelivery] = []
+        relay = self._relay
+        handed: list[OutboxEntry] | None = None
         async with self._store.transaction() as tx:
-            for channel in sorted({job.channel for job in jobs}):
-                wanted = [a for j in jobs if j.channel == channel for a in j.parsed.account_ids()]
+            channels = {job.channel for job in jobs}
+            for channel in sorted(channels):
+                same = jobs if len(channels) == 1 else [j for j in jobs if j.channel == channel]
+                wanted = [a for j in same for a in j.parsed.account_ids()]
                 found = await tx.find_connections_by_account_ids(channel, wanted)
                 index = _account_index(found)
-                for job in (j for j in jobs if j.channel == channel):
+                for job in same:
                     self._route(job, index, routed, kept)
             results = await tx.ingest_inbound(routed)
             events = build_events(routed, results)
-            await tx.add_events(events)
+            if relay is not None:
+                # Claimed for our relay in this transaction, handed over after the commit:
+                # the relay then publishes them without a claim transaction of its own.
+                lease_until = datetime.now(UTC) + relay.lease - _LEASE_MARGIN
+                handed = await tx.add_claimed_events(events, lease_until)
+            else:
+                await tx.add_events(events)
             if kept:
                 await tx.quarantine(kept, keep=self._keep)
-        if events and self._on_commit is not None:
-            self._on_commit()
+        if relay is not None and handed is not None:
+            relay.hand_over(handed)
         m.INGEST_BATCH_ITEMS.observe(len(routed))
         touched: dict[str, tuple[Connection, Participant]] = {}
+        duplicates: Counter[str] = Counter()
         for r, result in zip(routed, results, strict=True):
             if result.duplicate:
-                m.INBOUND_DUPLICATES.labels(r.connection.channel).inc()
+                duplicates[r.connection.channel] += 1
             if result.conversation is not None:
                 participant = result.conversation.participant
                 touched.setdefault(participant.id, (r.connection, participant))
-        for event in events:
-            m.INBOUND_EVENTS.labels(event.channel, event.kind.value).inc()
+        for channel, count in duplicates.items():
+            m.INBOUND_DUPLICATES.labels(channel).inc(count)
+        for (channel, kind), count in Counter((e.channel, e.kind.value) for e in events).items():
+            _events(channel, kind).inc(count)
         for entry in kept:
             m.INBOUND_QUARANTINED.labels(entry.channel, entry.reason).inc()
         if self._enricher is not None:

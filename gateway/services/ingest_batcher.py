@@ -93,20 +93,21 @@ class GroupCommitter(Generic[J, R]):
         first = await self._queue.get()
         batch = [first]
         count = self._size(first.job)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._max_wait_s
-        while count < self._max_items:
-            if self._queue.empty():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                # Linger briefly: requests arriving together share one commit.
-                await asyncio.sleep(min(remaining, 0.0005))
-                continue
+        count = self._take_queued(batch, count)
+        if count < self._max_items and self._max_wait_s > 0:
+            # Linger once, on one timer: requests arriving together share one commit. (A
+            # loop of sub-millisecond sleeps spins on event loops whose timers have
+            # millisecond resolution, such as uvloop's, burning the CPU the requests need.)
+            await asyncio.sleep(self._max_wait_s)
+            count = self._take_queued(batch, count)
+        return batch
+
+    def _take_queued(self, batch: list[_Pending[J, R]], count: int) -> int:
+        while count < self._max_items and not self._queue.empty():
             pending = self._queue.get_nowait()
             batch.append(pending)
             count += self._size(pending.job)
-        return batch
+        return count
 
     async def _commit(self, batch: list[_Pending[J, R]]) -> None:
         try:

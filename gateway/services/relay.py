@@ -3,8 +3,11 @@
 Producers write events in the same transaction as the data they describe and then call
 :meth:`OutboxRelay.notify`; the relay claims outbox entries in batches (a lease, so that
 replicas never publish the same batch at once), publishes them in one bus call and marks
-them published. A sweep every ``sweep_interval_s`` republishes whatever was committed but
-never published: a process that died right after a commit, or a claim whose lease lapsed.
+them published. A producer in the same process may instead write its entries already
+claimed for this relay (``lease``) and hand them over after the commit
+(:meth:`OutboxRelay.hand_over`): the relay publishes them without a claim transaction.
+A sweep every ``sweep_interval_s`` republishes whatever was committed but never
+published: a process that died right after a commit, or a claim whose lease lapsed.
 Republishing keeps each event's ``event_id``; consumers dedupe on it.
 
 It also purges published entries past the retention window. With the in-process bus the
@@ -17,11 +20,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from gateway.domain.bus import Bus
 from gateway.domain.errors import Unavailable
-from gateway.domain.store import Store
+from gateway.domain.store import OutboxEntry, Store
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +42,7 @@ class OutboxRelay:
         sweep_interval_s: float = 1.0,
         retention_s: float = 3 * 86400.0,
         purge_interval_s: float = 600.0,
+        mark_interval_s: float = 0.05,
     ) -> None:
         self._store = store
         self._bus = bus
@@ -45,10 +51,22 @@ class OutboxRelay:
         self._sweep_interval_s = sweep_interval_s
         self._retention = timedelta(seconds=retention_s)
         self._purge_interval_s = purge_interval_s
+        self._mark_interval_s = mark_interval_s
+        # Seqs of handed-over entries published but not yet marked, and when to mark them.
+        self._unmarked: list[int] = []
+        self._mark_due = 0.0
         self._wake = asyncio.Event()
+        # Work in commit order: handed-over entries, and None where a producer notified
+        # (a claim must run there, so that what it committed is published in its place).
+        self._work: deque[Sequence[OutboxEntry] | None] = deque()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.published = 0
+
+    @property
+    def lease(self) -> timedelta:
+        """How long entries claimed for this relay stay claimed before the sweep takes them."""
+        return self._lease
 
     async def __aenter__(self) -> OutboxRelay:
         await self.start()
@@ -78,7 +96,51 @@ class OutboxRelay:
 
     def notify(self) -> None:
         """A transaction with events just committed: publish now rather than at the sweep."""
+        if not self._work or self._work[-1] is not None:
+            self._work.append(None)
         self._wake.set()
+
+    def hand_over(self, entries: Sequence[OutboxEntry]) -> None:
+        """Entries a transaction just committed already claimed for this relay (``lease``):
+        published next, in this order, without claiming them again."""
+        if entries:
+            self._work.append(entries)
+            self._wake.set()
+
+    async def _drain(self) -> None:
+        """Publishes the queued work in order; consecutive hand-overs share one bus call."""
+        while self._work:
+            if self._work[0] is None:
+                self._work.popleft()
+                await self.run_once()
+                continue
+            batch: list[OutboxEntry] = []
+            while self._work and self._work[0] is not None and len(batch) < self._batch_size:
+                taken = self._work.popleft()
+                assert taken is not None
+                batch.extend(taken)
+            # Should this fail, the entries stay claimed and the sweep publishes them once
+            # the lease lapses.
+            await self._bus.publish_outbox(batch)
+            self.published += len(batch)
+            if not self._unmarked:
+                self._mark_due = time.monotonic() + self._mark_interval_s
+            self._unmarked.extend(e.seq for e in batch)
+        if len(self._unmarked) >= self._batch_size or time.monotonic() >= self._mark_due:
+            await self._mark()
+
+    async def _mark(self) -> None:
+        """Marks what was handed over and published, for many small batches at once: they
+        stay claimed meanwhile, and should the process die first they are only published
+        again (same event_id) once the lease lapses."""
+        if not self._unmarked:
+            return
+        seqs, self._unmarked = self._unmarked, []
+        try:
+            await self._store.mark_published(seqs, datetime.now(UTC))
+        except BaseException:
+            self._unmarked[:0] = seqs
+            raise
 
     async def run_once(self) -> int:
         """Publishes every claimable entry; returns how many were published."""
@@ -103,14 +165,24 @@ class OutboxRelay:
     async def _run(self) -> None:
         backoff = 0.1
         next_purge = time.monotonic() + self._purge_interval_s
+        next_sweep = time.monotonic() + self._sweep_interval_s
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._sweep_interval_s)
+                await asyncio.wait_for(self._wake.wait(), max(0.0, next_sweep - time.monotonic()))
             self._wake.clear()
             if self._stopping:
+                # What was handed over is published before leaving; the rest waits for a
+                # sweep (the lease keeps it, nothing is lost).
+                with contextlib.suppress(Exception):
+                    await self._drain()
                 return
             try:
-                await self.run_once()
+                await self._drain()
+                # Hand-overs alone never claim: the sweep must still run under steady load
+                # to pick up lapsed leases and other processes' leftovers.
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + self._sweep_interval_s
+                    await self.run_once()
                 if time.monotonic() >= next_purge:
                     next_purge = time.monotonic() + self._purge_interval_s
                     await self.purge()

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway.domain.events import EventKind
+from gateway.domain.codec import event_to_dict
+from gateway.domain.events import Event, EventKind
 from gateway.domain.ids import new_id
 from gateway.domain.inbound import (
     MESSAGE_KINDS,
@@ -25,6 +26,7 @@ from gateway.domain.inbound import (
     message_from_item,
 )
 from gateway.domain.models import Connection, Conversation, Message, Participant
+from gateway.domain.store import OutboxEntry
 from gateway.store import rows
 from gateway.store.outbound import OutboundWriter
 from gateway.store.rows import Codec, Params, Row
@@ -32,6 +34,41 @@ from gateway.store.sqltx import Executor, in_list, later
 
 # Rows per statement: keeps every statement under SQLite's bound on host parameters.
 CHUNK = 200
+
+# PostgreSQL types of the columns ingestion inserts, for its array (unnest) statements.
+_PG_TYPES = {
+    "id": "text",
+    "tenant_id": "text",
+    "connection_id": "text",
+    "conversation_id": "text",
+    "participant_id": "text",
+    "channel": "text",
+    "channel_user_id": "text",
+    "direction": "text",
+    "status": "text",
+    "external_id": "text",
+    "sender_id": "text",
+    "text": "text",
+    "attachments": "jsonb",
+    "content": "jsonb",
+    "idempotency_key": "text",
+    "error": "jsonb",
+    "attempts": "integer",
+    "next_attempt_at": "timestamptz",
+    "created_at": "timestamptz",
+    "sent_at": "timestamptz",
+    "confirmed_at": "timestamptz",
+    "last_message_at": "timestamptz",
+    "last_inbound_at": "timestamptz",
+    "window_expires_at": "timestamptz",
+    "deleted": "boolean",
+    "edit_count": "integer",
+}
+
+_CONVERSATION_RETURNING = (
+    "id, tenant_id, connection_id, channel, participant_id, created_at, last_message_at,"
+    " last_inbound_at, window_expires_at"
+)
 
 
 def _chunks(values: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
@@ -41,15 +78,16 @@ def _chunks(values: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]
 
 def values_list(rows_: Sequence[Params]) -> tuple[str, Params]:
     """``(:r0_a, :r0_b), (:r1_a, ...)`` and its parameters, for a multi-row VALUES."""
+    if not rows_:
+        return "", {}
+    keys = list(rows_[0])
+    # Every row of a batch has the same keys: build the names once per batch, not per row.
     parts: list[str] = []
     params: Params = {}
     for i, row in enumerate(rows_):
-        names = []
-        for key, value in row.items():
-            name = f"r{i}_{key}"
-            params[name] = value
-            names.append(":" + name)
-        parts.append("(" + ", ".join(names) + ")")
+        names = [f"r{i}_{key}" for key in keys]
+        params.update(zip(names, row.values(), strict=True))
+        parts.append("(:" + ", :".join(names) + ")")
     return ", ".join(parts), params
 
 
@@ -78,6 +116,25 @@ class InboundWriter:
     def __init__(self, executor: Executor, codec: Codec) -> None:
         self._ex = executor
         self._codec = codec
+        # PostgreSQL's executor (the only one with native statements) takes arrays: one
+        # statement text whatever the batch size, so psycopg parses and prepares it once
+        # instead of once per distinct number of rows.
+        self._arrays = hasattr(executor, "execute_native")
+
+    async def _insert(self, table: str, rows_: Sequence[Params], suffix: str) -> list[Row]:
+        """A multi-row INSERT of rows with the same keys (``unnest`` on PostgreSQL)."""
+        columns = list(rows_[0])
+        if self._arrays:
+            params = {c: [r[c] for r in rows_] for c in columns}
+            arrays = ", ".join(f":{c}::{_PG_TYPES[c]}[]" for c in columns)
+            source = f"SELECT * FROM unnest({arrays})"  # noqa: S608 - names are ours
+        else:
+            values, params = values_list(rows_)
+            source = f"VALUES {values}"
+        return await self._ex.fetch(
+            f"INSERT INTO {table} ({', '.join(columns)}) {source} {suffix}",
+            params,
+        )
 
     async def ingest(self, routed: Sequence[RoutedItem]) -> list[IngestResult]:
         results = [IngestResult() for _ in routed]
@@ -104,24 +161,49 @@ class InboundWriter:
         keys = sorted({(r.connection.id, r.item.customer_id) for r in routed if r.item.customer_id})
         found: dict[tuple[str, str], Participant] = {}
         for chunk in _chunks(keys):
-            values, params = values_list(
-                [{"id": new_id("par"), "c": conn_id, "u": user_id} for conn_id, user_id in chunk]
-            )
-            await self._ex.execute(
-                "INSERT INTO participants (id, connection_id, channel_user_id)"  # noqa: S608
-                f" VALUES {values} ON CONFLICT (connection_id, channel_user_id) DO NOTHING",
-                params,
-            )
-            conn_sql, conn_params = in_list("c", sorted({c for c, _ in chunk}))
-            user_sql, user_params = in_list("u", sorted({u for _, u in chunk}))
-            for row in await self._ex.fetch(
-                f"SELECT * FROM participants WHERE connection_id IN {conn_sql}"  # noqa: S608
-                f" AND channel_user_id IN {user_sql}",
-                {**conn_params, **user_params},
+            # Customers write again and again: reading first makes the usual case one
+            # statement, and ids are only minted for the customers actually new.
+            await self._select_participants(chunk, found)
+            missing = [key for key in chunk if key not in found]
+            if not missing:
+                continue
+            for row in await self._insert(
+                "participants",
+                [
+                    {"id": new_id("par"), "connection_id": conn_id, "channel_user_id": user_id}
+                    for conn_id, user_id in missing
+                ],
+                "ON CONFLICT (connection_id, channel_user_id) DO NOTHING RETURNING *",
             ):
                 p = rows.participant_from_row(self._codec, row)
                 found[(p.connection_id, p.channel_user_id)] = p
+            raced = [key for key in missing if key not in found]
+            if raced:
+                # Another transaction inserted them meanwhile (it committed: ON CONFLICT
+                # waited for it), so they are visible now.
+                await self._select_participants(raced, found)
         return found
+
+    async def _select_participants(
+        self, keys: Sequence[tuple[str, str]], found: dict[tuple[str, str], Participant]
+    ) -> None:
+        if self._arrays:
+            sql = (
+                "SELECT * FROM participants WHERE (connection_id, channel_user_id) IN"
+                " (SELECT * FROM unnest(:c::text[], :u::text[]))"
+            )
+            params: Params = {"c": [c for c, _ in keys], "u": [u for _, u in keys]}
+        else:
+            conn_sql, conn_params = in_list("c", sorted({c for c, _ in keys}))
+            user_sql, user_params = in_list("u", sorted({u for _, u in keys}))
+            sql = (
+                f"SELECT * FROM participants WHERE connection_id IN {conn_sql}"  # noqa: S608
+                f" AND channel_user_id IN {user_sql}"
+            )
+            params = {**conn_params, **user_params}
+        for row in await self._ex.fetch(sql, params):
+            p = rows.participant_from_row(self._codec, row)
+            found[(p.connection_id, p.channel_user_id)] = p
 
     async def _conversations(
         self,
@@ -147,23 +229,30 @@ class InboundWriter:
             for col in ("last_message_at", "last_inbound_at", "window_expires_at")
         )
         for chunk in _chunks(sorted(drafts)):
-            values, params = values_list([self._conversation_row(drafts[k], now) for k in chunk])
-            await self._ex.execute(
-                "INSERT INTO conversations (id, tenant_id, connection_id, channel,"  # noqa: S608
-                " participant_id, created_at, last_message_at, last_inbound_at,"
-                f" window_expires_at) VALUES {values}"
-                f" ON CONFLICT (connection_id, participant_id) DO UPDATE SET {times}",
-                params,
-            )
-            part_sql, part_params = in_list("p", [participant_id for _, participant_id in chunk])
-            for row in await self._ex.fetch(
-                f"SELECT {rows.CONVERSATION_COLUMNS} FROM {rows.CONVERSATION_FROM}"  # noqa: S608
-                f" WHERE c.participant_id IN {part_sql}",
-                part_params,
+            # RETURNING gives the row as stored (new or merged); the participant is already
+            # in hand, so no read-back join is needed.
+            for row in await self._insert(
+                "conversations",
+                [self._conversation_row(drafts[k], now) for k in chunk],
+                f"ON CONFLICT (connection_id, participant_id) DO UPDATE SET {times}"
+                f" RETURNING {_CONVERSATION_RETURNING}",
             ):
-                conv = rows.conversation_from_row(self._codec, row)
-                found[(conv.connection_id, conv.participant.id)] = conv
+                key = (row["connection_id"], row["participant_id"])
+                found[key] = self._conversation(row, drafts[key].participant)
         return found
+
+    def _conversation(self, row: Row, participant: Participant) -> Conversation:
+        return Conversation(
+            id=row["id"],
+            tenant_id=row["tenant_id"],
+            connection_id=row["connection_id"],
+            channel=row["channel"],
+            participant=participant,
+            created_at=rows.opt_ts_in(self._codec, row["created_at"]),
+            last_message_at=rows.opt_ts_in(self._codec, row["last_message_at"]),
+            last_inbound_at=rows.opt_ts_in(self._codec, row["last_inbound_at"]),
+            window_expires_at=rows.opt_ts_in(self._codec, row["window_expires_at"]),
+        )
 
     def _conversation_row(self, d: _ConversationDraft, now: datetime) -> Params:
         window = None if d.last_inbound_at is None else d.last_inbound_at + WINDOW
@@ -200,13 +289,10 @@ class InboundWriter:
         now = datetime.now(UTC)
         inserted: set[str] = set()
         for chunk in _chunks(drafts):
-            batch = [rows.message_params(self._codec, m, now) for _, m in chunk]
-            values, params = values_list(batch)
-            columns = ", ".join(batch[0])
-            found = await self._ex.fetch(
-                f"INSERT INTO messages ({columns}) VALUES {values}"  # noqa: S608
-                " ON CONFLICT DO NOTHING RETURNING id",
-                params,
+            found = await self._insert(
+                "messages",
+                [rows.message_params(self._codec, m, now) for _, m in chunk],
+                "ON CONFLICT DO NOTHING RETURNING id",
             )
             inserted.update(row["id"] for row in found)
         for i, message in drafts:
@@ -319,6 +405,62 @@ class InboundWriter:
         }
         for i, conversation_id in missing.items():
             results[i].conversation = found.get(conversation_id)
+
+    # ---- the outbox, claimed for the relay of this process ----
+
+    async def add_claimed_events(
+        self, events: Sequence[Event], lease_until: datetime
+    ) -> list[OutboxEntry]:
+        """Adds the events to the outbox already claimed until ``lease_until`` and returns
+        the entries this transaction added (an event_id already there is left alone, as
+        ``add_events`` does), in the order given, so that the caller's relay can publish
+        them right after the commit. If it never does, the lease lapses and the sweep
+        publishes them: claiming here saves the relay a transaction per batch."""
+        if not events:
+            return []
+        now = self._codec.ts(datetime.now(UTC))
+        lease = self._codec.ts(rows.utc(lease_until))
+        seqs: dict[str, int] = {}
+        for chunk in _chunks(events):
+            # Rows go in in list order, so seq keeps the order of the events.
+            if self._arrays:
+                sql = (
+                    "INSERT INTO outbox (event_id, event, created_at, claimed_until, attempts)"
+                    " SELECT u.i, u.e, :n, :l, 1"
+                    " FROM unnest(:i::text[], :e::jsonb[]) WITH ORDINALITY AS u(i, e, o)"
+                    " ORDER BY u.o ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id"
+                )
+                params: Params = {
+                    "i": [e.event_id for e in chunk],
+                    "e": [self._codec.json(event_to_dict(e)) for e in chunk],
+                    "n": now,
+                    "l": lease,
+                }
+            else:
+                values, params = values_list(
+                    [
+                        {
+                            "i": e.event_id,
+                            "e": self._codec.json(event_to_dict(e)),
+                            "n": now,
+                            "l": lease,
+                            "a": 1,
+                        }
+                        for e in chunk
+                    ]
+                )
+                sql = (
+                    "INSERT INTO outbox (event_id, event, created_at, claimed_until, attempts)"  # noqa: S608
+                    f" VALUES {values} ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id"
+                )
+            for row in await self._ex.fetch(sql, params):
+                seqs[row["event_id"]] = int(row["seq"])
+        added: list[OutboxEntry] = []
+        for e in events:
+            seq = seqs.pop(e.event_id, None)  # pop: an event listed twice is added once
+            if seq is not None:
+                added.append(OutboxEntry(seq=seq, event=e, attempts=1))
+        return added
 
     # ---- quarantine ----
 
