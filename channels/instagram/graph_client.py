@@ -103,14 +103,20 @@ class GraphClient:
             raise RuntimeError("the Graph client is not started")
         url = self._base_url(host_setting).rstrip("/") + "/" + path.lstrip("/")
         headers = {"Authorization": f"Bearer {token.reveal()}"} if token else {}
+        body: Any = data
+        if json is not None:
+            # orjson, not aiohttp's json.dumps: this is every send's body.
+            body = orjson.dumps(json)
+            headers["Content-Type"] = "application/json"
         started = time.perf_counter()
         try:
             async with self._session.request(
-                method, url, params=params, data=data, json=json, headers=headers
+                method, url, params=params, data=body, headers=headers
             ) as response:
                 raw = await response.read()
                 status = response.status
-                reply_headers = {k.lower(): v for k, v in response.headers.items()}
+                # Case-insensitive already, and read-only: no copy per call.
+                reply_headers: Mapping[str, str] = response.headers
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The exception's text may quote the URL, query string included: keep its type only.
             log.warning(
@@ -120,16 +126,17 @@ class GraphClient:
             raise ChannelTransientError(
                 f"{host_setting} could not be reached ({type(exc).__name__})"
             ) from None
-        log.debug(
-            "meta call",
-            extra={
-                "method": method,
-                "host": host_setting,
-                "path": path,
-                "status": status,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-            },
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "meta call",
+                extra={
+                    "method": method,
+                    "host": host_setting,
+                    "path": path,
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
         body = _parse(raw)
         if 200 <= status < 300 and body is not None and not _is_error(body):
             return GraphResponse(status, body, reply_headers)

@@ -187,6 +187,32 @@ class Tx(Protocol):
         Should an echo of ``external_id`` have been stored as a message of its own, that
         message is removed and ``confirmed_at`` set from it."""
 
+    # The batch forms the group commits use: a constant number of statements per batch.
+    async def get_connections(self, ids: Sequence[str]) -> dict[str, Connection]: ...
+    async def get_conversations(self, ids: Sequence[str]) -> dict[str, Conversation]: ...
+    async def find_conversations_for_recipients(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Conversation]:
+        """By (connection_id, channel_user_id)."""
+
+    async def find_messages_by_idempotency_keys(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Message]:
+        """By (tenant_id, idempotency_key)."""
+
+    async def enqueue_outbound_many(
+        self, messages: Sequence[Message], lease_until: datetime
+    ) -> list[tuple[Message, bool]]:
+        """``enqueue_outbound`` for each message, in order."""
+
+    async def record_outbound_many(
+        self,
+        items: Sequence[tuple[Message, DeliveryAttempt | None]],
+        *,
+        lease_until: datetime | None,
+    ) -> list[Message]:
+        """``record_outbound`` for each item, in order."""
+
     async def list_attempts(self, message_id: str) -> list[DeliveryAttempt]: ...
     async def count_send_queue(self) -> int:
         """Outbound messages QUEUED or RETRYING."""
@@ -197,6 +223,11 @@ class Tx(Protocol):
 
     # ---- outbox ----
     async def add_events(self, events: Sequence[Event]) -> None: ...
+    async def add_claimed_events(
+        self, events: Sequence[Event], lease_until: datetime
+    ) -> list[OutboxEntry]:
+        """Adds events already claimed until ``lease_until`` by this process's relay, which
+        publishes them right after the commit; the sweep takes them should it not."""
 
     # ---- connect: refresh scheduling and reconciliation (gateway.services.refresh) ----
     async def set_connection_claim(self, connection_id: str, until: datetime | None) -> None:

@@ -11,6 +11,10 @@ worker's (:mod:`gateway.services.outbound_worker`).
 An ``idempotency_key`` already used by the tenant returns the first message as it is now
 and sends nothing. Two identical calls that race both pass the lookup, but only one
 insert wins the unique (tenant, key) index; the other answers the winner's message.
+
+Calls that arrive together share one transaction (a group commit): their lookups are a
+few statements for the whole batch, and each call is answered from its own share of it,
+refusals included. PERFORMANCE.md: per-call transactions are what caps a path here.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -28,6 +32,8 @@ from gateway.domain.errors import (
     NotFound,
     OutsideMessagingWindow,
     ResourceExhausted,
+    StoreUnavailable,
+    SwitchboardError,
 )
 from gateway.domain.ids import new_id
 from gateway.domain.models import (
@@ -51,7 +57,13 @@ from gateway.domain.outbound import (
 from gateway.domain.store import Store, Tx
 from gateway.observability import outbound_metrics as m
 from gateway.services.delivery_events import delivery_update
-from gateway.services.outbound_delivery import Deliverer, RateLimitedNow, account_key
+from gateway.services.ingest_batcher import GroupCommitter
+from gateway.services.outbound_delivery import (
+    BATCH_MAX,
+    Deliverer,
+    RateLimitedNow,
+    account_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +84,35 @@ class _Checked:
     content: OutboundMessage
 
 
+@dataclass(frozen=True, slots=True)
+class _Enqueue:
+    request: SendRequest
+    now: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class _Enqueued:
+    """Stored QUEUED and leased to this process: its first attempt is ours to make."""
+
+    message: Message
+    connection: Connection
+    content: OutboundMessage
+
+
+# A call's share of a group commit: its message, the first one's, or why it was refused.
+_Result = _Enqueued | SendOutcome | SwitchboardError
+
+
+@dataclass(slots=True)
+class _Found:
+    """What a batch's lookups found, for its calls to pick from."""
+
+    conversations: dict[str, Conversation]
+    connections: dict[str, Connection]
+    by_recipient: dict[tuple[str, str], Conversation]
+    by_key: dict[tuple[str, str], Message]
+
+
 def _ts(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
 
@@ -82,6 +123,10 @@ class OutboundService:
         self.deliverer = deliverer
         self._wait_s = wait_s
         self._inflight: set[asyncio.Task[Message]] = set()
+        self._enqueues = GroupCommitter(
+            self._commit_enqueues, max_items=BATCH_MAX, max_wait_s=0.0, name="send-enqueue"
+        )
+        self._started = False
 
     @property
     def clock(self) -> Callable[[], datetime]:
@@ -93,54 +138,47 @@ class OutboundService:
     async def aclose(self, grace_s: float = 5.0) -> None:
         """Lets first attempts under way finish (a cut-off attempt is retried by a worker
         once its lease lapses)."""
-        if not self._inflight:
-            return
-        _, late = await asyncio.wait(list(self._inflight), timeout=grace_s)
-        for task in late:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._enqueues.aclose()
+        if self._inflight:
+            _, late = await asyncio.wait(list(self._inflight), timeout=grace_s)
+            for task in late:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.deliverer.aclose()
 
     async def attempts(self, message_id: str) -> list[DeliveryAttempt]:
         async with self._store.transaction() as tx:
             return await tx.list_attempts(message_id)
 
     async def send(self, request: SendRequest) -> SendOutcome:
-        now = self.clock()
-        async with self._store.transaction() as tx:
-            checked = await self._check(tx, request)
-            if request.idempotency_key:
-                existing = await tx.find_message_by_idempotency_key(
-                    request.tenant_id, request.idempotency_key
-                )
-                if existing is not None:
-                    return SendOutcome(existing, duplicate=True)
-            _require_sendable(checked.connection)
-            _require_window(checked.conversation, checked.content, checked.sender, now)
-            if request.fail_fast:
-                await self._admit_now(checked)
-            message = _new_message(request, checked, now)
-            stored, inserted = await tx.enqueue_outbound(
-                message, now + timedelta(seconds=self.deliverer.policy.lease_s)
-            )
-            if inserted:
-                await tx.add_events([delivery_update(stored, now)])
-        if not inserted:
-            return SendOutcome(stored, duplicate=True)
-        if self.deliverer.on_commit is not None:
-            self.deliverer.on_commit()
+        if not self._started:
+            self._started = True
+            await self._enqueues.start()
+        result = await self._enqueues.submit(_Enqueue(request, self.clock()))
+        if isinstance(result, SwitchboardError):
+            raise result
+        if isinstance(result, SendOutcome):
+            return result
+        stored = result.message
         task = asyncio.create_task(
             self.deliverer.attempt(
-                stored, checked.connection, admitted=request.fail_fast, fail_fast=request.fail_fast
+                stored,
+                result.connection,
+                admitted=request.fail_fast,
+                fail_fast=request.fail_fast,
+                content=result.content,
             ),
             name=f"send-{stored.id}",
         )
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
-        try:
-            result = await asyncio.wait_for(asyncio.shield(task), self._wait_s)
-        except TimeoutError:
+        # asyncio.wait neither cancels the attempt when the caller goes away nor wraps it.
+        done, _ = await asyncio.wait((task,), timeout=self._wait_s)
+        if not done:
             return SendOutcome(stored)
+        try:
+            sent = task.result()
         except RateLimitedNow as exc:
             raise ResourceExhausted(
                 "the channel throttles this account",
@@ -148,21 +186,100 @@ class OutboundService:
                 reason="RATE_LIMITED",
                 metadata={"message_id": stored.id},
             ) from None
-        if result.error is not None and result.error.reason == OutsideMessagingWindow.reason:
+        if sent.error is not None and sent.error.reason == OutsideMessagingWindow.reason:
             raise OutsideMessagingWindow(
-                f"the channel refused: {result.error.message}",
-                metadata={"message_id": result.id},
+                f"the channel refused: {sent.error.message}",
+                metadata={"message_id": sent.id},
             )
-        return SendOutcome(result)
+        return SendOutcome(sent)
 
-    async def _check(self, tx: Tx, request: SendRequest) -> _Checked:
-        conn = await self._connection(tx, request)
+    async def _commit_enqueues(self, jobs: Sequence[_Enqueue]) -> list[_Result]:
+        """One transaction for the calls that queued together; a call refused is
+        answered with its error, without failing the others."""
+        lease = timedelta(seconds=self.deliverer.policy.lease_s)
+        results: list[_Result | None] = []
+        queued: list[tuple[int, Message, _Checked]] = []
+        async with self._store.transaction() as tx:
+            found = await self._lookup(tx, [j.request for j in jobs])
+            for job in jobs:
+                try:
+                    outcome = await self._admissible(tx, job, found)
+                except StoreUnavailable:
+                    raise
+                except SwitchboardError as exc:
+                    results.append(exc)
+                    continue
+                if isinstance(outcome, SendOutcome):
+                    results.append(outcome)
+                    continue
+                queued.append((len(results), *outcome))
+                results.append(None)
+            if queued:
+                latest = max(j.now for j in jobs)
+                stored = await tx.enqueue_outbound_many(
+                    [message for _, message, _ in queued], latest + lease
+                )
+                events = []
+                for (index, _, checked), (message, inserted) in zip(queued, stored, strict=True):
+                    if inserted:
+                        events.append(delivery_update(message, jobs[index].now))
+                        results[index] = _Enqueued(message, checked.connection, checked.content)
+                    else:
+                        results[index] = SendOutcome(message, duplicate=True)
+                await tx.add_events(events)
+        if queued and self.deliverer.on_commit is not None:
+            self.deliverer.on_commit()
+        return [r for r in results if r is not None]
+
+    async def _lookup(self, tx: Tx, requests: Sequence[SendRequest]) -> _Found:
+        """Every row the batch's checks read, a statement per kind of row."""
+        conversations = await tx.get_conversations(
+            [r.conversation_id for r in requests if r.conversation_id]
+        )
+        connection_ids = []
+        for r in requests:
+            if r.connection_id:
+                connection_ids.append(r.connection_id)
+            elif (c := conversations.get(r.conversation_id)) and c.tenant_id == r.tenant_id:
+                connection_ids.append(c.connection_id)
+        connections = await tx.get_connections(connection_ids)
+        by_recipient = await tx.find_conversations_for_recipients(
+            [
+                (r.connection_id, r.recipient_id)
+                for r in requests
+                if not r.conversation_id and r.connection_id and r.recipient_id
+            ]
+        )
+        by_key = await tx.find_messages_by_idempotency_keys(
+            [(r.tenant_id, r.idempotency_key) for r in requests if r.idempotency_key]
+        )
+        return _Found(conversations, connections, by_recipient, by_key)
+
+    async def _admissible(
+        self, tx: Tx, job: _Enqueue, found: _Found
+    ) -> tuple[Message, _Checked] | SendOutcome:
+        """The message to store for this call, or the first one its key names; raises
+        what refuses it, in the order a caller sees the reasons."""
+        request = job.request
+        checked = await self._check(tx, request, found)
+        if request.idempotency_key:
+            existing = found.by_key.get((request.tenant_id, request.idempotency_key))
+            if existing is not None:
+                return SendOutcome(existing, duplicate=True)
+        _require_sendable(checked.connection)
+        _require_window(checked.conversation, checked.content, checked.sender, job.now)
+        if request.fail_fast:
+            await self._admit_now(checked)
+        return _new_message(request, checked, job.now), checked
+
+    async def _check(self, tx: Tx, request: SendRequest, found: _Found) -> _Checked:
+        conn = self._connection(request, found)
         sender = self.deliverer.sender_of(conn.channel)
         if sender is None:
             raise FailedPrecondition(
                 f"the {conn.channel} channel cannot send messages", reason="CHANNEL_CANNOT_SEND"
             )
-        conversation = await self._conversation(tx, request, conn)
+        conversation = self._conversation(request, conn, found)
         reply_to = await self._external_id(
             tx, conn, "reply_to_message_id", request.reply_to_message_id
         )
@@ -178,15 +295,15 @@ class OutboundService:
         validate(content, sender.limits)
         return _Checked(conn, conversation, sender, content)
 
-    async def _connection(self, tx: Tx, request: SendRequest) -> Connection:
+    def _connection(self, request: SendRequest, found: _Found) -> Connection:
         connection_id = request.connection_id
         if not connection_id and request.conversation_id:
-            found = await tx.get_conversation(request.conversation_id)
-            if found is not None and found.tenant_id == request.tenant_id:
-                connection_id = found.connection_id
+            conversation = found.conversations.get(request.conversation_id)
+            if conversation is not None and conversation.tenant_id == request.tenant_id:
+                connection_id = conversation.connection_id
         if not connection_id:
             raise InvalidArgument("connection_id", "must not be empty")
-        conn = await tx.get_connection(connection_id)
+        conn = found.connections.get(connection_id)
         if conn is None or conn.tenant_id != request.tenant_id:
             raise NotFound(
                 f"no connection {connection_id!r} for this tenant",
@@ -194,9 +311,9 @@ class OutboundService:
             )
         return conn
 
-    async def _conversation(self, tx: Tx, request: SendRequest, conn: Connection) -> Conversation:
+    def _conversation(self, request: SendRequest, conn: Connection, found: _Found) -> Conversation:
         if request.conversation_id:
-            conversation = await tx.get_conversation(request.conversation_id)
+            conversation = found.conversations.get(request.conversation_id)
             if conversation is None or conversation.connection_id != conn.id:
                 raise InvalidArgument(
                     "conversation_id", "is not a conversation of the caller's connection"
@@ -204,12 +321,12 @@ class OutboundService:
             return conversation
         if not request.recipient_id:
             raise InvalidArgument("recipient", "set conversation_id or recipient_id")
-        found = await tx.find_conversation_for_recipient(conn.id, request.recipient_id)
-        if found is None:
+        conversation = found.by_recipient.get((conn.id, request.recipient_id))
+        if conversation is None:
             raise InvalidArgument(
                 "recipient_id", "is not a customer who wrote to the caller's connection"
             )
-        return found
+        return conversation
 
     async def _external_id(self, tx: Tx, conn: Connection, field: str, value: str) -> str:
         """The channel's id of a message named by our id or by the channel's id."""

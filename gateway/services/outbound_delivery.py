@@ -21,9 +21,11 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+
+from prometheus_client import Counter, Histogram
 
 from gateway.config import Secret
 from gateway.domain.channel import ChannelPlugin
@@ -55,6 +57,7 @@ from gateway.security.keyring import DecryptionError, KeyRing
 from gateway.services.connection_status import mark_needs_reauth
 from gateway.services.credentials import unseal
 from gateway.services.delivery_events import delivery_update
+from gateway.services.ingest_batcher import GroupCommitter
 from gateway.services.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -107,6 +110,19 @@ def account_key(conn: Connection) -> str:
     return f"{conn.channel}:{conn.account.external_id}"
 
 
+# Group commits take whatever queued while the previous batch was committing, without
+# lingering: nothing on the send path sleeps waiting for company.
+BATCH_MAX = 100
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    message: Message
+    attempt: DeliveryAttempt | None
+    # A hold changes no status: no DeliveryUpdate.
+    event: bool
+
+
 class Deliverer:
     def __init__(
         self,
@@ -126,21 +142,40 @@ class Deliverer:
         self.policy = policy
         self.clock = clock
         self.on_commit = on_commit
-        self._tokens: dict[str, tuple[Secret, float]] = {}
+        self._tokens: dict[str, tuple[Secret, float, datetime | None]] = {}
+        # One transaction for the outcomes of the attempts that end together.
+        self._outcomes = GroupCommitter(
+            self._commit_outcomes, max_items=BATCH_MAX, max_wait_s=0.0, name="send-outcomes"
+        )
+        self._started = False
+        self._children: dict[str, tuple[Histogram, Counter]] = {}
+
+    async def aclose(self) -> None:
+        """After the attempts under way ended: an outcome cut off is retried by a worker
+        once the message's lease lapses."""
+        await self._outcomes.aclose()
 
     def sender_of(self, channel: str) -> OutboundChannel | None:
         plugin = self._channels.get(channel)
         return outbound_of(plugin) if plugin is not None else None
 
     async def attempt(
-        self, message: Message, conn: Connection, *, admitted: bool = False, fail_fast: bool = False
+        self,
+        message: Message,
+        conn: Connection,
+        *,
+        admitted: bool = False,
+        fail_fast: bool = False,
+        content: OutboundMessage | None = None,
     ) -> Message:
-        """One attempt at a message this process holds the lease of; returns it as stored."""
+        """One attempt at a message this process holds the lease of; returns it as stored.
+        ``content``: the message's content when the caller has it (else read from it)."""
         sender = self.sender_of(conn.channel)
         if conn.status is not ConnectionStatus.CONNECTED or sender is None:
             reason = f"CONNECTION_{conn.status.value}" if sender else "CHANNEL_CANNOT_SEND"
             return await self.record_failure(message, DeliveryError(reason, "cannot send now"))
-        content = from_json(message.content["outbound"])
+        if content is None:
+            content = from_json(message.content["outbound"])
         try:
             if not admitted:
                 held = await self._admit(message, conn, content)
@@ -177,15 +212,19 @@ class Deliverer:
             return await self._hold(message, until)
 
     async def _token(self, conn: Connection) -> Secret:
+        # Every credential change (connect, reconnect, refresh) saves the connection in the
+        # same transaction, so its updated_at versions the credential: a new token is used
+        # at once instead of failing as the old one for up to the TTL.
+        version = conn.updated_at
         cached = self._tokens.get(conn.id)
-        if cached is not None and cached[1] > time.monotonic():
+        if cached is not None and cached[1] > time.monotonic() and cached[2] == version:
             return cached[0]
         async with self._store.transaction() as tx:
             credential = await tx.get_credential(conn.id)
         if credential is None:
             raise DecryptionError("the connection has no credential")
         token = unseal(self._keyring, credential).value
-        self._tokens[conn.id] = (token, time.monotonic() + _TOKEN_TTL_S)
+        self._tokens[conn.id] = (token, time.monotonic() + _TOKEN_TTL_S, version)
         return token
 
     async def _send(
@@ -200,16 +239,13 @@ class Deliverer:
     ) -> Message:
         started = self.clock.now()
         clock_started = time.perf_counter()
+        latency, sent = self._metrics(conn.channel)
         try:
             result = await sender.send(conn, token, content)
         except ChannelError as exc:
-            m.CHANNEL_API_SECONDS.labels(conn.channel, "send").observe(
-                time.perf_counter() - clock_started
-            )
+            latency.observe(time.perf_counter() - clock_started)
             return await self._refused(message, conn, exc, started, fail_fast=fail_fast)
-        m.CHANNEL_API_SECONDS.labels(conn.channel, "send").observe(
-            time.perf_counter() - clock_started
-        )
+        latency.observe(time.perf_counter() - clock_started)
         if result.pause_until is not None:
             m.ACCOUNT_PAUSES.labels(conn.channel, "usage_header").inc()
             await self.limiter.pause(account_key(conn), result.pause_until)
@@ -220,8 +256,18 @@ class Deliverer:
         message.error = None
         message.next_attempt_at = None
         message.attempts += 1
-        m.SENDS.labels(conn.channel, "sent", "0").inc()
+        sent.inc()
         return await self._record(message, DeliveryAttempt(message.attempts, started, now))
+
+    def _metrics(self, channel: str) -> tuple[Histogram, Counter]:
+        """The channel's send-latency and sent children (labels() locks and hashes)."""
+        found = self._children.get(channel)
+        if found is None:
+            found = self._children[channel] = (
+                m.CHANNEL_API_SECONDS.labels(channel, "send"),
+                m.SENDS.labels(channel, "sent", "0"),
+            )
+        return found
 
     async def _refused(
         self,
@@ -294,17 +340,31 @@ class Deliverer:
     async def _hold(self, message: Message, until: datetime) -> Message:
         """Back to the queue until ``until``: no attempt, no status change, no event."""
         message.next_attempt_at = until
-        async with self._store.transaction() as tx:
-            return await tx.record_outbound(message, None, lease_until=None)
+        return await self._submit(_Outcome(message, None, event=False))
 
     async def _record(self, message: Message, attempt: DeliveryAttempt | None) -> Message:
+        return await self._submit(_Outcome(message, attempt, event=True))
+
+    async def _submit(self, outcome: _Outcome) -> Message:
+        if not self._started:
+            self._started = True
+            await self._outcomes.start()
+        return await self._outcomes.submit(outcome)
+
+    async def _commit_outcomes(self, outcomes: Sequence[_Outcome]) -> list[Message]:
         now = self.clock.now()
+        events = []
         async with self._store.transaction() as tx:
-            stored = await tx.record_outbound(message, attempt, lease_until=None)
-            events = [delivery_update(stored, now)]
-            if stored.confirmed_at is not None and stored.status is MessageStatus.SENT:
-                events.append(delivery_update(stored, now, confirmed=True))
+            stored = await tx.record_outbound_many(
+                [(o.message, o.attempt) for o in outcomes], lease_until=None
+            )
+            for outcome, message in zip(outcomes, stored, strict=True):
+                if not outcome.event:
+                    continue
+                events.append(delivery_update(message, now))
+                if message.confirmed_at is not None and message.status is MessageStatus.SENT:
+                    events.append(delivery_update(message, now, confirmed=True))
             await tx.add_events(events)
-        if self.on_commit is not None:
+        if events and self.on_commit is not None:
             self.on_commit()
         return stored

@@ -10,16 +10,17 @@ the same under a test's clock and replicas agree as far as their clocks do.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import redis.asyncio
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway.domain.errors import Unavailable
 from gateway.domain.outbound import RateCategory
+from gateway.services.ingest_batcher import GroupCommitter
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +135,9 @@ return 1
 """
 
 
+_Decision = tuple[str, RateCategory, datetime]
+
+
 class RedisRateLimiter:
     def __init__(self, url: str, rates: Mapping[RateCategory, float], *, prefix: str) -> None:
         self._client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(url)
@@ -141,22 +145,52 @@ class RedisRateLimiter:
         self.keys = RateLimitKeys(prefix)
         self._acquire: Any = self._client.register_script(_ACQUIRE)
         self._pause: Any = self._client.register_script(_PAUSE)
+        # The decisions asked while the previous pipeline was out travel in one: a round
+        # trip per batch of sends, not per send. Each is still its own atomic script.
+        self._decisions: GroupCommitter[_Decision, Any] = GroupCommitter(
+            self._decide, max_items=100, max_wait_s=0.0, name="rate-limit"
+        )
+        self._started = False
 
     async def acquire(self, account: str, category: RateCategory, now: datetime) -> Admission:
+        if not self._started:
+            self._started = True
+            await self._decisions.start()
+        ok, wait_ms, paused_ms = await self._decisions.submit((account, category, now))
+        if int(ok):
+            return Admission(True)
+        paused = _from_ms(int(paused_ms)) if int(paused_ms) else None
+        return Admission(False, int(wait_ms) / 1000, paused)
+
+    async def _decide(self, decisions: Sequence[_Decision]) -> list[Any]:
         try:
-            ok, wait_ms, paused_ms = await self._acquire(
-                keys=[self.keys.bucket(account, category), self.keys.pause(account)],
-                args=[_ms(now), self._rates[category]],
-            )
+            try:
+                return await self._run_decisions(decisions)
+            except NoScriptError:
+                # Redis restarted or was flushed: load the script once, then ask again.
+                await self._client.script_load(_ACQUIRE)
+                return await self._run_decisions(decisions)
         except RedisError as exc:
             raise Unavailable(
                 f"Redis cannot decide the rate limit ({type(exc).__name__})",
                 reason="RATE_LIMITER_UNAVAILABLE",
             ) from None
-        if int(ok):
-            return Admission(True)
-        paused = _from_ms(int(paused_ms)) if int(paused_ms) else None
-        return Admission(False, int(wait_ms) / 1000, paused)
+
+    async def _run_decisions(self, decisions: Sequence[_Decision]) -> list[Any]:
+        # EVALSHA straight into the pipeline: a registered script would make every
+        # execute ask SCRIPT EXISTS first, a second round trip.
+        pipe = self._client.pipeline(transaction=False)
+        for account, category, now in decisions:
+            pipe.evalsha(
+                self._acquire.sha,
+                2,
+                self.keys.bucket(account, category),
+                self.keys.pause(account),
+                _ms(now),
+                self._rates[category],
+            )
+        results: list[Any] = await pipe.execute()
+        return results
 
     async def pause(self, account: str, until: datetime) -> None:
         now = datetime.now(UTC)
@@ -171,6 +205,7 @@ class RedisRateLimiter:
             ) from None
 
     async def aclose(self) -> None:
+        await self._decisions.aclose()
         await self._client.aclose()
 
 

@@ -34,6 +34,7 @@ from gateway.store.rows import Codec, Params, Row
 
 if TYPE_CHECKING:
     from gateway.domain.outbound import DeliveryAttempt
+    from gateway.domain.store import OutboxEntry
     from gateway.store.ingest import InboundWriter
     from gateway.store.outbound import OutboundWriter
 
@@ -477,6 +478,11 @@ class SqlTx:
     ) -> list[QuarantinedDelivery]:
         return await self._inbound().list_quarantine(channel=channel, limit=limit)
 
+    async def add_claimed_events(
+        self, events: Sequence[Event], lease_until: datetime
+    ) -> list[OutboxEntry]:
+        return await self._inbound().add_claimed_events(events, lease_until)
+
     # ---- end of inbound ----
 
     # ---- outbound: sending (gateway.store.outbound) ----
@@ -506,6 +512,35 @@ class SqlTx:
         self, message: Message, attempt: DeliveryAttempt | None, *, lease_until: datetime | None
     ) -> Message:
         return await self._outbound().record(message, attempt, lease_until=lease_until)
+
+    async def get_connections(self, ids: Sequence[str]) -> dict[str, Connection]:
+        return await self._outbound().get_connections(ids)
+
+    async def get_conversations(self, ids: Sequence[str]) -> dict[str, Conversation]:
+        return await self._outbound().get_conversations(ids)
+
+    async def find_conversations_for_recipients(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Conversation]:
+        return await self._outbound().find_conversations_for_recipients(pairs)
+
+    async def find_messages_by_idempotency_keys(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], Message]:
+        return await self._outbound().find_messages_by_idempotency_keys(pairs)
+
+    async def enqueue_outbound_many(
+        self, messages: Sequence[Message], lease_until: datetime
+    ) -> list[tuple[Message, bool]]:
+        return await self._outbound().enqueue_many(messages, lease_until, _now())
+
+    async def record_outbound_many(
+        self,
+        items: Sequence[tuple[Message, DeliveryAttempt | None]],
+        *,
+        lease_until: datetime | None,
+    ) -> list[Message]:
+        return await self._outbound().record_many(items, lease_until=lease_until)
 
     async def list_attempts(self, message_id: str) -> list[DeliveryAttempt]:
         return await self._outbound().list_attempts(message_id)
