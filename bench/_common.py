@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import secrets
 import shutil
 import socket
 import statistics
@@ -63,3 +65,32 @@ def redis_server() -> Iterator[str]:
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+# ---- a database of its own for each measured gateway ----
+
+PG_ADMIN = os.environ.get(
+    "SWITCHBOARD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+async def bench_database(backend: str, tmp: str) -> str:
+    """SQLite under ``tmp`` for the embedded backend, else a fresh PostgreSQL database."""
+    if backend == "embedded":
+        return f"sqlite:///{tmp}/bench.db"
+    import psycopg
+
+    name = f"switchboard_bench_{secrets.token_hex(4)}"
+    async with await psycopg.AsyncConnection.connect(PG_ADMIN, autocommit=True) as admin:
+        await admin.execute(f'CREATE DATABASE "{name}"'.encode())
+    return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+
+
+async def drop_bench_database(backend: str, database: str) -> None:
+    if backend == "embedded":
+        return
+    import psycopg
+
+    name = database.rsplit("/", 1)[1]
+    async with await psycopg.AsyncConnection.connect(PG_ADMIN, autocommit=True) as admin:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())

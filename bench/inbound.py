@@ -35,12 +35,11 @@ import aiohttp
 import orjson
 from aiohttp import web
 
+from bench._common import bench_database, drop_bench_database
+
 SECRET = b"bench-app-secret"
 ACCOUNT = "17841400000099999"
 CUSTOMERS = 200
-PG_ADMIN = os.environ.get(
-    "SWITCHBOARD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
 REDIS = os.environ.get("SWITCHBOARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
@@ -259,7 +258,7 @@ async def measure(backend: str, batch: int, duration_s: float) -> dict[str, floa
             "INSTAGRAM_APP_ID": "1234567890",
             "INSTAGRAM_APP_SECRET": SECRET.decode(),
         }
-        database = await _database(backend, tmp)
+        database = await bench_database(backend, tmp)
         env["SWITCHBOARD_DATABASE_URL"] = database
         if backend == "postgres+redis":
             env["SWITCHBOARD_REDIS_URL"] = REDIS
@@ -296,7 +295,7 @@ async def measure(backend: str, batch: int, duration_s: float) -> dict[str, floa
                     stop.set()
                     await serving
         finally:
-            await _drop_database(backend, database)
+            await drop_bench_database(backend, database)
 
 
 async def _run_figures(
@@ -331,27 +330,6 @@ async def _run_figures(
         "e2e_p99_ms": pct(consumed.e2e, 0.99) * 1000,
         "failed": float(closed["failed"] + opened["failed"]),
     }
-
-
-async def _database(backend: str, tmp: str) -> str:
-    if backend == "embedded":
-        return f"sqlite:///{tmp}/bench.db"
-    import psycopg
-
-    name = f"switchboard_bench_{secrets.token_hex(4)}"
-    async with await psycopg.AsyncConnection.connect(PG_ADMIN, autocommit=True) as admin:
-        await admin.execute(f'CREATE DATABASE "{name}"'.encode())
-    return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
-
-
-async def _drop_database(backend: str, database: str) -> None:
-    if backend == "embedded":
-        return
-    import psycopg
-
-    name = database.rsplit("/", 1)[1]
-    async with await psycopg.AsyncConnection.connect(PG_ADMIN, autocommit=True) as admin:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
 
 
 def main() -> None:

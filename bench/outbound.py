@@ -26,11 +26,8 @@ import tempfile
 import time
 from typing import Any
 
-from bench._common import emit, percentile
+from bench._common import bench_database, drop_bench_database, emit, percentile
 
-PG_ADMIN = os.environ.get(
-    "SWITCHBOARD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
-)
 REDIS = os.environ.get("SWITCHBOARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CUSTOMERS = 50
 
@@ -187,27 +184,6 @@ def ceiling(
 # ---- the gateway under test ----
 
 
-async def _database(backend: str, tmp: str) -> str:
-    if backend == "embedded":
-        return f"sqlite:///{tmp}/bench.db"
-    import psycopg
-
-    name = f"switchboard_bench_{secrets.token_hex(4)}"
-    async with await psycopg.AsyncConnection.connect(PG_ADMIN, autocommit=True) as admin:
-        await admin.execute(f'CREATE DATABASE "{name}"'.encode())
-    return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
-
-
-async def _drop_database(backend: str, database: str) -> None:
-    if backend == "embedded":
-        return
-    import psycopg
-
-    name = database.rsplit("/", 1)[1]
-    async with await psycopg.AsyncConnection.connect(PG_ADMIN, autocommit=True) as admin:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
-
-
 async def measure(
     backend: str,
     sandbox_url: str,
@@ -244,7 +220,7 @@ async def measure(
             "INSTAGRAM_SANDBOX_URL": sandbox_url,
             **credentials,
         }
-        database = await _database(backend, tmp)
+        database = await bench_database(backend, tmp)
         env["SWITCHBOARD_DATABASE_URL"] = database
         if backend == "postgres+redis":
             env["SWITCHBOARD_REDIS_URL"] = REDIS
@@ -323,7 +299,7 @@ async def measure(
                     stop.set()
                     await serving
         finally:
-            await _drop_database(backend, database)
+            await drop_bench_database(backend, database)
 
 
 async def _await_conversations(gateway: Any, connection_id: str, customers: list[str]) -> None:
