@@ -37,8 +37,10 @@ _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 @functools.lru_cache(maxsize=1024)
 def to_psycopg(sql: str) -> str:
-    """Rewrites the shared ``:name`` parameters as psycopg's ``%(name)s``."""
-    return _PARAM.sub(r"%(\1)s", sql.replace("%", "%%"))
+    """Rewrites the shared ``:name`` parameters as psycopg's binary ``%(name)b``: text
+    parameters cost several times more on the Python side, arrays (``unnest``) most of all,
+    where every element of a JSON array was escaped with a regular expression."""
+    return _PARAM.sub(r"%(\1)b", sql.replace("%", "%%"))
 
 
 class PgCodec:
