@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from channels.instagram.sandbox import RunningSandbox, SandboxClient
+from channels.instagram.sandbox import RunningSandbox, SandboxClient, SandboxControlError
 
 from .flows import error_of
 
@@ -238,6 +238,78 @@ async def test_injected_throttling_carries_the_usage_headers_then_clears(
     assert (await thread.send(http, body)).status == 200
     # Refused calls are recorded too, with Meta's answer.
     assert [s["status"] for s in await control.sent(thread.ig_id)] == [400, 400, 200]
+
+
+async def test_usage_set_for_an_account_rides_on_its_successful_sends_then_clears(
+    http: aiohttp.ClientSession, control: SandboxClient, thread: Thread, urls: dict[str, str]
+) -> None:
+    other = await control.create_account()
+    other_token = (await control.issue_token(other["ig_id"]))["access_token"]
+    other_customer = await control.create_customer(other["ig_id"], messaged=True)
+    limit = {"call_count": 100, "total_time": 97, "total_cputime": 100}
+    rule = await control.set_usage(
+        thread.ig_id,
+        business_use_case={**limit, "estimated_time_to_regain_access": 3},
+        app={"call_count": 99},
+        count=2,
+    )
+    assert rule["remaining"] == 2
+    assert [u["account"] for u in await control.usage()] == [thread.ig_id]
+    body = {"recipient": {"id": thread.igsid}, "message": {"text": "hi"}}
+    # A refused call neither carries the setting nor uses it up.
+    bad = await thread.send(http, {"recipient": {"id": thread.igsid}, "message": {}})
+    assert bad.status == 400
+    for _ in range(2):
+        response = await thread.send(http, body)
+        assert response.status == 200
+        [bucket] = json.loads(response.headers["x-business-use-case-usage"])[thread.ig_id]
+        assert bucket == {"type": "instagram", **limit, "estimated_time_to_regain_access": 3}
+        app = json.loads(response.headers["x-app-usage"])
+        assert app["call_count"] == 99
+        assert app["total_time"] < 100  # fields left out keep the sandbox's own count
+    # Another account is not affected.
+    response = await http.post(
+        urls["INSTAGRAM_GRAPH_URL"] + f"/v21.0/{other['ig_id']}/messages",
+        json={"recipient": {"id": other_customer["igsid"]}, "message": {"text": "hi"}},
+        headers={"Authorization": f"Bearer {other_token}"},
+    )
+    assert response.status == 200
+    [bucket] = json.loads(response.headers["x-business-use-case-usage"])[other["ig_id"]]
+    assert bucket["estimated_time_to_regain_access"] == 0
+    # After `count` sends the account is back to the sandbox's own figures.
+    assert await control.usage() == []
+    response = await thread.send(http, body)
+    [bucket] = json.loads(response.headers["x-business-use-case-usage"])[thread.ig_id]
+    assert bucket["estimated_time_to_regain_access"] == 0
+    assert bucket["call_count"] < 100
+
+
+async def test_usage_without_a_count_lasts_until_cleared_and_is_validated(
+    http: aiohttp.ClientSession, control: SandboxClient, thread: Thread
+) -> None:
+    await control.set_usage(thread.ig_id, business_use_case={"estimated_time_to_regain_access": 1})
+    body = {"recipient": {"id": thread.igsid}, "message": {"text": "hi"}}
+    for _ in range(3):
+        response = await thread.send(http, body)
+        [bucket] = json.loads(response.headers["x-business-use-case-usage"])[thread.ig_id]
+        assert bucket["estimated_time_to_regain_access"] == 1
+    await control.clear_usage(thread.ig_id)
+    response = await thread.send(http, body)
+    [bucket] = json.loads(response.headers["x-business-use-case-usage"])[thread.ig_id]
+    assert bucket["estimated_time_to_regain_access"] == 0
+    bad: list[tuple[dict[str, Any], int | None, int]] = [
+        ({}, None, 400),
+        ({"app": {"estimated_time_to_regain_access": 1}}, None, 400),
+        ({"business_use_case": {"call_count": -1}}, None, 400),
+        ({"business_use_case": {"call_count": 1}}, 0, 400),
+    ]
+    for fields, count, status in bad:
+        with pytest.raises(SandboxControlError) as caught:
+            await control.set_usage(thread.ig_id, count=count, **fields)
+        assert caught.value.status == status, fields
+    with pytest.raises(SandboxControlError) as caught:
+        await control.set_usage("404", business_use_case={"call_count": 1})
+    assert caught.value.status == 404
 
 
 async def test_injected_errors_can_be_permanent_and_scoped_to_one_account(

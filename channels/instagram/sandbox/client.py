@@ -174,6 +174,32 @@ class SandboxClient:
     async def clear_errors(self) -> None:
         await self._call("DELETE", "/errors")
 
+    # usage headers on successful sends
+
+    async def set_usage(
+        self,
+        account: str,
+        *,
+        business_use_case: dict[str, int] | None = None,
+        app: dict[str, int] | None = None,
+        count: int | None = None,
+    ) -> dict[str, Any]:
+        """Usage-header fields (``call_count``, ``total_time``, ``total_cputime``, and for the
+        business use case ``estimated_time_to_regain_access`` in minutes) that the account's
+        next ``count`` successful Send API calls report (None: until ``clear_usage``)."""
+        body = self._clean(
+            account=account, business_use_case=business_use_case, app=app, count=count
+        )
+        result: dict[str, Any] = await self._call("POST", "/usage", body)
+        return result
+
+    async def usage(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = (await self._call("GET", "/usage"))["data"]
+        return result
+
+    async def clear_usage(self, account: str | None = None) -> None:
+        await self._call("DELETE", "/usage", params={"account": account} if account else None)
+
     # what the gateway did
 
     async def subscriptions(self) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from .errors import THROTTLE_CODES, GraphError
-from .state import ErrorRule, SandboxState
+from .state import ErrorRule, SandboxState, UsageRule
 
 if TYPE_CHECKING:
     from .webhooks import WebhookSender
@@ -103,31 +103,31 @@ def pick(data: dict[str, Any], fields: dict[str, dict[str, Any]], default: tuple
 
 
 def usage_headers(
-    state: SandboxState, account: str | None, rule: ErrorRule | None = None
+    state: SandboxState,
+    account: str | None,
+    rule: ErrorRule | None = None,
+    usage: UsageRule | None = None,
 ) -> dict[str, str]:
-    """Meta's usage headers: near 100 % with a throttling rule, a real-ish count otherwise."""
+    """Meta's usage headers: near 100 % with a throttling rule, a real-ish count otherwise,
+    with the fields a usage rule (``POST /_sandbox/usage``) sets in their place."""
     throttled = rule is not None and rule.code in THROTTLE_CODES
     percent = 100 if throttled else state.count_call(account or "app")
     regain = rule.estimated_time_to_regain_access if throttled and rule else 0
-    headers = {
-        "x-app-usage": json.dumps(
-            {"call_count": percent, "total_time": percent, "total_cputime": percent}
-        )
-    }
+    app = {"call_count": percent, "total_time": percent, "total_cputime": percent}
+    if usage is not None:
+        app.update(usage.app)
+    headers = {"x-app-usage": json.dumps(app)}
     if account:
-        headers["x-business-use-case-usage"] = json.dumps(
-            {
-                account: [
-                    {
-                        "type": "instagram",
-                        "call_count": percent,
-                        "total_cputime": percent,
-                        "total_time": percent,
-                        "estimated_time_to_regain_access": regain,
-                    }
-                ]
-            }
-        )
+        bucket: dict[str, Any] = {
+            "type": "instagram",
+            "call_count": percent,
+            "total_cputime": percent,
+            "total_time": percent,
+            "estimated_time_to_regain_access": regain,
+        }
+        if usage is not None:
+            bucket.update(usage.business_use_case)
+        headers["x-business-use-case-usage"] = json.dumps({account: [bucket]})
     return headers
 
 

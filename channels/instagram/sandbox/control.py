@@ -10,7 +10,18 @@ from aiohttp import web
 from . import ids
 from .common import SENDER, sandbox_base_urls, state_of
 from .settings import EXCHANGE_SHAPES
-from .state import ENDPOINTS, Account, Approval, Customer, ErrorRule, FacebookUser, SandboxState
+from .state import (
+    ENDPOINTS,
+    USAGE_APP_FIELDS,
+    USAGE_BUSINESS_FIELDS,
+    Account,
+    Approval,
+    Customer,
+    ErrorRule,
+    FacebookUser,
+    SandboxState,
+    UsageRule,
+)
 from .webhooks import entry, envelope, secret_for, serialize, sign
 
 PREFIX = "/_sandbox"
@@ -356,6 +367,57 @@ async def clear_errors(request: web.Request) -> web.Response:
     return web.json_response({"data": [r.to_json() for r in state.error_rules]})
 
 
+# usage headers on successful sends
+
+
+def _usage_fields(body: dict[str, Any], key: str, allowed: tuple[str, ...]) -> dict[str, int]:
+    value = body.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ControlError(400, f"'{key}' must be an object")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ControlError(400, f"'{key}' has unknown fields {unknown}; allowed: {allowed}")
+    for field_name, number in value.items():
+        if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+            raise ControlError(400, f"'{key}.{field_name}' must be a non-negative integer")
+    return dict(value)
+
+
+async def set_usage(request: web.Request) -> web.Response:
+    """What the account's next successful Send API calls report in their usage headers."""
+    state = state_of(request)
+    body = await _body(request)
+    account = _account(state, body.get("account"))
+    app = _usage_fields(body, "app", USAGE_APP_FIELDS)
+    business = _usage_fields(body, "business_use_case", USAGE_BUSINESS_FIELDS)
+    if not app and not business:
+        raise ControlError(400, "give 'app' or 'business_use_case' (DELETE usage to clear)")
+    remaining = _int(body, "count")
+    if remaining is not None and remaining < 1:
+        raise ControlError(400, "'count' must be at least 1 (or leave it out: until cleared)")
+    rule = UsageRule(state.next_id(), account.ig_id, app, business, remaining)
+    state.usage_rules[account.ig_id] = rule
+    return web.json_response(rule.to_json(), status=201)
+
+
+async def list_usage(request: web.Request) -> web.Response:
+    return web.json_response(
+        {"data": [r.to_json() for r in state_of(request).usage_rules.values()]}
+    )
+
+
+async def clear_usage(request: web.Request) -> web.Response:
+    state = state_of(request)
+    wanted = request.query.get("account")
+    if wanted:
+        state.usage_rules.pop(_account(state, wanted).ig_id, None)
+    else:
+        state.usage_rules.clear()
+    return web.json_response({"data": [r.to_json() for r in state.usage_rules.values()]})
+
+
 # what the gateway did
 
 
@@ -572,6 +634,9 @@ def add_routes(app: web.Application) -> None:
     r.add_get(f"{p}/errors", list_errors)
     r.add_delete(f"{p}/errors", clear_errors)
     r.add_delete(f"{p}/errors/{{id}}", clear_errors)
+    r.add_post(f"{p}/usage", set_usage)
+    r.add_get(f"{p}/usage", list_usage)
+    r.add_delete(f"{p}/usage", clear_usage)
     r.add_get(f"{p}/subscriptions", list_subscriptions)
     r.add_get(f"{p}/sent", list_sent)
     r.add_delete(f"{p}/sent", clear_sent)

@@ -274,7 +274,8 @@ async def send_message(request: web.Request) -> web.StreamResponse:
             payload = envelope([entry(account.ig_id, state.clock.now_ms(), [item])])
             request.app[SENDER].echo(payload, secret=secret_for(state, account))
     record.status, record.response = 200, result
-    return web.json_response(result, headers=usage_headers(state, account.ig_id))
+    usage = state.take_usage(account.ig_id)
+    return web.json_response(result, headers=usage_headers(state, account.ig_id, usage=usage))
 
 
 def add_routes(app: web.Application) -> None:

@@ -191,6 +191,33 @@ class ErrorRule:
         }
 
 
+USAGE_APP_FIELDS = ("call_count", "total_time", "total_cputime")
+USAGE_BUSINESS_FIELDS = (*USAGE_APP_FIELDS, "estimated_time_to_regain_access")
+
+
+@dataclass
+class UsageRule:
+    """Usage headers for the next ``remaining`` successful Send API calls of an account
+    (None: until cleared). Each dict holds only the fields the test set; the rest keep the
+    sandbox's own count."""
+
+    id: int
+    account: str
+    app: dict[str, int]
+    business_use_case: dict[str, int]
+    remaining: int | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "account": self.account,
+            "app": self.app,
+            "business_use_case": self.business_use_case,
+            "remaining": self.remaining,
+            "always": self.remaining is None,
+        }
+
+
 @dataclass
 class SentRecord:
     """One Send API request as received, whatever the sandbox answered."""
@@ -284,6 +311,8 @@ class SandboxState:
         self.codes: dict[str, AuthCode] = {}
         self.approvals: deque[Approval] = deque()
         self.error_rules: list[ErrorRule] = []
+        # By IG_ID: what the next successful Send API calls report in their usage headers.
+        self.usage_rules: dict[str, UsageRule] = {}
         self.sent: list[SentRecord] = []
         self.subscriptions: dict[str, Subscription] = {}
         self.deliveries: dict[int, Delivery] = {}
@@ -448,6 +477,15 @@ class SandboxState:
                     self.error_rules.remove(rule)
             return rule
         return None
+
+    def take_usage(self, ig_id: str) -> UsageRule | None:
+        """The usage rule for this account's successful send, consuming one of its uses."""
+        rule = self.usage_rules.get(ig_id)
+        if rule is not None and rule.remaining is not None:
+            rule.remaining -= 1
+            if rule.remaining <= 0:
+                del self.usage_rules[ig_id]
+        return rule
 
     def count_call(self, key: str) -> int:
         """Calls for ``key`` in the last hour, as a percentage of a nominal 200 per hour."""

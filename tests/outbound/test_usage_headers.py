@@ -1,0 +1,70 @@
+"""Meta's usage headers on a successful send: an account at its limit, with a time to regain
+access, is paused until then (its queued messages held, fail_fast refused), and no other
+account is."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from switchboard.v1 import common_pb2
+
+from tests.outbound.conftest import Out, connect, customer_writes
+from tests.outbound.test_refusals import error_info
+
+AT_THE_LIMIT = {"call_count": 100, "total_time": 100, "total_cputime": 100}
+
+
+async def test_a_successful_send_at_the_limit_pauses_only_that_account(out: Out) -> None:
+    other_account = await out.control.create_account(username="other")
+    other = await connect(out.gateway, out.control, other_account, tenant=out.tenant)
+    other_customer, _, _ = await customer_writes(out.gateway, out.control, other)
+    await out.control.set_usage(
+        out.ig_id,
+        business_use_case={**AT_THE_LIMIT, "estimated_time_to_regain_access": 2},
+        app=AT_THE_LIMIT,
+        count=1,
+    )
+
+    first = await out.send(text="one")
+    # Meta accepted it: the usage only concerns what comes next.
+    assert first.message.status == common_pb2.MESSAGE_STATUS_SENT
+    second = await out.send(text="two")
+    assert second.message.status == common_pb2.MESSAGE_STATUS_QUEUED
+    assert not second.message.HasField("error")
+    assert [b["message"]["text"] for b in await out.bodies()] == ["one"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await out.send(text="now or never", fail_fast=True)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(caught.value).reason == "RATE_LIMITED"
+    assert "retry_at" in error_info(caught.value).metadata
+
+    # The other account sends at once.
+    elsewhere = await out.send(
+        text="elsewhere", connection_id=other.id, recipient_id=other_customer
+    )
+    assert elsewhere.message.status == common_pb2.MESSAGE_STATUS_SENT
+    assert [
+        r["body"]["message"]["text"] for r in await out.control.sent(other_account["ig_id"])
+    ] == ["elsewhere"]
+
+    out.advance(60)  # one minute: still inside the two minutes Meta gave
+    await out.wait_status(second.message.id, "MESSAGE_STATUS_QUEUED")
+    assert len(await out.bodies()) == 1
+    out.advance(70)
+    held = await out.wait_status(second.message.id, "MESSAGE_STATUS_SENT")
+    assert [a.number for a in held.attempts] == [1]
+    assert [b["message"]["text"] for b in await out.bodies()] == ["one", "two"]
+
+
+async def test_usage_below_the_limit_does_not_pause(out: Out) -> None:
+    await out.control.set_usage(
+        out.ig_id,
+        business_use_case={"call_count": 28, "total_time": 25, "total_cputime": 25},
+        app={"call_count": 28, "total_time": 25, "total_cputime": 25},
+    )
+    for text in ("one", "two"):
+        reply = await out.send(text=text)
+        assert reply.message.status == common_pb2.MESSAGE_STATUS_SENT
+    reply = await out.send(text="three", fail_fast=True)
+    assert reply.message.status == common_pb2.MESSAGE_STATUS_SENT
+    assert len(await out.bodies()) == 3
