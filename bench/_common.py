@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from multiprocessing.process import BaseProcess
 
 
 def emit(bench: str, backend: str, figure: str, value: float, unit: str, **extra: object) -> None:
@@ -40,6 +41,21 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def reap(*procs: BaseProcess, grace_s: float = 10.0) -> None:
+    """Joins child processes, terminating (then killing) any still running after ``grace_s``:
+    a benchmark leaves no process behind, whatever went wrong."""
+    for proc in procs:
+        if proc.pid is None:  # never started
+            continue
+        proc.join(grace_s)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)
 
 
 @contextlib.contextmanager
