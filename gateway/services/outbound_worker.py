@@ -12,11 +12,11 @@ import contextlib
 import logging
 from datetime import timedelta
 
-from gateway.domain.errors import Unavailable
 from gateway.domain.models import DeliveryError, Message
 from gateway.domain.store import Store
 from gateway.observability import outbound_metrics as m
 from gateway.services.outbound_delivery import Deliverer
+from gateway.services.rounds import Rounds
 
 log = logging.getLogger(__name__)
 
@@ -91,25 +91,13 @@ class OutboundWorker:
             await self._deliverer.attempt(message, conn)
 
     async def _run(self) -> None:
-        backoff = 0.1
+        # Claimed messages stay leased until the lease lapses, then are claimed again: a
+        # failed round delays a send, never loses it.
+        rounds = Rounds("send worker", log)
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll_s)
             self._wake.clear()
             if self._stopping:
                 return
-            try:
-                await self.run_once()
-                backoff = 0.1
-            except Unavailable:
-                # Claimed messages stay leased until the lease lapses, then are claimed
-                # again: a send is delayed, never lost.
-                log.warning("send worker cannot reach the store, retrying", exc_info=True)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            except Exception:
-                # A bug must not stop every retry of every tenant: log it and go on; the
-                # messages in hand are claimed again once their lease lapses.
-                log.exception("send worker failed, retrying")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+            await rounds.run(self.run_once)

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from gateway.domain.bus import Bus
-from gateway.domain.errors import Unavailable
 from gateway.domain.store import OutboxEntry, Store
+from gateway.services.rounds import Rounds
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +163,13 @@ class OutboxRelay:
         return await self._store.purge_published(datetime.now(UTC) - self._retention)
 
     async def _run(self) -> None:
-        backoff = 0.1
-        next_purge = time.monotonic() + self._purge_interval_s
-        next_sweep = time.monotonic() + self._sweep_interval_s
+        # Claimed entries stay leased until the lease lapses, then the sweep publishes
+        # them: a failed round delays events, never loses them.
+        rounds = Rounds("outbox relay", log)
+        schedule = _Schedule(self._sweep_interval_s, self._purge_interval_s)
         while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, next_sweep - time.monotonic()))
+                await asyncio.wait_for(self._wake.wait(), schedule.until_sweep())
             self._wake.clear()
             if self._stopping:
                 # What was handed over is published before leaving; the rest waits for a
@@ -176,26 +177,38 @@ class OutboxRelay:
                 with contextlib.suppress(Exception):
                     await self._drain()
                 return
-            try:
-                await self._drain()
-                # Hand-overs alone never claim: the sweep must still run under steady load
-                # to pick up lapsed leases and other processes' leftovers.
-                if time.monotonic() >= next_sweep:
-                    next_sweep = time.monotonic() + self._sweep_interval_s
-                    await self.run_once()
-                if time.monotonic() >= next_purge:
-                    next_purge = time.monotonic() + self._purge_interval_s
-                    await self.purge()
-                backoff = 0.1
-            except Unavailable:
-                # Claimed entries stay leased until the lease lapses, then the sweep
-                # publishes them: nothing is lost, only delayed.
-                log.warning("outbox relay cannot publish now, retrying", exc_info=True)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            except Exception:
-                # Anything else is a bug, but the relay must outlive it: the entries stay
-                # in the outbox and are retried, while the log says what went wrong.
-                log.exception("outbox relay failed, retrying")
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+            await rounds.run(lambda: self._round(schedule))
+
+    async def _round(self, schedule: _Schedule) -> None:
+        await self._drain()
+        # Hand-overs alone never claim: the sweep must still run under steady load to pick
+        # up lapsed leases and other processes' leftovers.
+        if schedule.sweep_due():
+            await self.run_once()
+        if schedule.purge_due():
+            await self.purge()
+
+
+class _Schedule:
+    """When the relay's periodic sweep and purge are due next."""
+
+    def __init__(self, sweep_interval_s: float, purge_interval_s: float) -> None:
+        self._sweep_s = sweep_interval_s
+        self._purge_s = purge_interval_s
+        self._next_sweep = time.monotonic() + sweep_interval_s
+        self._next_purge = time.monotonic() + purge_interval_s
+
+    def until_sweep(self) -> float:
+        return max(0.0, self._next_sweep - time.monotonic())
+
+    def sweep_due(self) -> bool:
+        if time.monotonic() < self._next_sweep:
+            return False
+        self._next_sweep = time.monotonic() + self._sweep_s
+        return True
+
+    def purge_due(self) -> bool:
+        if time.monotonic() < self._next_purge:
+            return False
+        self._next_purge = time.monotonic() + self._purge_s
+        return True
