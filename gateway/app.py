@@ -13,7 +13,6 @@ import asyncio
 import enum
 import logging
 import signal
-from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -42,6 +41,7 @@ from gateway.services.inbound import InboundService
 from gateway.services.outbound import OutboundService
 from gateway.services.outbound_delivery import Clock, Deliverer, DeliveryPolicy
 from gateway.services.outbound_worker import OutboundWorker
+from gateway.services.outbox import OutboxWriter
 from gateway.services.profiles import ProfileEnricher
 from gateway.services.ratelimit import open_rate_limiter
 from gateway.services.refresh import RefreshPolicy, RefreshWorker
@@ -199,7 +199,7 @@ class Gateway:
                 )
                 await self.refresher.start()
                 stack.push_async_callback(self.refresher.aclose)
-                self.outbound = await self._start_outbound(stack, relay.notify)
+                self.outbound = await self._start_outbound(stack, relay)
                 history = History(self.store)
                 assert self.authority is not None  # set in __aenter__
                 grpc_server = GrpcServer(
@@ -237,9 +237,7 @@ class Gateway:
                 await grpc_server.stop(cfg.shutdown_grace_s)
         return listening
 
-    async def _start_outbound(
-        self, stack: AsyncExitStack, on_commit: Callable[[], None] | None
-    ) -> OutboundService:
+    async def _start_outbound(self, stack: AsyncExitStack, relay: OutboxRelay) -> OutboundService:
         """The send path and its retry worker; closed before the relay they notify."""
         cfg = self.config
         assert self.keyring is not None  # set in __aenter__
@@ -260,7 +258,7 @@ class Gateway:
                 retry_max_s=cfg.send_retry_max_s,
             ),
             clock=Clock(),
-            on_commit=on_commit,
+            outbox=OutboxWriter(relay),
         )
         service = OutboundService(self.store, deliverer, wait_s=cfg.send_wait_s)
         stack.push_async_callback(service.aclose)

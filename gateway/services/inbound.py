@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -33,10 +33,11 @@ from gateway.domain.inbound import (
     RoutedItem,
 )
 from gateway.domain.models import Connection, Participant
-from gateway.domain.store import OutboxEntry, Store
+from gateway.domain.store import Store
 from gateway.observability import inbound_metrics as m
 from gateway.services.inbound_events import build_events
 from gateway.services.ingest_batcher import GroupCommitter
+from gateway.services.outbox import OutboxWriter
 from gateway.services.profiles import ProfileEnricher
 from gateway.services.relay import OutboxRelay
 
@@ -46,8 +47,6 @@ UNKNOWN_ACCOUNT = "UNKNOWN_ACCOUNT"
 MALFORMED = "MALFORMED"
 # A quarantined body is cut here; its full size is recorded beside it.
 MAX_QUARANTINED_BYTES = 64 * 1024
-# Entries claimed for the relay lapse a little before its own lease would, never after.
-_LEASE_MARGIN = timedelta(seconds=1)
 
 
 # Labelled children cached: a labels() lookup per request costs more than the increment.
@@ -90,7 +89,7 @@ class InboundService:
         self._ack_timeout_s = ack_timeout_s
         # The outbox relay of this process, if it runs one: the events of a commit are
         # handed to it directly. Otherwise another process's relay sweeps them up.
-        self._relay = relay
+        self._outbox = OutboxWriter(relay)
         self._enricher = enricher
         self._keep = quarantine_keep
         self._committer: GroupCommitter[_Job, None] = GroupCommitter(
@@ -167,8 +166,6 @@ class InboundService:
     async def _flush(self, jobs: Sequence[_Job]) -> list[None]:
         routed: list[RoutedItem] = []
         kept: list[QuarantinedDelivery] = []
-        relay = self._relay
-        handed: list[OutboxEntry] | None = None
         async with self._store.transaction() as tx:
             channels = {job.channel for job in jobs}
             for channel in sorted(channels):
@@ -180,17 +177,10 @@ class InboundService:
                     self._route(job, index, routed, kept)
             results = await tx.ingest_inbound(routed)
             events = build_events(routed, results)
-            if relay is not None:
-                # Claimed for our relay in this transaction, handed over after the commit:
-                # the relay then publishes them without a claim transaction of its own.
-                lease_until = datetime.now(UTC) + relay.lease - _LEASE_MARGIN
-                handed = await tx.add_claimed_events(events, lease_until)
-            else:
-                await tx.add_events(events)
+            handed = await self._outbox.add(tx, events)
             if kept:
                 await tx.quarantine(kept, keep=self._keep)
-        if relay is not None and handed is not None:
-            relay.hand_over(handed)
+        self._outbox.committed(handed)
         m.INGEST_BATCH_ITEMS.observe(len(routed))
         touched: dict[str, tuple[Connection, Participant]] = {}
         duplicates: Counter[str] = Counter()

@@ -64,6 +64,7 @@ from gateway.services.outbound_delivery import (
     RateLimitedNow,
     account_key,
 )
+from gateway.services.outbox import Handed
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +133,6 @@ class OutboundService:
     def clock(self) -> Callable[[], datetime]:
         return self.deliverer.clock.now
 
-    def set_on_commit(self, callback: Callable[[], None] | None) -> None:
-        self.deliverer.on_commit = callback
-
     async def aclose(self, grace_s: float = 5.0) -> None:
         """Lets first attempts under way finish (a cut-off attempt is retried by a worker
         once its lease lapses)."""
@@ -199,6 +197,7 @@ class OutboundService:
         lease = timedelta(seconds=self.deliverer.policy.lease_s)
         results: list[_Result | None] = []
         queued: list[tuple[int, Message, _Checked]] = []
+        handed: Handed = ()
         async with self._store.transaction() as tx:
             found = await self._lookup(tx, [j.request for j in jobs])
             for job in jobs:
@@ -226,9 +225,8 @@ class OutboundService:
                         results[index] = _Enqueued(message, checked.connection, checked.content)
                     else:
                         results[index] = SendOutcome(message, duplicate=True)
-                await tx.add_events(events)
-        if queued and self.deliverer.on_commit is not None:
-            self.deliverer.on_commit()
+                handed = await self.deliverer.outbox.add(tx, events)
+        self.deliverer.outbox.committed(handed)
         return [r for r in results if r is not None]
 
     async def _lookup(self, tx: Tx, requests: Sequence[SendRequest]) -> _Found:

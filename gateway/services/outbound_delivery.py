@@ -21,7 +21,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -58,6 +58,7 @@ from gateway.services.connection_status import mark_needs_reauth
 from gateway.services.credentials import unseal
 from gateway.services.delivery_events import delivery_update
 from gateway.services.ingest_batcher import GroupCommitter
+from gateway.services.outbox import OutboxWriter
 from gateway.services.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
@@ -133,7 +134,7 @@ class Deliverer:
         policy: DeliveryPolicy,
         *,
         clock: Clock,
-        on_commit: Callable[[], None] | None = None,
+        outbox: OutboxWriter | None = None,
     ) -> None:
         self._store = store
         self._channels = channels
@@ -141,7 +142,7 @@ class Deliverer:
         self.limiter = limiter
         self.policy = policy
         self.clock = clock
-        self.on_commit = on_commit
+        self.outbox = outbox or OutboxWriter(None)
         self._tokens: dict[str, tuple[Secret, float, datetime | None]] = {}
         # One transaction for the outcomes of the attempts that end together.
         self._outcomes = GroupCommitter(
@@ -364,7 +365,6 @@ class Deliverer:
                 events.append(delivery_update(message, now))
                 if message.confirmed_at is not None and message.status is MessageStatus.SENT:
                     events.append(delivery_update(message, now, confirmed=True))
-            await tx.add_events(events)
-        if events and self.on_commit is not None:
-            self.on_commit()
+            handed = await self.outbox.add(tx, events)
+        self.outbox.committed(handed)
         return stored

@@ -1,0 +1,40 @@
+"""Writing a transaction's events to the outbox, for the relay of this process.
+
+Without a relay in the process (``serve http``), events are added plainly and another
+process's relay sweeps them up. With one, they are added already claimed for it and
+handed over after the commit, so it publishes them without a claim transaction of its own;
+should the hand-over never happen (a crash), the claim lapses and the sweep takes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from gateway.domain.events import Event
+from gateway.domain.store import OutboxEntry, Tx
+from gateway.services.relay import OutboxRelay
+
+# Entries claimed for the relay lapse a little before its own lease would, never after.
+_LEASE_MARGIN = timedelta(seconds=1)
+
+Handed = Sequence[OutboxEntry]
+
+
+class OutboxWriter:
+    def __init__(self, relay: OutboxRelay | None) -> None:
+        self._relay = relay
+
+    async def add(self, tx: Tx, events: Sequence[Event]) -> Handed:
+        """Adds the events inside ``tx``; pass the result to :meth:`committed` after it."""
+        if not events:
+            return ()
+        if self._relay is None:
+            await tx.add_events(events)
+            return ()
+        lease_until = datetime.now(UTC) + self._relay.lease - _LEASE_MARGIN
+        return await tx.add_claimed_events(events, lease_until)
+
+    def committed(self, handed: Handed) -> None:
+        if handed and self._relay is not None:
+            self._relay.hand_over(handed)
