@@ -21,16 +21,12 @@ import redis
 import redis.asyncio
 
 from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
+from tests.helpers import with_database
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
 RUN_ID = secrets.token_hex(4)
-
-
-def _with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
 
 
 def _redacted(url: str) -> str:
@@ -62,7 +58,7 @@ def postgres_url(postgres_admin_url: str) -> Iterator[str]:
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield _with_database(postgres_admin_url, name)
+        yield with_database(postgres_admin_url, name)
     finally:
         with psycopg.connect(postgres_admin_url, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

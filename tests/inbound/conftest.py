@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from channels.instagram.sandbox import (
@@ -29,8 +28,8 @@ from gateway.domain.ids import new_id
 from gateway.domain.models import Account, Connection, ConnectionStatus
 from gateway.services.credentials import seal
 from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
+from tests.helpers import fresh_database
 from tests.inbound.subscriber import Subscriber
-from tests.store.conftest import with_database
 
 BACKENDS = ["embedded", pytest.param("postgres+redis", marks=[pytest.mark.postgres])]
 
@@ -106,15 +105,8 @@ def inbound_database(
         return
     request.getfixturevalue("postgres_url")  # fails the run at once when PostgreSQL is down
     admin_url = str(request.getfixturevalue("postgres_admin_url"))
-    name = f"switchboard_inbound_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(admin_url, name)
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(admin_url, "inbound") as url:
+        yield url
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc.aio
-import psycopg
 import pytest
 from switchboard.v1 import common_pb2, messaging_pb2, messaging_pb2_grpc
 
@@ -34,8 +33,7 @@ from gateway.domain.ids import new_id
 from gateway.domain.models import Account, Connection, ConnectionStatus, Conversation
 from gateway.services.credentials import seal
 from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
-from tests.helpers import bearer
-from tests.store.conftest import with_database
+from tests.helpers import bearer, fresh_database
 
 BACKENDS = ["embedded", pytest.param("postgres+redis", marks=[pytest.mark.postgres])]
 
@@ -192,14 +190,8 @@ def out_database(out_backend: str, tmp_path: Path, request: pytest.FixtureReques
         return
     request.getfixturevalue("postgres_url")  # fails the run at once when PostgreSQL is down
     admin_url = str(request.getfixturevalue("postgres_admin_url"))
-    name = f"switchboard_outbound_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(admin_url, name)
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(admin_url, "outbound") as url:
+        yield url
 
 
 @pytest.fixture

@@ -7,15 +7,14 @@ an unmigrated database use ``blank_database``, which creates a database of its o
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 
 from gateway.store import PostgresStore, SqliteStore
+from tests.helpers import fresh_database
 
 AnyStore = SqliteStore | PostgresStore
 
@@ -27,11 +26,6 @@ TABLES = (
 )
 
 _migrated: set[str] = set()
-
-
-def with_database(url: str, database: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, ""))
 
 
 def new_store(backend: str, database: str) -> AnyStore:
@@ -96,11 +90,5 @@ def blank_database(backend: str, tmp_path: Path, request: pytest.FixtureRequest)
         return
     request.getfixturevalue("postgres_url")  # fails the run at once if PostgreSQL is down
     admin_url = str(request.getfixturevalue("postgres_admin_url"))
-    name = f"switchboard_blank_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(admin_url, name)
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_database(admin_url, "blank") as url:
+        yield url
