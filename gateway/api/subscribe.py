@@ -104,6 +104,9 @@ async def run_subscribe(
         subscription = subscription_from_start(first.start, token)
         max_batch = int(_bounded(first.start.max_batch or DEFAULT_MAX_BATCH, 1, MAX_BATCH))
         async with bus.subscribe(subscription) as consumer:
+            # Headers now tell the client its subscription is live (await initial_metadata()),
+            # before any event: a client can order its own work after that point.
+            await context.send_initial_metadata((("x-subscription", "started"),))
             reader = asyncio.create_task(_read_requests(stream, consumer))
             try:
                 while not reader.done():

@@ -77,6 +77,20 @@ async def test_tenants_outside_the_token_are_denied(
     assert "t2" in (err.value.details() or "")
 
 
+async def test_headers_arrive_once_the_subscription_is_live(
+    harness: Harness, stub: messaging_pb2_grpc.MessagingStub
+) -> None:
+    call = stub.Subscribe()
+    await call.write(start(group="live"))
+    headers = dict(await asyncio.wait_for(call.initial_metadata(), 5.0))
+    assert headers["x-subscription"] == "started"
+    # The group exists from that moment: an event published now reaches it.
+    await harness.publish([make_event("after-start", 0)])
+    response = await asyncio.wait_for(call.read(), 5.0)
+    assert response.deliveries[0].event.message_received.message.text.startswith("after-start")
+    call.cancel()
+
+
 async def test_deliveries_flow_in_batches_and_acks_are_honoured(
     harness: Harness, stub: messaging_pb2_grpc.MessagingStub
 ) -> None:

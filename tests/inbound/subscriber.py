@@ -100,6 +100,9 @@ class Subscriber:
             self._responses = stub.Subscribe(
                 self._request_stream(), metadata=bearer(self._running.token)
             )
+            # Live only once the server says so: a test that then stops the store must not
+            # race the stream's own start (authentication reads the store).
+            await self._responses.initial_metadata()
         else:
             bus = self._running.gateway.bus
             assert bus is not None
