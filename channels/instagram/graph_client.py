@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from channels.instagram.usage import parse_usage, regain_at
 from gateway.config import Secret
 from gateway.domain.errors import (
     ChannelAuthError,
@@ -39,7 +40,6 @@ POLICY_BLOCK_CODE = 368
 # Outside the 24-hour messaging window: (10, 2018278) and 2534022.
 OUTSIDE_WINDOW_SUBCODE = 2018278
 OUTSIDE_WINDOW_CODE = 2534022
-_DEFAULT_THROTTLE = timedelta(minutes=1)
 _POLICY_PAUSE = timedelta(hours=1)
 _MAX_MESSAGE = 300
 
@@ -207,7 +207,9 @@ def _classify(
     if code == 10 or 200 <= code <= 299:
         return ChannelAuthError(message, reason="PERMISSION_MISSING", **kw)
     if code in THROTTLE_CODES:
-        return ChannelRateLimited(message, retry_at=_regain_at(headers), **kw)
+        return ChannelRateLimited(
+            message, retry_at=regain_at(parse_usage(headers), datetime.now(UTC)), **kw
+        )
     if code == POLICY_BLOCK_CODE:
         return ChannelRateLimited(
             message, retry_at=datetime.now(UTC) + _POLICY_PAUSE, reason="POLICY_BLOCKED", **kw
@@ -217,21 +219,3 @@ def _classify(
     if code == 551:
         return ChannelRequestError(message, reason="RECIPIENT_UNAVAILABLE", **kw)
     return ChannelRequestError(message, **kw)
-
-
-def _regain_at(headers: Mapping[str, str]) -> datetime:
-    """When a throttled account may call again, from ``x-business-use-case-usage``."""
-    minutes = 0
-    raw = headers.get("x-business-use-case-usage", "")
-    if raw:
-        try:
-            usage = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            usage = {}
-        if isinstance(usage, dict):
-            for entries in usage.values():
-                for entry in entries if isinstance(entries, list) else ():
-                    if isinstance(entry, dict):
-                        minutes = max(minutes, _int(entry.get("estimated_time_to_regain_access")))
-    wait = timedelta(minutes=minutes) if minutes else _DEFAULT_THROTTLE
-    return datetime.now(UTC) + wait

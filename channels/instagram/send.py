@@ -8,14 +8,13 @@ header. Failures are classified once, by :mod:`channels.instagram.graph_client`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
-
-import orjson
 
 from channels.instagram.graph_client import GraphClient
 from channels.instagram.settings import FLOW_FACEBOOK, InstagramSettings
+from channels.instagram.usage import parse_usage, resume_at
 from gateway.config import Secret
 from gateway.domain.errors import ChannelRequestError
 from gateway.domain.models import Connection
@@ -101,26 +100,6 @@ def build_body(m: OutboundMessage) -> dict[str, Any]:
     return body
 
 
-def pause_from_usage(headers: Mapping[str, str], now: datetime) -> datetime | None:
-    """When ``x-business-use-case-usage`` asks the account to wait, until when."""
-    raw = headers.get("x-business-use-case-usage", "")
-    if not raw:
-        return None
-    try:
-        usage = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    minutes = 0
-    if isinstance(usage, dict):
-        for entries in usage.values():
-            for entry in entries if isinstance(entries, list) else ():
-                if isinstance(entry, dict):
-                    value = entry.get("estimated_time_to_regain_access")
-                    if isinstance(value, int | float) and value > minutes:
-                        minutes = int(value)
-    return now + timedelta(minutes=minutes) if minutes else None
-
-
 class InstagramOutbound:
     """Implements :class:`gateway.domain.outbound.OutboundChannel` for Instagram."""
 
@@ -146,5 +125,5 @@ class InstagramOutbound:
         return SendResult(
             external_id=str(data.get("message_id") or ""),
             recipient_id=str(data.get("recipient_id") or ""),
-            pause_until=pause_from_usage(reply.headers, datetime.now(UTC)),
+            pause_until=resume_at(parse_usage(reply.headers), datetime.now(UTC)),
         )

@@ -1,13 +1,15 @@
 """Meta's usage headers on a successful send: an account at its limit, with a time to regain
 access, is paused until then (its queued messages held, fail_fast refused), and no other
-account is."""
+account is. At 100 % of the app's limit without an estimate, it waits a default minute."""
 
 from __future__ import annotations
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 from switchboard.v1 import common_pb2
 
+from channels.instagram.usage import DEFAULT_THROTTLE
 from tests.outbound.conftest import Out, connect, customer_writes
 from tests.outbound.test_refusals import error_info
 
@@ -68,3 +70,58 @@ async def test_usage_below_the_limit_does_not_pause(out: Out) -> None:
     reply = await out.send(text="three", fail_fast=True)
     assert reply.message.status == common_pb2.MESSAGE_STATUS_SENT
     assert len(await out.bodies()) == 3
+
+
+def usage_header_pauses() -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "switchboard_outbound_account_pauses_total",
+            {"channel": "instagram", "source": "usage_header"},
+        )
+        or 0.0
+    )
+
+
+async def test_app_usage_at_100_percent_pauses_the_account_for_the_default(out: Out) -> None:
+    # x-app-usage only: the business header keeps the sandbox's own count and no estimate.
+    await out.control.set_usage(out.ig_id, app={"call_count": 100}, count=1)
+    pauses = usage_header_pauses()
+
+    first = await out.send(text="one")
+    assert first.message.status == common_pb2.MESSAGE_STATUS_SENT
+    [record] = await out.control.sent(out.ig_id)
+    assert record["status"] == 200
+    assert usage_header_pauses() == pauses + 1
+    second = await out.send(text="two")
+    assert second.message.status == common_pb2.MESSAGE_STATUS_QUEUED
+    assert not second.message.HasField("error")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await out.send(text="now or never", fail_fast=True)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error_info(caught.value).reason == "RATE_LIMITED"
+
+    half = DEFAULT_THROTTLE.total_seconds() / 2
+    out.advance(half)
+    await out.wait_status(second.message.id, "MESSAGE_STATUS_QUEUED")
+    assert [b["message"]["text"] for b in await out.bodies()] == ["one"]
+    out.advance(half + 10)
+    held = await out.wait_status(second.message.id, "MESSAGE_STATUS_SENT")
+    assert not held.HasField("error")
+    assert [a.number for a in held.attempts] == [1]
+    assert [b["message"]["text"] for b in await out.bodies()] == ["one", "two"]
+    # The rule covered one send: the account's later sends report under 100 % and go at once.
+    third = await out.send(text="three", fail_fast=True)
+    assert third.message.status == common_pb2.MESSAGE_STATUS_SENT
+    assert usage_header_pauses() == pauses + 1
+
+
+async def test_app_usage_at_99_percent_does_not_pause(out: Out) -> None:
+    await out.control.set_usage(
+        out.ig_id, app={"call_count": 99, "total_time": 99, "total_cputime": 99}
+    )
+    pauses = usage_header_pauses()
+    for text in ("one", "two"):
+        reply = await out.send(text=text, fail_fast=True)
+        assert reply.message.status == common_pb2.MESSAGE_STATUS_SENT
+    assert [b["message"]["text"] for b in await out.bodies()] == ["one", "two"]
+    assert usage_header_pauses() == pauses

@@ -193,6 +193,8 @@ class ErrorRule:
 
 USAGE_APP_FIELDS = ("call_count", "total_time", "total_cputime")
 USAGE_BUSINESS_FIELDS = (*USAGE_APP_FIELDS, "estimated_time_to_regain_access")
+# Reaching 100 % is left to tests: an injected throttling error or POST /_sandbox/usage.
+ORGANIC_USAGE_MAX = 99
 
 
 @dataclass
@@ -488,13 +490,15 @@ class SandboxState:
         return rule
 
     def count_call(self, key: str) -> int:
-        """Calls for ``key`` in the last hour, as a percentage of a nominal 200 per hour."""
+        """Calls for ``key`` in the last hour, as a percentage of a nominal 200 per hour,
+        never past 99: the sandbox does not throttle on its own, and a client that honours
+        Meta's headers pauses an account reported at 100 % (benchmarks send thousands)."""
         now = self.clock.now()
         calls = self._calls.setdefault(key, deque())
         calls.append(now)
         while calls and calls[0] < now - 3600:
             calls.popleft()
-        return min(100, len(calls) // 2)
+        return min(ORGANIC_USAGE_MAX, len(calls) // 2)
 
     def record_delivery(self, delivery: Delivery) -> None:
         self.deliveries[delivery.id] = delivery
