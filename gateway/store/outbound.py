@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.domain.models import Connection, Conversation, DeliveryError, Message
 from gateway.domain.outbound import DeliveryAttempt
-from gateway.store import rows
+from gateway.store import bulk, rows
 from gateway.store.rows import Codec, Params
 from gateway.store.sqltx import Executor, in_list
 
@@ -30,15 +30,11 @@ _SENT_FIELDS = (
 )
 
 
-_ATTEMPT_INSERT = (
-    "INSERT INTO message_attempts (message_id, number, started_at, finished_at, error)"
-    " VALUES (:id, :n, :started, :finished, :error)"
-    " ON CONFLICT (message_id, number) DO NOTHING"
-)
+# SQLite's form of an outcome batch; PostgreSQL sends one array UPDATE (bulk.update_by_key).
 _OUTCOME_UPDATE = (
     "UPDATE messages SET "  # noqa: S608 - the column names are ours
     + ", ".join(f"{col} = :{col}" for col in _SENT_FIELDS)
-    + ", claimed_until = :lease WHERE id = :id"
+    + ", claimed_until = :claimed_until WHERE id = :id"
 )
 
 
@@ -56,6 +52,8 @@ class OutboundWriter:
     def __init__(self, executor: Executor, codec: Codec) -> None:
         self._ex = executor
         self._codec = codec
+        # PostgreSQL's executor takes arrays (one statement per batch); SQLite's does not.
+        self._arrays = hasattr(executor, "execute_native")
 
     async def find_conversation_for_recipient(
         self, connection_id: str, channel_user_id: str
@@ -189,12 +187,9 @@ class OutboundWriter:
             params = rows.message_params(self._codec, message, now)
             params["claimed_until"] = lease
             batch.append(params)
-        columns = ", ".join(batch[0])
-        values = ", ".join(f":{k}" for k in batch[0])
-        await self._ex.executemany(
-            f"INSERT INTO messages ({columns}) VALUES ({values})"  # noqa: S608
-            " ON CONFLICT DO NOTHING",
-            batch,
+        # In batch order: of two rows with one idempotency key the first is inserted.
+        await self._ex.execute(
+            *bulk.insert("messages", batch, "ON CONFLICT DO NOTHING", arrays=self._arrays)
         )
         # The unique (tenant, key) index decided every race, within the batch or with
         # another replica; whoever holds the key now is the message. Without a key only
@@ -256,23 +251,33 @@ class OutboundWriter:
                     "next_attempt_at": rows.opt_ts(codec, m.next_attempt_at),
                     "sent_at": rows.opt_ts(codec, m.sent_at),
                     "confirmed_at": rows.opt_ts(codec, m.confirmed_at),
-                    "lease": lease,
+                    "claimed_until": lease,
                     "id": m.id,
                 }
             )
             if attempt is not None:
                 attempts.append(self._attempt_params(m.id, attempt))
-        await self._ex.executemany(_OUTCOME_UPDATE, updates)
+        if self._arrays:
+            await self._ex.execute(*bulk.update_by_key("messages", "id", updates))
+        else:
+            await self._ex.executemany(_OUTCOME_UPDATE, updates)
         if attempts:
-            await self._ex.executemany(_ATTEMPT_INSERT, attempts)
+            await self._ex.execute(
+                *bulk.insert(
+                    "message_attempts",
+                    attempts,
+                    "ON CONFLICT (message_id, number) DO NOTHING",
+                    arrays=self._arrays,
+                )
+            )
         return [m for m, _ in items]
 
     def _attempt_params(self, message_id: str, attempt: DeliveryAttempt) -> Params:
         return {
-            "id": message_id,
-            "n": attempt.number,
-            "started": self._codec.ts(rows.utc(attempt.started_at)),
-            "finished": self._codec.ts(rows.utc(attempt.finished_at)),
+            "message_id": message_id,
+            "number": attempt.number,
+            "started_at": self._codec.ts(rows.utc(attempt.started_at)),
+            "finished_at": self._codec.ts(rows.utc(attempt.finished_at)),
             "error": None
             if attempt.error is None
             else self._codec.json(_error_json(attempt.error)),
