@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import inspect
 import logging
 import re
@@ -104,7 +105,18 @@ class _AroundInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return self._wrap(handler, _method_info(handler_call_details.method, handler))
+        # A method's handler is the same object call after call: wrap it once, not per call.
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, _method_info(method, handler))
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    @functools.cached_property
+    def _wrapped(self) -> dict[str, tuple[Handler, Handler]]:
+        return {}
 
     def _wrap(self, handler: Handler, info: MethodInfo) -> Handler:
         if not self.applies(info):
