@@ -174,7 +174,8 @@ class IngestResult:
     ``message`` is the stored message of a received or echoed item (the existing one when
     ``duplicate``); ``message_id`` is our id of the message any item refers to, if known.
     ``confirmed`` is set when an echo named a message the gateway sent and had not seen
-    confirmed yet.
+    confirmed yet. ``deleted_before_arrival`` is set when a received or echoed message was
+    stored already deleted, because its unsend was delivered first (Meta reorders).
     """
 
     conversation: Conversation | None = None
@@ -182,6 +183,8 @@ class IngestResult:
     message_id: str = ""
     reply_to_message_id: str = ""
     duplicate: bool = False
+    # Stored deleted: its MessageDeleted went out before it arrived, so it is not announced.
+    deleted_before_arrival: bool = False
     # An echo of a message sent through the gateway, which this item confirmed.
     confirmed: Message | None = None
 
@@ -201,6 +204,9 @@ class QuarantinedDelivery:
 
 MESSAGE_KINDS = frozenset({EventKind.MESSAGE_RECEIVED, EventKind.MESSAGE_ECHOED})
 WINDOW = timedelta(hours=24)
+# How long the unsend of a message not stored yet is remembered, for the message to come:
+# well beyond the 36 hours Meta retries a failed delivery for.
+TOMBSTONE_RETENTION = timedelta(days=7)
 
 
 def message_from_item(

@@ -155,7 +155,8 @@ class Tx(Protocol):
         connection and participant; last message, last inbound and window times only move
         forward), received and echoed messages (unique per connection and external id:
         a duplicate is reported, not stored again), edits (applied when not older than the
-        stored edit) and unsends of known messages."""
+        stored edit) and unsends: of known messages, or remembered (tombstones) so that
+        the message, should it come later, is stored deleted (``deleted_before_arrival``)."""
 
     async def quarantine(self, entries: Sequence[QuarantinedDelivery], *, keep: int) -> None:
         """Keeps the entries, and only the ``keep`` most recent entries of all."""
@@ -279,6 +280,10 @@ class Store(Protocol):
     async def mark_published(self, seqs: Sequence[int], now: datetime) -> None: ...
     async def purge_published(self, before: datetime) -> int:
         """Deletes published entries older than ``before`` (retention), with their bus acks."""
+
+    async def purge_tombstones(self, before: datetime) -> int:
+        """Deletes the tombstones of unsends (of messages not stored when the unsend came)
+        stored before ``before``; returns how many."""
 
     # The in-process bus's durable state (gateway.bus.memory): the outbox is its log.
     async def bus_load(self, *, since: datetime) -> tuple[list[OutboxEntry], dict[str, set[int]]]:

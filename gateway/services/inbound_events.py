@@ -58,13 +58,18 @@ def ts(value: datetime) -> str:
 
 
 def build_events(routed: Sequence[RoutedItem], results: Sequence[IngestResult]) -> list[Event]:
-    """One event per item, except received or echoed messages already stored."""
+    """One event per item, except received or echoed messages already stored or already
+    unsent (their MessageDeleted was published when the unsend came)."""
     events: list[Event] = []
     for r, result in zip(routed, results, strict=True):
         if r.item.kind in MESSAGE_KINDS and result.duplicate:
             if result.confirmed is not None:
                 # Our own message's echo: a confirmation, not a message from another app.
                 events.append(delivery_update(result.confirmed, r.received_at, confirmed=True))
+            continue
+        if r.item.kind in MESSAGE_KINDS and result.deleted_before_arrival:
+            # Announcing it now would have subscribers answer a message the customer
+            # already took back.
             continue
         conversation = result.conversation
         events.append(

@@ -11,7 +11,9 @@ published: a process that died right after a commit, or a claim whose lease laps
 Republishing keeps each event's ``event_id``; consumers dedupe on it.
 
 It also purges published entries past the retention window. With the in-process bus the
-outbox is the bus's log, so that retention must not be shorter than the bus's.
+outbox is the bus's log, so that retention must not be shorter than the bus's. The same
+periodic purge drops the tombstones ingestion keeps for unsends that came before their
+message, past their own retention (``TOMBSTONE_RETENTION``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from gateway.domain.bus import Bus
+from gateway.domain.inbound import TOMBSTONE_RETENTION
 from gateway.domain.store import OutboxEntry, Store
 from gateway.services.rounds import Rounds
 
@@ -43,6 +46,7 @@ class OutboxRelay:
         retention_s: float = 3 * 86400.0,
         purge_interval_s: float = 600.0,
         mark_interval_s: float = 0.05,
+        tombstone_retention_s: float = TOMBSTONE_RETENTION.total_seconds(),
     ) -> None:
         self._store = store
         self._bus = bus
@@ -50,6 +54,7 @@ class OutboxRelay:
         self._lease = timedelta(seconds=lease_s)
         self._sweep_interval_s = sweep_interval_s
         self._retention = timedelta(seconds=retention_s)
+        self._tombstone_retention = timedelta(seconds=tombstone_retention_s)
         self._purge_interval_s = purge_interval_s
         self._mark_interval_s = mark_interval_s
         # Seqs of handed-over entries published but not yet marked, and when to mark them.
@@ -160,7 +165,11 @@ class OutboxRelay:
                 return total
 
     async def purge(self) -> int:
-        return await self._store.purge_published(datetime.now(UTC) - self._retention)
+        """Purges past retention; returns how many outbox entries went."""
+        now = datetime.now(UTC)
+        purged = await self._store.purge_published(now - self._retention)
+        await self._store.purge_tombstones(now - self._tombstone_retention)
+        return purged
 
     async def _run(self) -> None:
         # Claimed entries stay leased until the lease lapses, then the sweep publishes

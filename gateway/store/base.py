@@ -150,6 +150,13 @@ class SqlStore(abc.ABC):
                 params,
             )
 
+    async def purge_tombstones(self, before: datetime) -> int:
+        async with self._session() as ex:
+            return await ex.execute(
+                "DELETE FROM message_tombstones WHERE created_at < :before",
+                {"before": self.codec.ts(rows.utc(before))},
+            )
+
     # ---- the in-process bus's durable state ----
 
     async def bus_load(self, *, since: datetime) -> tuple[list[OutboxEntry], dict[str, set[int]]]:

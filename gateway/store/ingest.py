@@ -5,6 +5,17 @@ A batch holds the items of many concurrent webhook requests (group commit), so e
 is one multi-row statement per chunk rather than one statement per item. Rows are written
 in key order so that two concurrent batches lock shared rows in the same order and cannot
 deadlock each other.
+
+Meta may deliver an unsend before the message it takes back. An unsend of a message not
+stored yet leaves a tombstone (``message_tombstones``) and marks its conversation
+(``conversations.tombstone_at``); a message of a marked conversation is looked up among
+the tombstones and, when unsent, stored deleted and not announced (its MessageDeleted
+went out with the unsend). The mark comes back with the conversation upsert every batch
+runs anyway, so a batch of unmarked conversations, the usual case, pays nothing more.
+Nothing is missed across transactions: an unsend and its message name the same customer,
+so both upsert the same conversation row, and the row lock orders them; the upsert of the
+second one returns the mark the first committed, and its later statements see the
+first one's rows. (SQLite serializes writers anyway.)
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ from gateway.domain.events import Event, EventKind
 from gateway.domain.ids import new_id
 from gateway.domain.inbound import (
     MESSAGE_KINDS,
+    TOMBSTONE_RETENTION,
     WINDOW,
     IngestResult,
     QuarantinedDelivery,
@@ -63,11 +75,12 @@ _PG_TYPES = {
     "window_expires_at": "timestamptz",
     "deleted": "boolean",
     "edit_count": "integer",
+    "deleted_at": "timestamptz",
 }
 
 _CONVERSATION_RETURNING = (
     "id, tenant_id, connection_id, channel, participant_id, created_at, last_message_at,"
-    " last_inbound_at, window_expires_at"
+    " last_inbound_at, window_expires_at, tombstone_at"
 )
 
 
@@ -141,12 +154,12 @@ class InboundWriter:
         if not routed:
             return results
         participants = await self._participants(routed)
-        conversations = await self._conversations(routed, participants)
+        conversations, marked = await self._conversations(routed, participants)
         for result, r in zip(results, routed, strict=True):
             part = participants.get((r.connection.id, r.item.customer_id))
             if part is not None:
                 result.conversation = conversations.get((r.connection.id, part.id))
-        await self._insert_messages(routed, results)
+        await self._insert_messages(routed, results, marked)
         await self._confirm_echoes(routed, results)
         known = await self._known_messages(routed, results)
         await self._apply_changes(routed, results, known)
@@ -209,7 +222,9 @@ class InboundWriter:
         self,
         routed: Sequence[RoutedItem],
         participants: dict[tuple[str, str], Participant],
-    ) -> dict[tuple[str, str], Conversation]:
+    ) -> tuple[dict[tuple[str, str], Conversation], set[str]]:
+        """The conversations as stored, and the ids of those marked by a recent unsend of
+        a message not stored then."""
         drafts: dict[tuple[str, str], _ConversationDraft] = {}
         for r in routed:
             part = participants.get((r.connection.id, r.item.customer_id))
@@ -224,6 +239,9 @@ class InboundWriter:
                 draft.last_inbound_at = _max(draft.last_inbound_at, r.item.occurred_at)
         now = datetime.now(UTC)
         found: dict[tuple[str, str], Conversation] = {}
+        marked: set[str] = set()
+        # Tombstones older than this are purged, or due to be.
+        fresh_after = now - TOMBSTONE_RETENTION
         times = ", ".join(
             f"{col} = {later('conversations', col)}"
             for col in ("last_message_at", "last_inbound_at", "window_expires_at")
@@ -239,7 +257,10 @@ class InboundWriter:
             ):
                 key = (row["connection_id"], row["participant_id"])
                 found[key] = self._conversation(row, drafts[key].participant)
-        return found
+                mark = row["tombstone_at"]
+                if mark is not None and self._codec.ts_in(mark) > fresh_after:
+                    marked.add(row["id"])
+        return found, marked
 
     def _conversation(self, row: Row, participant: Participant) -> Conversation:
         return Conversation(
@@ -271,7 +292,7 @@ class InboundWriter:
     # ---- messages ----
 
     async def _insert_messages(
-        self, routed: Sequence[RoutedItem], results: list[IngestResult]
+        self, routed: Sequence[RoutedItem], results: list[IngestResult], marked: set[str]
     ) -> None:
         first_of: dict[tuple[str, str], int] = {}
         drafts: list[tuple[int, Message]] = []
@@ -286,6 +307,8 @@ class InboundWriter:
             first_of[key] = i
             drafts.append((i, message_from_item(r.item, r.connection, conv.id, new_id("msg"))))
         drafts.sort(key=lambda d: (d[1].connection_id, d[1].external_id, d[1].id))
+        if marked:
+            await self._mark_unsent([m for _, m in drafts if m.conversation_id in marked])
         now = datetime.now(UTC)
         inserted: set[str] = set()
         for chunk in _chunks(drafts):
@@ -299,8 +322,26 @@ class InboundWriter:
             if message.id in inserted:
                 results[i].message = message
                 results[i].message_id = message.id
+                results[i].deleted_before_arrival = message.deleted
             else:
                 results[i].duplicate = True
+
+    async def _mark_unsent(self, messages: Sequence[Message]) -> None:
+        """Marks deleted the messages (of marked conversations) whose unsend came first."""
+        keys = sorted({(m.connection_id, m.external_id) for m in messages if m.external_id})
+        gone: set[tuple[str, str]] = set()
+        for chunk in _chunks(keys):
+            conn_sql, conn_params = in_list("c", sorted({c for c, _ in chunk}))
+            ext_sql, ext_params = in_list("x", sorted({x for _, x in chunk}))
+            for row in await self._ex.fetch(
+                "SELECT connection_id, external_id FROM message_tombstones"  # noqa: S608
+                f" WHERE connection_id IN {conn_sql} AND external_id IN {ext_sql}",
+                {**conn_params, **ext_params},
+            ):
+                gone.add((row["connection_id"], row["external_id"]))
+        for m in messages:
+            if (m.connection_id, m.external_id) in gone:
+                m.deleted = True
 
     async def _confirm_echoes(
         self, routed: Sequence[RoutedItem], results: list[IngestResult]
@@ -352,18 +393,37 @@ class InboundWriter:
     ) -> None:
         edits: dict[str, Params] = {}
         deletes: set[str] = set()
-        for r, result in zip(routed, results, strict=True):
+        tombstones: dict[tuple[str, str], datetime] = {}
+        marks: set[str] = set()
+        inserted_at: dict[str, int] | None = None
+        for j, (r, result) in enumerate(zip(routed, results, strict=True)):
             item = r.item
             reply = known.get((r.connection.id, item.reply_to_external_id))
             if reply is not None:
                 result.reply_to_message_id = reply.id
             target = known.get((r.connection.id, item.external_id))
             if target is None:
+                # Without a customer there is no conversation to mark, nor a lock to order
+                # the unsend and its message: Meta's unsends always name the customer.
+                if (
+                    item.kind == EventKind.MESSAGE_DELETED
+                    and item.external_id
+                    and result.conversation is not None
+                ):
+                    tombstones.setdefault((r.connection.id, item.external_id), item.occurred_at)
+                    marks.add(result.conversation.id)
                 continue
             if not result.message_id:
                 result.message_id = target.id
             if item.kind == EventKind.MESSAGE_DELETED:
                 deletes.add(target.id)
+                if inserted_at is None:
+                    inserted_at = _inserted_at(results)
+                late = inserted_at.get(target.id, -1)
+                if late > j:
+                    # Its unsend came earlier in this very batch, so its MessageDeleted
+                    # precedes it in the outbox: not announced, as with a tombstone.
+                    _deleted_before_arrival(results[late])
             elif item.kind == EventKind.MESSAGE_EDITED and item.edit_count >= target.edit_count:
                 # An older edit arriving late does not overwrite a newer one.
                 target.edit_count = max(item.edit_count, target.edit_count)
@@ -377,6 +437,38 @@ class InboundWriter:
             await self._ex.executemany(
                 "UPDATE messages SET deleted = :d WHERE id = :id",
                 [{"d": True, "id": k} for k in sorted(deletes)],
+            )
+        if tombstones:
+            await self._add_tombstones(tombstones, marks)
+
+    async def _add_tombstones(
+        self, tombstones: dict[tuple[str, str], datetime], conversation_ids: set[str]
+    ) -> None:
+        """Unsends of messages not stored: the message may still come, as Meta reorders
+        deliveries and retries a failed one for up to 36 hours."""
+        now = self._codec.ts(datetime.now(UTC))
+        found = [
+            {
+                "connection_id": conn_id,
+                "external_id": external_id,
+                "deleted_at": self._codec.ts(rows.utc(deleted_at)),
+                "created_at": now,
+            }
+            for (conn_id, external_id), deleted_at in sorted(tombstones.items())
+        ]
+        for chunk in _chunks(found):
+            # A retried unsend finds its tombstone there already: the first one stands.
+            await self._insert(
+                "message_tombstones",
+                chunk,
+                "ON CONFLICT (connection_id, external_id) DO NOTHING RETURNING external_id",
+            )
+        # This transaction upserted these conversations: it holds their rows already.
+        for chunk in _chunks(sorted(conversation_ids)):
+            ids_sql, params = in_list("v", chunk)
+            await self._ex.execute(
+                f"UPDATE conversations SET tombstone_at = :now WHERE id IN {ids_sql}",  # noqa: S608
+                {"now": now, **params},
             )
 
     async def _fill_conversations(
@@ -499,6 +591,17 @@ class InboundWriter:
             {"channel": channel, "limit": limit},
         )
         return [_quarantined(self._codec, row) for row in found]
+
+
+def _inserted_at(results: Sequence[IngestResult]) -> dict[str, int]:
+    """Our id of each message this batch inserted -> the index of the item it came from."""
+    return {r.message.id: i for i, r in enumerate(results) if r.message is not None}
+
+
+def _deleted_before_arrival(result: IngestResult) -> None:
+    result.deleted_before_arrival = True
+    if result.message is not None:
+        result.message.deleted = True
 
 
 def _known(row: Row) -> _Known:
