@@ -39,44 +39,13 @@ from gateway.domain.inbound import (
 )
 from gateway.domain.models import Connection, Conversation, Message, Participant
 from gateway.domain.store import OutboxEntry
-from gateway.store import rows
+from gateway.store import bulk, rows
 from gateway.store.outbound import OutboundWriter
 from gateway.store.rows import Codec, Params, Row
 from gateway.store.sqltx import Executor, in_list, later
 
 # Rows per statement: keeps every statement under SQLite's bound on host parameters.
 CHUNK = 200
-
-# PostgreSQL types of the columns ingestion inserts, for its array (unnest) statements.
-_PG_TYPES = {
-    "id": "text",
-    "tenant_id": "text",
-    "connection_id": "text",
-    "conversation_id": "text",
-    "participant_id": "text",
-    "channel": "text",
-    "channel_user_id": "text",
-    "direction": "text",
-    "status": "text",
-    "external_id": "text",
-    "sender_id": "text",
-    "text": "text",
-    "attachments": "jsonb",
-    "content": "jsonb",
-    "idempotency_key": "text",
-    "error": "jsonb",
-    "attempts": "integer",
-    "next_attempt_at": "timestamptz",
-    "created_at": "timestamptz",
-    "sent_at": "timestamptz",
-    "confirmed_at": "timestamptz",
-    "last_message_at": "timestamptz",
-    "last_inbound_at": "timestamptz",
-    "window_expires_at": "timestamptz",
-    "deleted": "boolean",
-    "edit_count": "integer",
-    "deleted_at": "timestamptz",
-}
 
 _CONVERSATION_RETURNING = (
     "id, tenant_id, connection_id, channel, participant_id, created_at, last_message_at,"
@@ -87,21 +56,6 @@ _CONVERSATION_RETURNING = (
 def _chunks(values: Sequence[Any], size: int = CHUNK) -> Iterable[Sequence[Any]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
-
-
-def values_list(rows_: Sequence[Params]) -> tuple[str, Params]:
-    """``(:r0_a, :r0_b), (:r1_a, ...)`` and its parameters, for a multi-row VALUES."""
-    if not rows_:
-        return "", {}
-    keys = list(rows_[0])
-    # Every row of a batch has the same keys: build the names once per batch, not per row.
-    parts: list[str] = []
-    params: Params = {}
-    for i, row in enumerate(rows_):
-        names = [f"r{i}_{key}" for key in keys]
-        params.update(zip(names, row.values(), strict=True))
-        parts.append("(:" + ", :".join(names) + ")")
-    return ", ".join(parts), params
 
 
 def _max(a: datetime | None, b: datetime) -> datetime:
@@ -136,18 +90,7 @@ class InboundWriter:
 
     async def _insert(self, table: str, rows_: Sequence[Params], suffix: str) -> list[Row]:
         """A multi-row INSERT of rows with the same keys (``unnest`` on PostgreSQL)."""
-        columns = list(rows_[0])
-        if self._arrays:
-            params = {c: [r[c] for r in rows_] for c in columns}
-            arrays = ", ".join(f":{c}::{_PG_TYPES[c]}[]" for c in columns)
-            source = f"SELECT * FROM unnest({arrays})"  # noqa: S608 - names are ours
-        else:
-            values, params = values_list(rows_)
-            source = f"VALUES {values}"
-        return await self._ex.fetch(
-            f"INSERT INTO {table} ({', '.join(columns)}) {source} {suffix}",
-            params,
-        )
+        return await self._ex.fetch(*bulk.insert(table, rows_, suffix, arrays=self._arrays))
 
     async def ingest(self, routed: Sequence[RoutedItem]) -> list[IngestResult]:
         results = [IngestResult() for _ in routed]
@@ -529,7 +472,7 @@ class InboundWriter:
                     "l": lease,
                 }
             else:
-                values, params = values_list(
+                values, params = bulk.values_list(
                     [
                         {
                             "i": e.event_id,
