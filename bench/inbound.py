@@ -44,6 +44,7 @@ import orjson
 from aiohttp import web
 
 from bench._common import bench_database, drop_bench_database, reap
+from gateway.runtime import tune_gc_for_serving
 
 SECRET = b"bench-app-secret"
 ACCOUNT = "17841400000099999"
@@ -78,6 +79,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 def _install_uvloop() -> None:
+    # Every server of a run (the gateway and the ceiling's) as `switchboard serve` runs.
+    tune_gc_for_serving()
     try:
         import uvloop
 

@@ -27,12 +27,15 @@ import time
 from typing import Any
 
 from bench._common import bench_database, drop_bench_database, emit, percentile
+from gateway.runtime import tune_gc_for_serving
 
 REDIS = os.environ.get("SWITCHBOARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CUSTOMERS = 50
 
 
 def _uvloop() -> None:
+    # Every server of a run (the gateway and the ceiling's) as `switchboard serve` runs.
+    tune_gc_for_serving()
     try:
         import uvloop
 

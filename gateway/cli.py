@@ -19,6 +19,7 @@ from gateway import __version__
 from gateway.config import Config
 from gateway.domain.errors import ConfigError, InvalidArgument, SwitchboardError
 from gateway.observability.logging import configure_logging
+from gateway.runtime import tune_gc_for_serving
 
 log = logging.getLogger("gateway.cli")
 
@@ -101,6 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await gateway.serve(role, stop=stop, on_listening=announce)
         return 0
 
+    tune_gc_for_serving()
     return _run(main, fast_loop=True)
 
 
