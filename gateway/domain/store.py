@@ -20,7 +20,7 @@ uniqueness conflict that the method does not resolve itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -76,7 +76,8 @@ class Tx(Protocol):
     # ---- connections and their encrypted credentials ----
     async def save_connection(self, conn: Connection) -> None:
         """Inserts or updates by id. Only one non-DISCONNECTED connection may hold a
-        (channel, account.external_id): AlreadyExists otherwise."""
+        (channel, account.external_id): AlreadyExists otherwise. ``last_event_at`` only
+        moves forward (see ``advance_last_event_at``)."""
 
     async def get_connection(self, connection_id: str) -> Connection | None: ...
     async def find_connection_by_account(self, channel: str, external_id: str) -> Connection | None:
@@ -98,6 +99,11 @@ class Tx(Protocol):
         statuses: Sequence[ConnectionStatus] = (),
     ) -> Page[Connection]:
         """Newest first. A malformed page_token raises InvalidArgument('page_token')."""
+
+    async def advance_last_event_at(self, times: Mapping[str, datetime]) -> None:
+        """Moves each named connection's ``last_event_at`` forward to the time given, never
+        back (a NULL one counts as earliest); ids of no connection are ignored. Sets
+        nothing else (not ``updated_at``) and emits no event."""
 
     async def count_connections_by_status(self) -> dict[tuple[str, ConnectionStatus], int]: ...
     async def claim_connections_due(

@@ -35,6 +35,7 @@ from gateway.domain.inbound import (
 from gateway.domain.models import Connection, Participant
 from gateway.domain.store import Store
 from gateway.observability import inbound_metrics as m
+from gateway.services.activity import ConnectionActivity
 from gateway.services.inbound_events import build_events
 from gateway.services.ingest_batcher import GroupCommitter
 from gateway.services.outbox import OutboxWriter
@@ -84,6 +85,7 @@ class InboundService:
         max_wait_s: float = 0.001,
         workers: int = 1,
         ack_timeout_s: float = 4.0,
+        activity_interval_s: float = 5.0,
     ) -> None:
         self._store = store
         self._ack_timeout_s = ack_timeout_s
@@ -100,12 +102,16 @@ class InboundService:
             workers=workers,
             name="inbound-commit",
         )
+        self.activity = ConnectionActivity(store, interval_s=activity_interval_s)
 
     async def start(self) -> None:
+        await self.activity.start()
         await self._committer.start()
 
     async def aclose(self) -> None:
         await self._committer.aclose()
+        # After the committer: the batches it finished touched connections.
+        await self.activity.aclose()
         if self._enricher is not None:
             await self._enricher.aclose()
 
@@ -181,6 +187,10 @@ class InboundService:
             if kept:
                 await tx.quarantine(kept, keep=self._keep)
         self._outbox.committed(handed)
+        # Outside the transaction, which must not write (or lock) the connection rows.
+        touch = self.activity.touch
+        for r in routed:
+            touch(r.connection.id, r.received_at)
         m.INGEST_BATCH_ITEMS.observe(len(routed))
         touched: dict[str, tuple[Connection, Participant]] = {}
         duplicates: Counter[str] = Counter()

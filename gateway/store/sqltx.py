@@ -10,7 +10,7 @@ instead).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -65,6 +65,12 @@ def later(table: str, column: str) -> str:
         f"CASE WHEN {new} IS NULL OR ({old} IS NOT NULL AND {old} >= {new})"
         f" THEN {old} ELSE {new} END"
     )
+
+
+def earlier_than(old: str, new: str) -> str:
+    """``old`` is before ``new``, a NULL ``old`` being earliest: the condition under which
+    an UPDATE moving ``old`` forward to ``new`` changes anything."""
+    return f"({old} IS NULL OR {old} < {new})"
 
 
 def keep_unless_empty(table: str, column: str) -> str:
@@ -170,7 +176,13 @@ class SqlTx:
         """Also fills ``conn.created_at`` (as stored) and ``conn.updated_at``."""
         now = _now()
         params = rows.connection_params(self._codec, conn, now)
-        updates = ", ".join(f"{k} = excluded.{k}" for k in params if k not in ("id", "created_at"))
+        # last_event_at only moves forward: the caller's copy may predate a write of
+        # advance_last_event_at that committed after it was read.
+        updates = ", ".join(
+            f"{k} = {later('connections', k) if k == 'last_event_at' else f'excluded.{k}'}"
+            for k in params
+            if k not in ("id", "created_at")
+        )
         sql = (
             _insert("connections", params)
             + f" ON CONFLICT (id) DO UPDATE SET {updates} RETURNING created_at"
@@ -238,6 +250,28 @@ class SqlTx:
         )
         items = [rows.connection_from_row(self._codec, r) for r in found]
         return self._paged("connections", items, page_size, lambda c: (c.created_at, c.id))
+
+    async def advance_last_event_at(self, times: Mapping[str, datetime]) -> None:
+        if not times:
+            return
+        # Sorted ids: concurrent flushes of other processes lock shared rows in one order.
+        ids = sorted(times)
+        stale = earlier_than("connections.last_event_at", "u.t")
+        if hasattr(self._ex, "execute_native"):
+            # One statement text whatever the number of connections: prepared once.
+            await self._ex.execute(
+                "UPDATE connections SET last_event_at = u.t"  # noqa: S608
+                " FROM unnest(:ids::text[], :times::timestamptz[]) AS u(id, t)"
+                f" WHERE connections.id = u.id AND {stale}",
+                {"ids": ids, "times": [self._codec.ts(rows.utc(times[i])) for i in ids]},
+            )
+            return
+        # SQLite has no arrays; executemany runs the one prepared statement per row.
+        await self._ex.executemany(
+            "UPDATE connections SET last_event_at = :t"  # noqa: S608
+            f" WHERE id = :id AND {earlier_than('last_event_at', ':t')}",
+            [{"id": i, "t": self._codec.ts(rows.utc(times[i]))} for i in ids],
+        )
 
     async def count_connections_by_status(self) -> dict[tuple[str, ConnectionStatus], int]:
         found = await self._ex.fetch(
