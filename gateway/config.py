@@ -136,8 +136,13 @@ class Config:
                 f"(got scheme {urlsplit(database_url).scheme or 'none'!r})"
             )
         redis_url = reader.text("REDIS_URL", "")
-        if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            problems.append(f"{PREFIX}REDIS_URL: must start with redis://, rediss:// or unix://")
+        if redis_url:
+            # Imported here: redis-py is slow to import, and unneeded without Redis.
+            from gateway.redis_client import redis_url_problem
+
+            redis_problem = redis_url_problem(redis_url)
+            if redis_problem:
+                problems.append(f"{PREFIX}REDIS_URL: {redis_problem}")
 
         public_url = reader.text("PUBLIC_URL", "http://127.0.0.1:8080").rstrip("/")
         pub = urlsplit(public_url)

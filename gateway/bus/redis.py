@@ -33,9 +33,16 @@ shard count (16 by default), and a crashed consumer's shards wait for its lease 
 Retention: ``MAXLEN ~`` on every append bounds memory; ``trim`` (periodically, and on
 demand) drops entries older than the retention window with ``XTRIM MINID``.
 
-Every key is built in :mod:`gateway.bus.keys` and hash-tagged per shard stream. Reading all
-owned shards in one ``XREADGROUP`` assumes a single Redis (or a client that splits the call
-by slot on Redis Cluster).
+Every key is built in :mod:`gateway.bus.keys` and hash-tagged per shard stream, so a
+shard's stream, leases and groups live in one slot of a Redis Cluster.
+
+Redis Cluster (a ``redis+cluster://`` URL): no command names keys of two slots. On one
+node, a consumer reads all its shards in one ``XREADGROUP``; on a cluster, where the shard
+streams hash to different slots (``CROSSSLOT`` otherwise), it runs one blocking reader per
+slot (:meth:`RedisBus.read_groups`), each holding a connection to its slot's node while it
+blocks. Pipelines are never transactions: the cluster client splits them by node and each
+command names one slot's keys (a stream, or a lease, or the member set); Lua scripts touch
+one lease key. The group is created stream by stream.
 """
 
 from __future__ import annotations
@@ -47,8 +54,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis.asyncio
-from redis.exceptions import RedisError, ResponseError
+from redis.crc import key_slot
+from redis.exceptions import ResponseError
 
 from gateway.bus import metrics
 from gateway.bus.keys import BusKeys
@@ -58,6 +65,7 @@ from gateway.domain.codec import encode_event
 from gateway.domain.errors import BusUnavailable
 from gateway.domain.events import Event
 from gateway.domain.store import OutboxEntry
+from gateway.redis_client import REDIS_ERRORS, RedisClient, is_cluster, open_redis
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +102,8 @@ class RedisBus:
         self.read_count = read_count
         self._trim_interval_s = trim_interval_s
         self._lag_interval_s = lag_interval_s
-        self._client: redis.asyncio.Redis | None = None
+        self._client: RedisClient | None = None
+        self.cluster = False
         self._groups: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumers: set[RedisConsumer] = set()
@@ -107,7 +116,7 @@ class RedisBus:
         await self.aclose()
 
     @property
-    def client(self) -> redis.asyncio.Redis:
+    def client(self) -> RedisClient:
         if self._client is None:
             raise RuntimeError("RedisBus.start() was not called")
         return self._client
@@ -115,7 +124,8 @@ class RedisBus:
     async def start(self) -> None:
         if self._client is not None:
             return
-        self._client = redis.asyncio.Redis.from_url(self._url)
+        self._client = open_redis(self._url)
+        self.cluster = is_cluster(self._client)
         await self.ping()
         self.track(asyncio.create_task(self._maintain_loop(), name="bus-redis-maintain"))
 
@@ -137,7 +147,7 @@ class RedisBus:
     async def ping(self) -> None:
         try:
             await self.client.ping()
-        except (RedisError, OSError) as exc:
+        except (*REDIS_ERRORS, OSError) as exc:
             raise _unavailable(exc) from exc
 
     async def publish(self, events: Sequence[Event]) -> None:
@@ -150,7 +160,7 @@ class RedisBus:
             pipe.xadd(stream, {FIELD: encode_event(event)}, maxlen=self.max_len, approximate=True)
         try:
             await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except (*REDIS_ERRORS, OSError) as exc:
             raise _unavailable(exc) from exc
         metrics.EVENTS_PUBLISHED.labels(BACKEND).inc(len(events))
 
@@ -167,12 +177,23 @@ class RedisBus:
         pipe.sadd(self.keys.groups(), group)
         try:
             results = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
+        except (*REDIS_ERRORS, OSError) as exc:
             raise _unavailable(exc) from exc
         for result in results:
             if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
                 raise _unavailable(result)
         self._groups.add(group)
+
+    def read_groups(self) -> list[frozenset[int]]:
+        """The shards one ``XREADGROUP`` may read together: all of them on one node; on a
+        cluster, those whose streams share a hash slot (in practice, one each)."""
+        shards = range(self.keys.shards)
+        if not self.cluster:
+            return [frozenset(shards)]
+        by_slot: dict[int, set[int]] = {}
+        for shard in shards:
+            by_slot.setdefault(key_slot(self.keys.stream(shard).encode()), set()).add(shard)
+        return [frozenset(group) for group in by_slot.values()]
 
     @asynccontextmanager
     async def subscribe(self, subscription: Subscription) -> AsyncIterator[RedisConsumer]:
@@ -201,7 +222,7 @@ class RedisBus:
                 if isinstance(infos, ResponseError):  # no stream yet
                     continue
                 total += await self._shard_lag(shard, group, infos, int(length))
-        except (RedisError, OSError) as exc:
+        except (*REDIS_ERRORS, OSError) as exc:
             raise _unavailable(exc) from exc
         metrics.GROUP_LAG.labels(BACKEND, group).set(total)
         return total
@@ -229,7 +250,7 @@ class RedisBus:
             pipe.xtrim(self.keys.stream(shard), minid=min_id, approximate=False)
         try:
             return sum(int(n) for n in await pipe.execute())
-        except (RedisError, OSError) as exc:
+        except (*REDIS_ERRORS, OSError) as exc:
             raise _unavailable(exc) from exc
 
     async def _maintain_loop(self) -> None:

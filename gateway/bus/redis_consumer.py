@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import redis.asyncio
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
 from gateway.bus import metrics
 from gateway.bus.holdback import HoldbackQueue
@@ -33,6 +33,7 @@ from gateway.domain.bus import Delivery, Subscription
 from gateway.domain.codec import decode_event
 from gateway.domain.errors import BusUnavailable, InvalidArgument
 from gateway.domain.events import Event
+from gateway.redis_client import REDIS_ERRORS, RedisClient, is_cluster
 
 if TYPE_CHECKING:
     from gateway.bus.redis import RedisBus
@@ -91,7 +92,9 @@ def _text(value: bytes | str) -> str:
 class RedisConsumer:
     def __init__(self, bus: RedisBus, subscription: Subscription) -> None:
         self._bus = bus
-        self._r: redis.asyncio.Redis = bus.client
+        self._r: RedisClient = bus.client
+        self._cluster: RedisCluster | None = self._r if is_cluster(self._r) else None
+        self._read_groups = bus.read_groups()
         self._keys = bus.keys
         self._sub = subscription
         self._group = subscription.group
@@ -112,7 +115,6 @@ class RedisConsumer:
         self._wake = asyncio.Event()
         self._reader_wake = asyncio.Event()
         self._stopping = asyncio.Event()
-        self._resync = False
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -120,10 +122,13 @@ class RedisConsumer:
     async def start(self) -> None:
         try:
             await self._rebalance()
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise BusUnavailable(f"redis: {exc.__class__.__name__}") from exc
         self._tasks = [
-            asyncio.create_task(self._read_loop(), name=f"bus-read-{self.name}"),
+            *(
+                asyncio.create_task(self._read_loop(shards), name=f"bus-read-{self.name}")
+                for shards in self._read_groups
+            ),
             asyncio.create_task(self._keep_loop(), name=f"bus-keep-{self.name}"),
         ]
 
@@ -144,7 +149,7 @@ class RedisConsumer:
                 pipe.eval(RELEASE_LUA, 1, self._keys.lease(self._group, shard), self.name)
             pipe.zrem(self._keys.members(self._group), self.name)
             await pipe.execute()
-        except RedisError:
+        except REDIS_ERRORS:
             # The leases expire on their own; only the handover is slower.
             log.warning("bus consumer could not release its leases", exc_info=True)
         self._held.clear()
@@ -203,7 +208,7 @@ class RedisConsumer:
             for shard, ids in by_shard.items():
                 pipe.xack(self._keys.stream(shard), self._group, *ids)
             await pipe.execute()
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise BusUnavailable(f"redis: {exc.__class__.__name__}") from exc
         finally:
             if acked:
@@ -287,7 +292,7 @@ class RedisConsumer:
                 ids: list[Any] = by_shard[shard]
                 pipe.xclaim(self._keys.stream(shard), self._group, self.name, 0, ids)
             results = await pipe.execute()
-        except RedisError:
+        except REDIS_ERRORS:
             # Keep them due; the next receive tries again.
             log.warning("bus redelivery claim failed", exc_info=True)
             for item, _ in mine:
@@ -314,19 +319,22 @@ class RedisConsumer:
         self._wake = asyncio.Event()
 
     # ---- reading ----
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, shards: frozenset[int]) -> None:
+        """Reads the owned shards among ``shards`` (one ``XREADGROUP`` may name them all)
+        into the buffer, for as long as the consumer lives."""
         backoff = 0.05
+        resync = False
         while not self._closed:
-            if not self._active or self._buffer.size >= self._buffer_limit:
+            if self._active.isdisjoint(shards) or self._buffer.size >= self._buffer_limit:
                 self._reader_wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._reader_wake.wait(), self._bus.block_ms / 1000)
                 continue
             try:
-                if self._resync:
-                    await self._reload_own_pending()
-                    self._resync = False
-                await self._read_once()
+                if resync:
+                    await self._reload_own_pending(self._active & shards)
+                    resync = False
+                await self._read_once(shards)
                 backoff = 0.05
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):
@@ -334,23 +342,46 @@ class RedisConsumer:
                 else:
                     log.warning("bus read failed", exc_info=True)
                     await asyncio.sleep(backoff)
-            except (RedisError, OSError):
+            except (*REDIS_ERRORS, OSError):
                 # The reply of a lost read may have been entries now pending under our
                 # name that we never saw: reload them before reading on.
                 log.warning("bus read failed, retrying", exc_info=True)
-                self._resync = True
+                resync = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    async def _read_once(self) -> None:
-        shards = sorted(self._active)
-        streams: dict[Any, Any] = {self._keys.stream(s): ">" for s in shards}
-        count = min(self._bus.read_count, self._buffer_limit - self._buffer.size)
-        reply: Any = await self._r.xreadgroup(
-            self._group, self.name, streams, count=count, block=self._bus.block_ms
-        )
+    async def _read_once(self, shards: frozenset[int]) -> None:
+        active = self._active & shards
+        if not active:
+            return
+        streams: dict[Any, Any] = {self._keys.stream(s): ">" for s in sorted(active)}
+        room = self._buffer_limit - self._buffer.size
+        if len(self._read_groups) > 1:
+            # The readers of other slots fill the same buffer: each takes its share.
+            readers = sum(1 for group in self._read_groups if not group.isdisjoint(self._active))
+            room = max(1, room // max(readers, 1))
+        count = min(self._bus.read_count, room)
+        reply = await self._xreadgroup(streams, count=count, block=self._bus.block_ms)
         if reply:
             self._accept(reply, deliveries=1)
+
+    async def _xreadgroup(self, streams: dict[Any, Any], *, count: int, block: int | None) -> Any:
+        if self._cluster is None:
+            return await self._r.xreadgroup(
+                self._group, self.name, streams, count=count, block=block
+            )
+        # Straight to the node that serves the streams' slot: left to route the command
+        # itself, the cluster client asks a node COMMAND GETKEYS before every read
+        # (XREADGROUP's keys are "movable"), and it retries a read whose reply was lost,
+        # which would hide the entries that read left pending under our name. A MOVED
+        # reply is still followed.
+        node = self._cluster.get_node_from_key(next(iter(streams)))
+        args: list[Any] = ["GROUP", self._group, self.name, "COUNT", count]
+        if block is not None:
+            args += ["BLOCK", block]
+        return await self._cluster.execute_command(
+            "XREADGROUP", *args, "STREAMS", *streams, *streams.values(), target_nodes=node
+        )
 
     def _accept(self, reply: Any, *, deliveries: int) -> None:
         filtered: dict[int, list[str]] = defaultdict(list)
@@ -384,19 +415,18 @@ class RedisConsumer:
             for shard, ids in filtered.items():
                 pipe.xack(self._keys.stream(shard), self._group, *ids)
             await pipe.execute()
-        except RedisError:
+        except REDIS_ERRORS:
             # They stay pending and come back to whoever owns the shard next.
             log.warning("bus could not ack filtered entries", exc_info=True)
 
-    async def _reload_own_pending(self) -> None:
+    async def _reload_own_pending(self, shards: set[int]) -> None:
         """Rebuilds the buffer from this consumer's own pending entries (history read)."""
-        shards = set(self._active)
         self._buffer.remove_if(lambda item: item.shard in shards)
         for shard in sorted(shards):
             start = "0"
             while True:
-                reply: Any = await self._r.xreadgroup(
-                    self._group, self.name, {self._keys.stream(shard): start}, count=500
+                reply = await self._xreadgroup(
+                    {self._keys.stream(shard): start}, count=500, block=None
                 )
                 entries = reply[0][1] if reply else []
                 if not entries:
@@ -414,7 +444,7 @@ class RedisConsumer:
                 return
             try:
                 await self._rebalance()
-            except (RedisError, OSError):
+            except (*REDIS_ERRORS, OSError):
                 log.warning("bus heartbeat failed", exc_info=True)
 
     async def _rebalance(self) -> None:

@@ -1,7 +1,8 @@
 """OAuth ``state`` values: 256 random bits, stored only as a hash, single use, expiring.
 
 Two stores behind one protocol: Redis (shared by every replica, ``GETDEL`` makes a state
-single-use even when two callbacks race) when the gateway has Redis, else the database's
+single-use even when two callbacks race; one key per state, so a Redis Cluster works as
+well) when the gateway has Redis, else the database's
 ``oauth_states`` table. Neither ever holds the state itself: a leaked store cannot be
 replayed against the callback.
 """
@@ -14,12 +15,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 import orjson
-import redis.asyncio
-from redis.exceptions import RedisError
 
 from gateway.domain.errors import Unavailable
 from gateway.domain.models import OAuthState
 from gateway.domain.store import Store
+from gateway.redis_client import REDIS_ERRORS, RedisClient, open_redis
 
 STATE_TTL = timedelta(minutes=10)
 STATE_BYTES = 32
@@ -100,7 +100,7 @@ class RedisOAuthStates:
     """Redis keys with a TTL; taken with ``GETDEL``."""
 
     def __init__(self, url: str, *, prefix: str) -> None:
-        self._client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(url)
+        self._client: RedisClient = open_redis(url)
         self._prefix = prefix
 
     async def put(self, state: OAuthState) -> None:
@@ -109,7 +109,7 @@ class RedisOAuthStates:
             await self._client.set(
                 oauth_state_key(self._prefix, state.state_hash), _to_json(state), px=max(ttl_ms, 1)
             )
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise Unavailable(
                 f"Redis cannot store the OAuth state ({type(exc).__name__})",
                 reason="STATE_STORE_UNAVAILABLE",
@@ -118,7 +118,7 @@ class RedisOAuthStates:
     async def take(self, state_hash: str, now: datetime) -> OAuthState | None:
         try:
             raw = await self._client.getdel(oauth_state_key(self._prefix, state_hash))
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise Unavailable(
                 f"Redis cannot read the OAuth state ({type(exc).__name__})",
                 reason="STATE_STORE_UNAVAILABLE",

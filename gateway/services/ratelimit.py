@@ -3,9 +3,11 @@
 A bucket refills at ``rate`` tokens per second up to one second's worth; each send takes a
 token. A pause (Meta said the account is throttled until a time) stops every category of
 the account until then. :class:`RedisRateLimiter` shares buckets and pauses across
-replicas with one atomic script per decision; :class:`MemoryRateLimiter` is the embedded
-default's in-process equivalent. Times come from the caller (``now``), so both behave
-the same under a test's clock and replicas agree as far as their clocks do.
+replicas with one atomic script per decision (on one Redis or a Redis Cluster: an
+account's keys share a hash tag, so each script stays within one slot);
+:class:`MemoryRateLimiter` is the embedded default's in-process equivalent. Times come
+from the caller (``now``), so both behave the same under a test's clock and replicas
+agree as far as their clocks do.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import redis.asyncio
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from gateway.domain.errors import Unavailable
 from gateway.domain.outbound import RateCategory
+from gateway.redis_client import REDIS_ERRORS, RedisClient, open_redis
 from gateway.services.ingest_batcher import GroupCommitter
 
 
@@ -140,7 +142,7 @@ _Decision = tuple[str, RateCategory, datetime]
 
 class RedisRateLimiter:
     def __init__(self, url: str, rates: Mapping[RateCategory, float], *, prefix: str) -> None:
-        self._client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(url)
+        self._client: RedisClient = open_redis(url)
         self._rates = dict(rates)
         self.keys = RateLimitKeys(prefix)
         self._acquire: Any = self._client.register_script(_ACQUIRE)
@@ -164,24 +166,36 @@ class RedisRateLimiter:
 
     async def _decide(self, decisions: Sequence[_Decision]) -> list[Any]:
         try:
-            try:
-                return await self._run_decisions(decisions)
-            except NoScriptError:
-                # Redis restarted or was flushed: load the script once, then ask again.
+            results = await self._run_decisions(decisions)
+            missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+            if missing:
+                # Redis restarted or was flushed, or (on a cluster) a node joined or took
+                # over: load the script (on every primary), then ask again for those
+                # decisions only. The others already took their token.
                 await self._client.script_load(_ACQUIRE)
-                return await self._run_decisions(decisions)
-        except RedisError as exc:
+                again = await self._run_decisions([decisions[i] for i in missing])
+                for i, result in zip(missing, again, strict=True):
+                    results[i] = result
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+        except REDIS_ERRORS as exc:
             raise Unavailable(
                 f"Redis cannot decide the rate limit ({type(exc).__name__})",
                 reason="RATE_LIMITER_UNAVAILABLE",
             ) from None
+        return results
 
     async def _run_decisions(self, decisions: Sequence[_Decision]) -> list[Any]:
         # EVALSHA straight into the pipeline: a registered script would make every
-        # execute ask SCRIPT EXISTS first, a second round trip.
+        # execute ask SCRIPT EXISTS first, a second round trip. Through execute_command
+        # because redis-py refuses pipe.evalsha on a cluster (for fear of NOSCRIPT, which
+        # _decide handles). Errors come back in place, so that a script missing on one
+        # cluster node fails only the decisions sent there.
         pipe = self._client.pipeline(transaction=False)
         for account, category, now in decisions:
-            pipe.evalsha(
+            pipe.execute_command(
+                "EVALSHA",
                 self._acquire.sha,
                 2,
                 self.keys.bucket(account, category),
@@ -189,7 +203,7 @@ class RedisRateLimiter:
                 _ms(now),
                 self._rates[category],
             )
-        results: list[Any] = await pipe.execute()
+        results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
     async def pause(self, account: str, until: datetime) -> None:
@@ -198,7 +212,7 @@ class RedisRateLimiter:
             return
         try:
             await self._pause(keys=[self.keys.pause(account)], args=[_ms(until), _ms(now)])
-        except RedisError as exc:
+        except REDIS_ERRORS as exc:
             raise Unavailable(
                 f"Redis cannot record the pause ({type(exc).__name__})",
                 reason="RATE_LIMITER_UNAVAILABLE",

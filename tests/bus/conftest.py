@@ -1,4 +1,5 @@
-"""One harness per bus backend, so that one contract suite runs against both.
+"""One harness per bus backend, so that one contract suite runs against each: in-process,
+one Redis, and a Redis Cluster of three primaries started for the session.
 
 Events are published the production way: written to the outbox of a real SQLite store
 in a transaction, then published by the relay. Each Redis harness has its own key prefix.
@@ -6,9 +7,10 @@ in a transaction, then published by the relay. Each Redis harness has its own ke
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from gateway.domain.bus import Bus
 from gateway.domain.events import Event, EventKind, new_event
 from gateway.services.relay import OutboxRelay
 from gateway.store import SqliteStore, open_store
+from tests.helpers import RedisClusterUnavailable, shared_redis_cluster
 
 # Short enough for fast tests, long enough not to expire under a loaded CI machine.
 LEASE_TTL_S = 0.4
@@ -111,18 +114,29 @@ class Harness:
 
     async def settle(self) -> None:
         """Lets Redis consumers that just joined or left rebalance their shards."""
-        if self.backend == "redis":
-            import asyncio
-
+        if self.backend != "memory":
             await asyncio.sleep(LEASE_TTL_S * 1.5)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A ``redis+cluster://`` URL of a Redis Cluster started for this session."""
+    try:
+        with shared_redis_cluster() as url:
+            yield url
+    except RedisClusterUnavailable as exc:
+        pytest.skip(f"no Redis Cluster: {exc}")
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
 async def harness(
     request: pytest.FixtureRequest, tmp_path: Path, redis_url: str, redis_prefix: str
 ) -> AsyncIterator[Harness]:
     prefix = f"{redis_prefix}{secrets.token_hex(4)}:"
-    h = Harness(request.param, tmp_path / "bus.db", redis_url, prefix)
+    url = redis_url
+    if request.param == "redis-cluster":
+        url = str(request.getfixturevalue("redis_cluster_url"))
+    h = Harness(request.param, tmp_path / "bus.db", url, prefix)
     await h.open()
     try:
         yield h
