@@ -30,7 +30,9 @@ from bench._common import bench_database, drop_bench_database, emit, percentile
 from gateway.runtime import tune_gc_for_serving
 
 REDIS = os.environ.get("SWITCHBOARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-CUSTOMERS = 50
+# More customers than concurrent calls: messages to one customer go out one after another
+# (send order per conversation), which would cap the rate at the customers' count.
+CUSTOMERS = 256
 
 
 def _uvloop() -> None:

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from gateway.config import Secret
 from gateway.domain.errors import InvalidArgument
-from gateway.domain.models import Attachment, Connection, DeliveryError
+from gateway.domain.models import Attachment, Connection, Conversation, DeliveryError
 
 HUMAN_AGENT = "HUMAN_AGENT"
 
@@ -109,6 +109,13 @@ class OutboundMessage:
         """Reactions and sender actions make no message on the channel."""
         return self.kind not in (ContentKind.REACTION, ContentKind.SENDER_ACTION)
 
+    @property
+    def keeps_order(self) -> bool:
+        """Whether it goes out in its conversation's send order. A typing indicator or
+        a mark-seen late or early garbles nothing, and one held up would be worthless
+        by the time it went; a reaction names a message and reads as a reply."""
+        return self.kind is not ContentKind.SENDER_ACTION
+
 
 @dataclass(frozen=True, slots=True)
 class OutboundLimits:
@@ -132,6 +139,16 @@ class SendResult:
     external_id: str = ""
     recipient_id: str = ""
     pause_until: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendTarget:
+    """A conversation as SendMessage finds it. ``pending_at``: the created_at of its
+    latest message that keeps order and is still QUEUED or RETRYING (None: none is), so
+    that a new message goes out after it rather than now."""
+
+    conversation: Conversation
+    pending_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

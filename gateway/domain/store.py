@@ -40,7 +40,7 @@ from gateway.domain.models import (
     Page,
     Participant,
 )
-from gateway.domain.outbound import DeliveryAttempt
+from gateway.domain.outbound import DeliveryAttempt, SendTarget
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,12 +148,6 @@ class Tx(Protocol):
     ) -> Page[Message]:
         """Newest first."""
 
-    async def claim_due_messages(
-        self, *, now: datetime, lease_until: datetime, limit: int
-    ) -> list[Message]:
-        """Outbound QUEUED/RETRYING messages with next_attempt_at <= now whose lease lapsed;
-        each is leased until ``lease_until`` so concurrent workers never claim it twice."""
-
     # ---- inbound: webhook ingestion (gateway.services.inbound) ----
     async def ingest_inbound(self, items: Sequence[RoutedItem]) -> list[IngestResult]:
         """Stores a batch of routed items in a few statements, one result per item in order:
@@ -227,6 +221,40 @@ class Tx(Protocol):
     async def confirm_outbound(self, echoes: Sequence[tuple[str, str, datetime]]) -> list[Message]:
         """Sets ``confirmed_at`` on sent messages named by (connection_id, external_id,
         time) and not confirmed yet; returns the messages it changed."""
+
+    # Send order: an outbound message that keeps order (all but sender actions) is not
+    # attempted while an earlier one of its conversation (created_at, then id) is QUEUED
+    # or RETRYING. These are the forms of the calls above that the send path uses.
+    async def get_send_targets(self, ids: Sequence[str]) -> dict[str, SendTarget]:
+        """``get_conversations``, each with its latest pending ordered message's time."""
+
+    async def find_send_targets_for_recipients(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], SendTarget]:
+        """``find_conversations_for_recipients``, with the same."""
+
+    async def enqueue_outbound_in_order(
+        self, messages: Sequence[Message], lease_until: datetime, *, behind: Sequence[str]
+    ) -> list[tuple[Message, bool]]:
+        """``enqueue_outbound_many``; the messages whose ids are in ``behind`` wait for an
+        earlier one of their conversation and are stored without a lease."""
+
+    async def record_outbound_and_peek(
+        self,
+        items: Sequence[tuple[Message, DeliveryAttempt | None]],
+        *,
+        lease_until: datetime | None,
+    ) -> tuple[list[Message], bool]:
+        """``record_outbound_many``, and whether a message that settled (SENT or FAILED)
+        has another of its conversation still pending: the next one may go now."""
+
+    async def claim_next_messages(
+        self, *, now: datetime, lease_until: datetime, limit: int
+    ) -> list[Message]:
+        """Outbound QUEUED/RETRYING messages with next_attempt_at <= now whose lease lapsed,
+        in send order: only the oldest pending ordered message of a conversation (and any
+        due sender action) can be claimed. Each is leased until ``lease_until`` so
+        concurrent workers never claim it twice."""
 
     # ---- outbox ----
     async def add_events(self, events: Sequence[Event]) -> None: ...

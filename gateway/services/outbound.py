@@ -8,6 +8,13 @@ and its first attempt starts at once; the call waits up to ``wait_s`` for it and
 the status reached (the attempt goes on in the background past that). Retries are the
 worker's (:mod:`gateway.services.outbound_worker`).
 
+Send order: when the conversation already has a pending message (QUEUED or RETRYING, a
+first attempt under way included), a new one that keeps order (all but sender actions) is
+stored QUEUED behind it, without a lease and without an attempt now; the call answers
+QUEUED at once and the worker sends it when its turn comes. The conversation lookup the
+batch runs anyway tells whether one is pending (no extra statement); within a batch, the
+calls' order decides. ``fail_fast`` still refuses when the account is rate limited.
+
 An ``idempotency_key`` already used by the tenant returns the first message as it is now
 and sends nothing. Two identical calls that race both pass the lookup, but only one
 insert wins the unique (tenant, key) index; the other answers the winner's message.
@@ -23,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from gateway.domain.errors import (
@@ -98,6 +105,8 @@ class _Enqueued:
     message: Message
     connection: Connection
     content: OutboundMessage
+    # Queued behind an earlier message of its conversation: the worker sends it, not us.
+    behind: bool = False
 
 
 # A call's share of a group commit: its message, the first one's, or why it was refused.
@@ -112,6 +121,8 @@ class _Found:
     connections: dict[str, Connection]
     by_recipient: dict[tuple[str, str], Conversation]
     by_key: dict[tuple[str, str], Message]
+    # Conversation id -> created_at of its latest pending message that keeps order.
+    pending_at: dict[str, datetime] = field(default_factory=dict)
 
 
 def _ts(value: datetime) -> str:
@@ -159,6 +170,8 @@ class OutboundService:
         if isinstance(result, SendOutcome):
             return result
         stored = result.message
+        if result.behind:
+            return SendOutcome(stored)
         task = asyncio.create_task(
             self.deliverer.attempt(
                 stored,
@@ -213,27 +226,36 @@ class OutboundService:
                     continue
                 queued.append((len(results), *outcome))
                 results.append(None)
+            behind: set[str] = set()
             if queued:
+                behind = _queue_in_order([(m, c) for _, m, c in queued], found.pending_at)
                 latest = max(j.now for j in jobs)
-                stored = await tx.enqueue_outbound_many(
-                    [message for _, message, _ in queued], latest + lease
+                stored = await tx.enqueue_outbound_in_order(
+                    [message for _, message, _ in queued], latest + lease, behind=list(behind)
                 )
                 events = []
                 for (index, _, checked), (message, inserted) in zip(queued, stored, strict=True):
                     if inserted:
                         events.append(delivery_update(message, jobs[index].now))
-                        results[index] = _Enqueued(message, checked.connection, checked.content)
+                        results[index] = _Enqueued(
+                            message, checked.connection, checked.content, message.id in behind
+                        )
                     else:
                         results[index] = SendOutcome(message, duplicate=True)
                 handed = await self.deliverer.outbox.add(tx, events)
         self.deliverer.outbox.committed(handed)
+        if behind:
+            # The message ahead may have settled after our lookup but before this commit,
+            # when the Deliverer could not see these yet: have the worker look now.
+            self.deliverer.wake()
         return [r for r in results if r is not None]
 
     async def _lookup(self, tx: Tx, requests: Sequence[SendRequest]) -> _Found:
         """Every row the batch's checks read, a statement per kind of row."""
-        conversations = await tx.get_conversations(
+        targets = await tx.get_send_targets(
             [r.conversation_id for r in requests if r.conversation_id]
         )
+        conversations = {k: t.conversation for k, t in targets.items()}
         connection_ids = []
         for r in requests:
             if r.connection_id:
@@ -241,17 +263,23 @@ class OutboundService:
             elif (c := conversations.get(r.conversation_id)) and c.tenant_id == r.tenant_id:
                 connection_ids.append(c.connection_id)
         connections = await tx.get_connections(connection_ids)
-        by_recipient = await tx.find_conversations_for_recipients(
+        recipient_targets = await tx.find_send_targets_for_recipients(
             [
                 (r.connection_id, r.recipient_id)
                 for r in requests
                 if not r.conversation_id and r.connection_id and r.recipient_id
             ]
         )
+        by_recipient = {k: t.conversation for k, t in recipient_targets.items()}
         by_key = await tx.find_messages_by_idempotency_keys(
             [(r.tenant_id, r.idempotency_key) for r in requests if r.idempotency_key]
         )
-        return _Found(conversations, connections, by_recipient, by_key)
+        pending_at = {
+            t.conversation.id: t.pending_at
+            for t in (*targets.values(), *recipient_targets.values())
+            if t.pending_at is not None
+        }
+        return _Found(conversations, connections, by_recipient, by_key, pending_at)
 
     async def _admissible(
         self, tx: Tx, job: _Enqueue, found: _Found
@@ -349,6 +377,33 @@ class OutboundService:
         raise ResourceExhausted(
             "the account's send rate is exhausted", retry_at=retry_at, reason="RATE_LIMITED"
         )
+
+
+def _queue_in_order(
+    queued: Sequence[tuple[Message, _Checked]], pending_at: dict[str, datetime]
+) -> set[str]:
+    """The ids of the messages that must wait for an earlier one of their conversation:
+    one pending in the store, or one earlier in this batch. Each such message is dated
+    after the one it waits for, so that (created_at, id) orders them even when the
+    clocks of two calls (or two replicas) tie or disagree."""
+    behind: set[str] = set()
+    last = dict(pending_at)
+    for message, checked in queued:
+        if not checked.content.keeps_order:
+            continue
+        conversation_id = message.conversation_id
+        before = last.get(conversation_id)
+        if before is not None:
+            behind.add(message.id)
+            if message.created_at is None or message.created_at <= before:
+                message.created_at = before + _TICK
+        if message.created_at is not None:
+            last[conversation_id] = message.created_at
+    return behind
+
+
+# The storage's time resolution (PostgreSQL and our SQLite encoding: microseconds).
+_TICK = timedelta(microseconds=1)
 
 
 def _require_sendable(conn: Connection) -> None:

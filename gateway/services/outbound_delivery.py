@@ -13,6 +13,11 @@ the message to the channel once and records the outcome, its attempt and its
   backoff with jitter, FAILED once ``max_attempts`` is reached;
 - token rejected or permission missing: the connection turns NEEDS_REAUTH, the message FAILED;
 - anything else the channel refuses (window closed, 551, 100 family): FAILED, no retry.
+
+Send order: a message waits while an earlier one of its conversation is pending (see
+gateway.store.outbound). When an outcome settles a message (SENT or FAILED) and the store
+says another of its conversation still waits, the Deliverer wakes the worker at once
+rather than leaving that one to the next poll.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
@@ -150,6 +155,15 @@ class Deliverer:
         )
         self._started = False
         self._children: dict[str, tuple[Histogram, Counter]] = {}
+        self._wakers: list[Callable[[], None]] = []
+
+    def on_next_due(self, waker: Callable[[], None]) -> None:
+        """Calls ``waker`` whenever a message may have become next in its conversation."""
+        self._wakers.append(waker)
+
+    def wake(self) -> None:
+        for waker in self._wakers:
+            waker()
 
     async def aclose(self) -> None:
         """After the attempts under way ended: an outcome cut off is retried by a worker
@@ -356,7 +370,7 @@ class Deliverer:
         now = self.clock.now()
         events = []
         async with self._store.transaction() as tx:
-            stored = await tx.record_outbound_many(
+            stored, waiting = await tx.record_outbound_and_peek(
                 [(o.message, o.attempt) for o in outcomes], lease_until=None
             )
             for outcome, message in zip(outcomes, stored, strict=True):
@@ -367,4 +381,6 @@ class Deliverer:
                     events.append(delivery_update(message, now, confirmed=True))
             handed = await self.outbox.add(tx, events)
         self.outbox.committed(handed)
+        if waiting:
+            self.wake()
         return stored

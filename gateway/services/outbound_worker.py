@@ -3,6 +3,11 @@
 Every ``poll_s`` (or when woken) it claims due outbound messages through the store (a
 lease, ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so replicas never attempt the same
 message at once) and attempts them concurrently. It also refreshes the queue-depth gauge.
+
+It claims in send order: only the oldest pending message of a conversation, so the one
+behind it is claimed once that one is SENT or FAILED. The Deliverer wakes the worker at
+that moment (and SendMessage when it queued a message behind another), so the next one
+goes out within a round, not a poll.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class OutboundWorker:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        deliverer.on_next_due(self.notify)
 
     async def start(self) -> None:
         if self._task is None:
@@ -67,7 +73,7 @@ class OutboundWorker:
             now = self._deliverer.clock.now()
             lease = now + timedelta(seconds=self._deliverer.policy.lease_s)
             async with self._store.transaction() as tx:
-                claimed = await tx.claim_due_messages(
+                claimed = await tx.claim_next_messages(
                     now=now, lease_until=lease, limit=self._batch_size
                 )
                 depth = await tx.count_send_queue()

@@ -46,6 +46,7 @@ PG_TYPES = {
     "deleted": "boolean",
     "edit_count": "integer",
     "deleted_at": "timestamptz",
+    "unordered": "boolean",
 }
 
 

@@ -5,16 +5,22 @@ An outbound message is inserted already leased to the process that will make its
 attempt, so the retry worker never claims it while that attempt runs; recording an
 attempt's outcome releases the lease. An echo webhook may overtake the Send API's answer
 and be stored first as a message of its own: recording the answer folds it into ours.
+
+Send order: a message that keeps order (all but sender actions, stored ``unordered``) is
+not claimed while an earlier one of its conversation (by created_at, then id) is pending,
+QUEUED or RETRYING. One queued behind another is inserted without a lease, for the worker.
+The partial index ``messages_send_order`` (0005) serves every such question; the SQL
+below repeats its predicate word for word so that SQLite's planner matches it too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
-from gateway.domain.models import Connection, Conversation, DeliveryError, Message
-from gateway.domain.outbound import DeliveryAttempt
+from gateway.domain.models import Connection, Conversation, DeliveryError, Message, MessageStatus
+from gateway.domain.outbound import ContentKind, DeliveryAttempt, SendTarget
 from gateway.store import bulk, rows
 from gateway.store.rows import Codec, Params
 from gateway.store.sqltx import Executor, in_list
@@ -36,6 +42,40 @@ _OUTCOME_UPDATE = (
     + ", ".join(f"{col} = :{col}" for col in _SENT_FIELDS)
     + ", claimed_until = :claimed_until WHERE id = :id"
 )
+
+
+_SETTLED = (MessageStatus.SENT, MessageStatus.FAILED)
+
+
+def _pending(alias: str) -> str:
+    """``alias`` keeps send order and is still to be sent: the predicate of
+    messages_send_order, as its partial index must be matched."""
+    return (
+        f"{alias}.direction = 'OUTBOUND' AND {alias}.status IN ('QUEUED', 'RETRYING')"
+        f" AND NOT {alias}.unordered"
+    )
+
+
+# The created_at of the conversation's latest pending message: an index probe per row.
+_PENDING_AT = (
+    "(SELECT m.created_at FROM messages m WHERE m.conversation_id = c.id"  # noqa: S608
+    f" AND {_pending('m')} ORDER BY m.created_at DESC, m.id DESC LIMIT 1) AS send_pending_at"
+)
+
+# Per settled row of an outcome UPDATE (PostgreSQL): does another message of its
+# conversation still wait? The subquery sees the rows as they were before the statement,
+# the settled row itself included, hence ``w.id <> messages.id``.
+_WAITING = (
+    " RETURNING CASE WHEN messages.status IN ('SENT', 'FAILED') AND NOT messages.unordered"  # noqa: S608
+    " THEN EXISTS (SELECT 1 FROM messages w"
+    " WHERE w.conversation_id = messages.conversation_id"
+    f" AND {_pending('w')} AND w.id <> messages.id) ELSE false END AS waiting"
+)
+
+
+def _unordered(message: Message) -> bool:
+    outbound = message.content.get("outbound")
+    return isinstance(outbound, dict) and outbound.get("kind") == ContentKind.SENDER_ACTION
 
 
 def _error_json(e: DeliveryError) -> dict[str, Any]:
@@ -121,36 +161,65 @@ class OutboundWriter:
         return {r["id"]: rows.connection_from_row(self._codec, r) for r in found}
 
     async def get_conversations(self, ids: Sequence[str]) -> dict[str, Conversation]:
+        found = await self._conversations_by_id(ids, pending=False)
+        return {k: t.conversation for k, t in found.items()}
+
+    async def get_send_targets(self, ids: Sequence[str]) -> dict[str, SendTarget]:
+        return await self._conversations_by_id(ids, pending=True)
+
+    async def _conversations_by_id(
+        self, ids: Sequence[str], *, pending: bool
+    ) -> dict[str, SendTarget]:
         if not ids:
             return {}
         ids_sql, params = in_list("v", list(dict.fromkeys(ids)))
+        extra = f", {_PENDING_AT}" if pending else ""
         found = await self._ex.fetch(
-            f"SELECT {rows.CONVERSATION_COLUMNS} FROM {rows.CONVERSATION_FROM}"  # noqa: S608
+            f"SELECT {rows.CONVERSATION_COLUMNS}{extra} FROM {rows.CONVERSATION_FROM}"  # noqa: S608
             f" WHERE c.id IN {ids_sql}",
             params,
         )
-        return {r["id"]: rows.conversation_from_row(self._codec, r) for r in found}
+        return {r["id"]: self._target(r) for r in found}
 
     async def find_conversations_for_recipients(
         self, pairs: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], Conversation]:
         """(connection_id, channel_user_id) -> the conversation, for the pairs that have one."""
+        found = await self._conversations_by_recipient(pairs, pending=False)
+        return {k: t.conversation for k, t in found.items()}
+
+    async def find_send_targets_for_recipients(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], SendTarget]:
+        return await self._conversations_by_recipient(pairs, pending=True)
+
+    async def _conversations_by_recipient(
+        self, pairs: Sequence[tuple[str, str]], *, pending: bool
+    ) -> dict[tuple[str, str], SendTarget]:
         if not pairs:
             return {}
         wanted = set(pairs)
         conn_sql, params = in_list("c", list(dict.fromkeys(c for c, _ in pairs)))
         user_sql, user_params = in_list("u", list(dict.fromkeys(u for _, u in pairs)))
+        extra = f", {_PENDING_AT}" if pending else ""
         found = await self._ex.fetch(
-            f"SELECT {rows.CONVERSATION_COLUMNS} FROM {rows.CONVERSATION_FROM}"  # noqa: S608
+            f"SELECT {rows.CONVERSATION_COLUMNS}{extra} FROM {rows.CONVERSATION_FROM}"  # noqa: S608
             f" WHERE c.connection_id IN {conn_sql} AND p.channel_user_id IN {user_sql}",
             {**params, **user_params},
         )
-        out: dict[tuple[str, str], Conversation] = {}
+        out: dict[tuple[str, str], SendTarget] = {}
         for r in found:
             key = (r["connection_id"], r["p_channel_user_id"])
             if key in wanted:
-                out[key] = rows.conversation_from_row(self._codec, r)
+                out[key] = self._target(r)
         return out
+
+    def _target(self, row: rows.Row) -> SendTarget:
+        at = row.get("send_pending_at")
+        return SendTarget(
+            rows.conversation_from_row(self._codec, row),
+            None if at is None else self._codec.ts_in(at),
+        )
 
     async def find_messages_by_idempotency_keys(
         self, pairs: Sequence[tuple[str, str]]
@@ -175,17 +244,25 @@ class OutboundWriter:
         return out
 
     async def enqueue_many(
-        self, messages: Sequence[Message], lease_until: datetime, now: datetime
+        self,
+        messages: Sequence[Message],
+        lease_until: datetime,
+        now: datetime,
+        *,
+        behind: Collection[str] = (),
     ) -> list[tuple[Message, bool]]:
         """Like :meth:`enqueue` for each message, in order: a later message of the batch
-        with an idempotency key an earlier one took gets the earlier one, not inserted."""
+        with an idempotency key an earlier one took gets the earlier one, not inserted.
+        Messages whose id is in ``behind`` wait for an earlier one of their conversation:
+        no lease, so that the worker takes them when their turn comes."""
         if not messages:
             return []
         lease = self._codec.ts(rows.utc(lease_until))
         batch: list[Params] = []
         for message in messages:
             params = rows.message_params(self._codec, message, now)
-            params["claimed_until"] = lease
+            params["claimed_until"] = None if message.id in behind else lease
+            params["unordered"] = _unordered(message)
             batch.append(params)
         # In batch order: of two rows with one idempotency key the first is inserted.
         await self._ex.execute(
@@ -215,8 +292,20 @@ class OutboundWriter:
         lease_until: datetime | None,
     ) -> list[Message]:
         """Like :meth:`record` for each (message, attempt), in three statements."""
+        stored, _ = await self.record_and_peek(items, lease_until=lease_until)
+        return stored
+
+    async def record_and_peek(
+        self,
+        items: Sequence[tuple[Message, DeliveryAttempt | None]],
+        *,
+        lease_until: datetime | None,
+    ) -> tuple[list[Message], bool]:
+        """:meth:`record_many`, and whether a message that settled (SENT or FAILED) has
+        another of its conversation waiting behind it. On PostgreSQL the outcome UPDATE
+        answers that itself; SQLite asks once more, only when an ordered message settled."""
         if not items:
-            return []
+            return [], False
         sent = [m for m, _ in items if m.external_id]
         if sent:
             # Echoes go first: our row takes their external id under a unique index.
@@ -258,9 +347,14 @@ class OutboundWriter:
             if attempt is not None:
                 attempts.append(self._attempt_params(m.id, attempt))
         if self._arrays:
-            await self._ex.execute(*bulk.update_by_key("messages", "id", updates))
+            sql, update_params = bulk.update_by_key("messages", "id", updates)
+            answers = await self._ex.fetch(sql + _WAITING, update_params)
+            waiting = any(r["waiting"] for r in answers)
         else:
             await self._ex.executemany(_OUTCOME_UPDATE, updates)
+            waiting = await self._waiting_behind(
+                [m for m, _ in items if m.status in _SETTLED and not _unordered(m)]
+            )
         if attempts:
             await self._ex.execute(
                 *bulk.insert(
@@ -270,7 +364,45 @@ class OutboundWriter:
                     arrays=self._arrays,
                 )
             )
-        return [m for m, _ in items]
+        return [m for m, _ in items], waiting
+
+    async def _waiting_behind(self, settled: Sequence[Message]) -> bool:
+        """Whether these settled messages' conversations still have a pending message
+        (the settled ones, already updated, no longer count)."""
+        if not settled:
+            return False
+        ids_sql, params = in_list("v", list(dict.fromkeys(m.conversation_id for m in settled)))
+        found = await self._ex.fetch(
+            "SELECT 1 AS n FROM messages w"  # noqa: S608
+            f" WHERE w.conversation_id IN {ids_sql} AND {_pending('w')} LIMIT 1",
+            params,
+        )
+        return bool(found)
+
+    async def claim_next(
+        self, *, now: datetime, lease_until: datetime, limit: int, lock: str
+    ) -> list[Message]:
+        """Due messages whose lease lapsed and that are next in their conversation's send
+        order (no earlier pending one there), leased until ``lease_until``. Under
+        ``FOR UPDATE SKIP LOCKED`` a replica skips the head another one is claiming and
+        sees it pending, so it claims nothing else of that conversation either."""
+        found = await self._ex.fetch(
+            "UPDATE messages SET claimed_until = :lease WHERE id IN ("  # noqa: S608
+            " SELECT q.id FROM messages q WHERE q.direction = 'OUTBOUND'"
+            " AND q.status IN ('QUEUED', 'RETRYING') AND q.next_attempt_at <= :now"
+            " AND (q.claimed_until IS NULL OR q.claimed_until <= :now)"
+            " AND (q.unordered OR NOT EXISTS (SELECT 1 FROM messages o"
+            f" WHERE o.conversation_id = q.conversation_id AND {_pending('o')}"
+            " AND (o.created_at, o.id) < (q.created_at, q.id)))"
+            f" ORDER BY q.next_attempt_at LIMIT :limit{lock}) RETURNING *",
+            {
+                "lease": self._codec.ts(rows.utc(lease_until)),
+                "now": self._codec.ts(rows.utc(now)),
+                "limit": limit,
+            },
+        )
+        claimed = [rows.message_from_row(self._codec, r) for r in found]
+        return sorted(claimed, key=lambda m: (m.next_attempt_at, m.created_at, m.id))
 
     def _attempt_params(self, message_id: str, attempt: DeliveryAttempt) -> Params:
         return {

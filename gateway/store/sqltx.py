@@ -33,7 +33,7 @@ from gateway.store import pagination, rows
 from gateway.store.rows import Codec, Params, Row
 
 if TYPE_CHECKING:
-    from gateway.domain.outbound import DeliveryAttempt
+    from gateway.domain.outbound import DeliveryAttempt, SendTarget
     from gateway.domain.store import OutboxEntry
     from gateway.store.ingest import InboundWriter
     from gateway.store.outbound import OutboundWriter
@@ -476,23 +476,6 @@ class SqlTx:
         items = [rows.message_from_row(self._codec, r) for r in found]
         return self._paged("messages", items, page_size, lambda m: (m.created_at, m.id))
 
-    async def claim_due_messages(
-        self, *, now: datetime, lease_until: datetime, limit: int
-    ) -> list[Message]:
-        found = await self._ex.fetch(
-            "UPDATE messages SET claimed_until = :lease WHERE id IN ("  # noqa: S608
-            " SELECT id FROM messages WHERE direction = 'OUTBOUND'"
-            " AND status IN ('QUEUED', 'RETRYING') AND next_attempt_at <= :now"
-            f" AND {_LAPSED} ORDER BY next_attempt_at LIMIT :limit{self._lock}) RETURNING *",
-            {
-                "lease": self._codec.ts(rows.utc(lease_until)),
-                "now": self._codec.ts(rows.utc(now)),
-                "limit": limit,
-            },
-        )
-        claimed = [rows.message_from_row(self._codec, r) for r in found]
-        return sorted(claimed, key=lambda m: (m.next_attempt_at, m.id))
-
     # ---- inbound: webhook ingestion (gateway.store.ingest) ----
 
     def _inbound(self) -> InboundWriter:
@@ -584,6 +567,38 @@ class SqlTx:
 
     async def confirm_outbound(self, echoes: Sequence[tuple[str, str, datetime]]) -> list[Message]:
         return await self._outbound().confirm(echoes)
+
+    # Send order within a conversation: the forms SendMessage and the worker use.
+
+    async def get_send_targets(self, ids: Sequence[str]) -> dict[str, SendTarget]:
+        return await self._outbound().get_send_targets(ids)
+
+    async def find_send_targets_for_recipients(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], SendTarget]:
+        return await self._outbound().find_send_targets_for_recipients(pairs)
+
+    async def enqueue_outbound_in_order(
+        self, messages: Sequence[Message], lease_until: datetime, *, behind: Sequence[str]
+    ) -> list[tuple[Message, bool]]:
+        return await self._outbound().enqueue_many(
+            messages, lease_until, _now(), behind=frozenset(behind)
+        )
+
+    async def record_outbound_and_peek(
+        self,
+        items: Sequence[tuple[Message, DeliveryAttempt | None]],
+        *,
+        lease_until: datetime | None,
+    ) -> tuple[list[Message], bool]:
+        return await self._outbound().record_and_peek(items, lease_until=lease_until)
+
+    async def claim_next_messages(
+        self, *, now: datetime, lease_until: datetime, limit: int
+    ) -> list[Message]:
+        return await self._outbound().claim_next(
+            now=now, lease_until=lease_until, limit=limit, lock=self._lock
+        )
 
     # ---- end of outbound ----
 

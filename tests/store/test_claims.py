@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import TypeVar
 
-from gateway.domain.models import ConnectionStatus, Direction, MessageStatus
+from gateway.domain.models import ConnectionStatus, Conversation, Direction, MessageStatus
 from tests.store.conftest import AnyStore
 from tests.store.factories import (
     connection,
@@ -52,23 +52,27 @@ async def test_concurrent_workers_claim_each_due_message_exactly_once(
     conn = connection()
     async with store.transaction() as tx:
         await tx.save_connection(conn)
-        conv = await tx.upsert_conversation(
-            conversation(conn, await tx.upsert_participant(participant(conn)))
-        )
-        due = [outbound(conv, due=t - timedelta(seconds=i % 7)) for i in range(200)]
+
+        async def fresh() -> Conversation:
+            # One conversation per message: within one, only the oldest pending is claimable.
+            return await tx.upsert_conversation(
+                conversation(conn, await tx.upsert_participant(participant(conn)))
+            )
+
+        due = [outbound(await fresh(), due=t - timedelta(seconds=i % 7)) for i in range(200)]
         for msg in due:
             await tx.insert_message(msg)
         # None of these is due for sending.
-        await tx.insert_message(outbound(conv, due=t + timedelta(minutes=5)))
-        await tx.insert_message(outbound(conv, due=t, status=MessageStatus.SENT))
-        await tx.insert_message(outbound(conv, due=None))  # type: ignore[arg-type]
-        await tx.insert_message(message(conv, next_attempt_at=t))
-        retrying = outbound(conv, due=t, status=MessageStatus.RETRYING)
+        await tx.insert_message(outbound(await fresh(), due=t + timedelta(minutes=5)))
+        await tx.insert_message(outbound(await fresh(), due=t, status=MessageStatus.SENT))
+        await tx.insert_message(outbound(await fresh(), due=None))  # type: ignore[arg-type]
+        await tx.insert_message(message(await fresh(), next_attempt_at=t))
+        retrying = outbound(await fresh(), due=t, status=MessageStatus.RETRYING)
         await tx.insert_message(retrying)
 
     async def claim(s: AnyStore) -> list[str]:
         async with s.transaction() as tx:
-            batch = await tx.claim_due_messages(
+            batch = await tx.claim_next_messages(
                 now=t, lease_until=t + timedelta(minutes=1), limit=7
             )
         assert all(m.direction is Direction.OUTBOUND for m in batch)
@@ -92,20 +96,20 @@ async def test_a_lapsed_message_lease_lets_another_worker_claim_it(store: AnySto
         await tx.insert_message(msg)
     lease = t + timedelta(seconds=30)
     async with store.transaction() as tx:
-        first = await tx.claim_due_messages(now=t, lease_until=lease, limit=10)
+        first = await tx.claim_next_messages(now=t, lease_until=lease, limit=10)
         assert [m.id for m in first] == [msg.id]
         assert first[0] == msg
     async with store.transaction() as tx:
-        assert await tx.claim_due_messages(now=t, lease_until=lease, limit=10) == []
+        assert await tx.claim_next_messages(now=t, lease_until=lease, limit=10) == []
         # update_message keeps the lease of the worker that holds the message.
         await tx.update_message(msg)
         assert (
-            await tx.claim_due_messages(
+            await tx.claim_next_messages(
                 now=lease - timedelta(seconds=1), lease_until=lease, limit=10
             )
             == []
         )
-        again = await tx.claim_due_messages(
+        again = await tx.claim_next_messages(
             now=lease, lease_until=lease + timedelta(seconds=30), limit=10
         )
     assert [m.id for m in again] == [msg.id]

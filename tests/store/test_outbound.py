@@ -48,7 +48,8 @@ async def test_enqueue_leases_the_message_and_a_repeated_key_returns_the_first(
         stored, inserted = await tx.enqueue_outbound(first, t + timedelta(seconds=60))
     async with store.transaction() as tx:
         existing, inserted_again = await tx.enqueue_outbound(again, t + timedelta(seconds=60))
-        claimed = await tx.claim_due_messages(now=t, lease_until=t + timedelta(seconds=5), limit=10)
+        lease = t + timedelta(seconds=5)
+        claimed = await tx.claim_next_messages(now=t, lease_until=lease, limit=10)
         by_key = await tx.find_message_by_idempotency_key(first.tenant_id, "k1")
         depth = await tx.count_send_queue()
     assert inserted
@@ -91,7 +92,8 @@ async def test_record_writes_status_attempts_and_releases_the_lease(store: AnySt
         await tx.record_outbound(
             draft, DeliveryAttempt(1, t, t + timedelta(milliseconds=5), error), lease_until=None
         )
-        claimed = await tx.claim_due_messages(now=t, lease_until=t + timedelta(seconds=5), limit=10)
+        lease = t + timedelta(seconds=5)
+        claimed = await tx.claim_next_messages(now=t, lease_until=lease, limit=10)
     assert [m.id for m in claimed] == [draft.id]
     draft.status, draft.attempts, draft.error = MessageStatus.SENT, 2, None
     draft.external_id, draft.sent_at, draft.next_attempt_at = "mid.1", t, None
