@@ -21,7 +21,7 @@ import redis
 import redis.asyncio
 
 from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
-from tests.helpers import with_database
+from tests.helpers import RedisClusterUnavailable, shared_redis_cluster, with_database
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -116,3 +116,13 @@ async def embedded(tmp_path: Path) -> AsyncIterator[RunningGateway]:
 async def channel(embedded: RunningGateway) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(embedded.grpc_target) as ch:
         yield ch
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A ``redis+cluster://`` URL of a Redis Cluster started once for the whole run."""
+    try:
+        with shared_redis_cluster() as url:
+            yield url
+    except RedisClusterUnavailable as exc:
+        pytest.skip(f"no Redis Cluster: {exc}")

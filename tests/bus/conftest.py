@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import secrets
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -18,11 +20,10 @@ from typing import Any
 import pytest
 
 from gateway.bus import MemoryBus, RedisBus
-from gateway.domain.bus import Bus
+from gateway.domain.bus import Bus, Consumer, Delivery
 from gateway.domain.events import Event, EventKind, new_event
 from gateway.services.relay import OutboxRelay
 from gateway.store import SqliteStore, open_store
-from tests.helpers import RedisClusterUnavailable, shared_redis_cluster
 
 # Short enough for fast tests, long enough not to expire under a loaded CI machine.
 LEASE_TTL_S = 0.4
@@ -53,6 +54,48 @@ def make_event(
 
 def seq_of(event: Event) -> int:
     return int(event.payload["message"]["text"].rsplit("#", 1)[1])
+
+
+class OrderCheck:
+    """Consumes ``total`` events from several consumers, acking random parts of what is out
+    in random order, and records any breach of order per conversation: a second delivery
+    of a conversation while one is unacked, or one out of sequence."""
+
+    def __init__(self, total: int, seed: int) -> None:
+        self.total = total
+        self.rng = random.Random(seed)
+        self.in_flight: dict[str, Delivery] = {}
+        self.next_expected: dict[str, int] = defaultdict(int)
+        self.violations: list[str] = []
+        self.received: dict[str, list[Delivery]] = defaultdict(list)
+        self.acked = 0
+
+    async def run(self, name: str, consumer: Consumer) -> None:
+        mine: list[Delivery] = []
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + 20
+        while self.acked < self.total and loop.time() < give_up:
+            for d in await consumer.receive(self.rng.randint(1, 16), 0.05):
+                conv = d.event.conversation_id
+                if conv in self.in_flight:
+                    self.violations.append(f"two in flight for {conv}")
+                if seq_of(d.event) != self.next_expected[conv]:
+                    self.violations.append(
+                        f"{conv}: got {seq_of(d.event)}, want {self.next_expected[conv]}"
+                    )
+                self.in_flight[conv] = d
+                self.received[name].append(d)
+                mine.append(d)
+            self.rng.shuffle(mine)
+            k = self.rng.randint(0, len(mine))
+            done, mine = mine[:k], mine[k:]
+            for d in done:
+                del self.in_flight[d.event.conversation_id]
+                self.next_expected[d.event.conversation_id] += 1
+            if done:
+                await consumer.ack([d.delivery_id for d in done])
+                self.acked += len(done)
+            await asyncio.sleep(0)
 
 
 class Harness:
@@ -116,16 +159,6 @@ class Harness:
         """Lets Redis consumers that just joined or left rebalance their shards."""
         if self.backend != "memory":
             await asyncio.sleep(LEASE_TTL_S * 1.5)
-
-
-@pytest.fixture(scope="session")
-def redis_cluster_url() -> Iterator[str]:
-    """A ``redis+cluster://`` URL of a Redis Cluster started for this session."""
-    try:
-        with shared_redis_cluster() as url:
-            yield url
-    except RedisClusterUnavailable as exc:
-        pytest.skip(f"no Redis Cluster: {exc}")
 
 
 @pytest.fixture(params=["memory", "redis", "redis-cluster"])

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import random
-from collections import defaultdict
 
 from gateway.domain.bus import Consumer, Delivery, Subscription
 from gateway.domain.events import EventKind
-from tests.bus.conftest import Harness, make_event, seq_of
+from tests.bus.conftest import Harness, OrderCheck, make_event
 
 
 def sub(group: str, consumer: str = "c1", **kwargs: object) -> Subscription:
@@ -78,46 +76,16 @@ async def test_each_conversation_is_delivered_in_order_one_at_a_time(harness: Ha
     events = [
         make_event(f"conv{c}", n) for n in range(per_conversation) for c in range(conversations)
     ]
-    rng = random.Random(7)
-    in_flight: dict[str, Delivery] = {}
-    next_expected: dict[str, int] = defaultdict(int)
-    violations: list[str] = []
-    acked = 0
-
-    async def run(consumer: Consumer) -> None:
-        nonlocal acked
-        mine: list[Delivery] = []
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + 20
-        while acked < len(events) and loop.time() < give_up:
-            for d in await consumer.receive(rng.randint(1, 16), 0.05):
-                conv = d.event.conversation_id
-                if conv in in_flight:
-                    violations.append(f"two in flight for {conv}")
-                if seq_of(d.event) != next_expected[conv]:
-                    violations.append(f"{conv}: got {seq_of(d.event)}, want {next_expected[conv]}")
-                in_flight[conv] = d
-                mine.append(d)
-            # Ack a random part of what is out, in random order.
-            rng.shuffle(mine)
-            k = rng.randint(0, len(mine))
-            done, mine = mine[:k], mine[k:]
-            for d in done:
-                del in_flight[d.event.conversation_id]
-                next_expected[d.event.conversation_id] += 1
-            if done:
-                await consumer.ack([d.delivery_id for d in done])
-                acked += len(done)
-            await asyncio.sleep(0)
+    check = OrderCheck(len(events), seed=7)
 
     subs = [sub("g", name, max_in_flight=40, ack_deadline_s=30.0) for name in ("a", "b")]
     async with bus.subscribe(subs[0]) as a, bus.subscribe(subs[1]) as b:
         await harness.settle()
         await harness.publish(events)
-        await asyncio.gather(run(a), run(b))
-    assert violations == []
-    assert acked == len(events)
-    assert all(n == per_conversation for n in next_expected.values())
+        await asyncio.gather(check.run("a", a), check.run("b", b))
+    assert check.violations == []
+    assert check.acked == len(events)
+    assert all(n == per_conversation for n in check.next_expected.values())
     assert await bus.group_lag("g") == 0
 
 

@@ -9,7 +9,6 @@ and the ``redis+cluster://`` URL from the configuration to the client.
 from __future__ import annotations
 
 import asyncio
-import random
 import secrets
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -21,12 +20,12 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ClusterCrossSlotError
 
 from gateway.bus import RedisBus
-from gateway.domain.bus import Consumer, Delivery, Subscription
+from gateway.domain.bus import Subscription
 from gateway.domain.errors import BusUnavailable
 from gateway.domain.events import Event
 from gateway.redis_client import open_redis, redis_url_problem
 from gateway.security.keyring import generate_key_spec
-from tests.bus.conftest import make_event, seq_of
+from tests.bus.conftest import OrderCheck, make_event
 from tests.bus.test_contract import drain
 from tests.cli.test_cli import switchboard
 from tests.helpers import free_port
@@ -102,48 +101,21 @@ async def test_every_shard_delivers_each_conversation_in_order_across_two_consum
     per_conversation = 8
     events = [make_event(c, n) for n in range(per_conversation) for c in conversations]
     assert {bus.keys.shard_of(e.ordering_key) for e in events} == set(range(SHARDS))
-    rng = random.Random(11)
-    in_flight: dict[str, Delivery] = {}
-    next_expected: dict[str, int] = defaultdict(int)
-    violations: list[str] = []
-    received: dict[str, set[int]] = defaultdict(set)
-    acked = 0
-
-    async def run(name: str, consumer: Consumer) -> None:
-        nonlocal acked
-        mine: list[Delivery] = []
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + 20
-        while acked < len(events) and loop.time() < give_up:
-            for d in await consumer.receive(rng.randint(1, 16), 0.05):
-                conv = d.event.conversation_id
-                if conv in in_flight:
-                    violations.append(f"two in flight for {conv}")
-                if seq_of(d.event) != next_expected[conv]:
-                    violations.append(f"{conv}: got {seq_of(d.event)}, want {next_expected[conv]}")
-                in_flight[conv] = d
-                mine.append(d)
-                received[name].add(bus.keys.shard_of(d.event.ordering_key))
-            rng.shuffle(mine)
-            k = rng.randint(0, len(mine))
-            done, mine = mine[:k], mine[k:]
-            for d in done:
-                del in_flight[d.event.conversation_id]
-                next_expected[d.event.conversation_id] += 1
-            if done:
-                await consumer.ack([d.delivery_id for d in done])
-                acked += len(done)
-            await asyncio.sleep(0)
+    check = OrderCheck(len(events), seed=11)
 
     subs = [Subscription("g", name, max_in_flight=40, ack_deadline_s=30.0) for name in "ab"]
     async with bus.subscribe(subs[0]) as a, bus.subscribe(subs[1]) as b:
         await asyncio.sleep(0.6)  # both members see each other and split the shards
         for start in range(0, len(events), 100):
             await bus.publish(events[start : start + 100])
-        await asyncio.gather(run("a", a), run("b", b))
-    assert violations == []
-    assert acked == len(events)
-    assert all(next_expected[c] == per_conversation for c in conversations)
+        await asyncio.gather(check.run("a", a), check.run("b", b))
+    assert check.violations == []
+    assert check.acked == len(events)
+    assert all(check.next_expected[c] == per_conversation for c in conversations)
+    received = {
+        name: {bus.keys.shard_of(d.event.ordering_key) for d in check.received[name]}
+        for name in "ab"
+    }
     # The group's shards were split: each consumer read its own share, all 16 between them.
     assert received["a"]
     assert received["b"]

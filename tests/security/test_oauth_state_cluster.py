@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -21,16 +21,7 @@ from gateway.security.oauth_state import (
     new_state,
     oauth_state_key,
 )
-from tests.helpers import RedisClusterUnavailable, free_port, shared_redis_cluster
-
-
-@pytest.fixture(scope="session")
-def redis_cluster_url() -> Iterator[str]:
-    try:
-        with shared_redis_cluster() as url:
-            yield url
-    except RedisClusterUnavailable as exc:
-        pytest.skip(f"no Redis Cluster: {exc}")
+from tests.helpers import free_port
 
 
 @pytest.fixture

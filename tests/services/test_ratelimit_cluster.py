@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,19 +16,10 @@ from gateway.domain.errors import Unavailable
 from gateway.domain.outbound import RateCategory
 from gateway.redis_client import open_redis
 from gateway.services.ratelimit import RedisRateLimiter
-from tests.helpers import RedisClusterUnavailable, free_port, shared_redis_cluster
+from tests.helpers import free_port
 
 RATES = {RateCategory.TEXT: 3.0, RateCategory.MEDIA: 1.0}
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture(scope="session")
-def redis_cluster_url() -> Iterator[str]:
-    try:
-        with shared_redis_cluster() as url:
-            yield url
-    except RedisClusterUnavailable as exc:
-        pytest.skip(f"no Redis Cluster: {exc}")
 
 
 @pytest.fixture
