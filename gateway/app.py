@@ -81,6 +81,7 @@ class Gateway:
         self.refresher: RefreshWorker | None = None
         self.inbound: InboundService | None = None
         self.outbound: OutboundService | None = None
+        self.relay: OutboxRelay | None = None
         self.outbound_worker: OutboundWorker | None = None
 
     async def __aenter__(self) -> Gateway:
@@ -183,11 +184,16 @@ class Gateway:
 
             grpc_server: GrpcServer | None = None
             relay: OutboxRelay | None = None
-            if role in (Role.ALL, Role.GRPC):
+            # A process that commits events publishes them itself, right after the commit.
+            # A webhook-only process does so when the bus is shared (Redis): left to the
+            # gRPC processes' sweep, every inbound event would wait up to a sweep interval.
+            if role in (Role.ALL, Role.GRPC) or cfg.redis_url.reveal():
                 bus = await self.open_bus()
-                relay = OutboxRelay(self.store, bus)
+                relay = self.relay = OutboxRelay(self.store, bus)
                 await relay.start()
                 stack.push_async_callback(relay.aclose)
+            if role in (Role.ALL, Role.GRPC):
+                assert relay is not None
                 # Both are set in __aenter__.
                 assert self.keyring is not None
                 assert self.connect is not None
@@ -213,7 +219,8 @@ class Gateway:
                 listening.grpc = Address(cfg.grpc_addr.host, port)
 
             if role in (Role.ALL, Role.HTTP):
-                # In-process the relay publishes at once; otherwise its sweep picks events up.
+                # Without a relay here (in-process bus, split roles) a gRPC process's sweep
+                # publishes what this one commits.
                 self.inbound = await self._start_inbound(relay)
                 stack.push_async_callback(self.inbound.aclose)
                 web_app = create_web_app(
