@@ -210,23 +210,66 @@ def _code_of(context: Ctx, exc: BaseException | None) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN if exc is not None else grpc.StatusCode.OK
 
 
-class RequestIdInterceptor(_AroundInterceptor):
+class _CallObserver(_AroundInterceptor):
+    """Base of the interceptors that note a call's start, each message it streams, and its
+    outcome (status code and duration), whether the call returns, fails or is cancelled."""
+
+    def _started(self, info: MethodInfo, context: Ctx) -> Any:
+        """Called first; what it returns is handed to ``_sent`` and ``_ended``."""
+
+    def _sent(self, state: Any) -> None:
+        """A streaming call is about to send a message."""
+
+    def _ended(
+        self, info: MethodInfo, context: Ctx, state: Any, start: float, exc: BaseException | None
+    ) -> None:
+        """The call finished (``exc`` set when it raised)."""
+
+    async def around_unary(
+        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
+    ) -> Any:
+        state = self._started(info, context)
+        start = time.perf_counter()
+        exc: BaseException | None = None
+        try:
+            return await behavior(request, context)
+        except BaseException as caught:
+            exc = caught
+            raise
+        finally:
+            self._ended(info, context, state, start, exc)
+
+    async def around_stream(
+        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
+    ) -> AsyncIterator[Any]:
+        state = self._started(info, context)
+        start = time.perf_counter()
+        exc: BaseException | None = None
+        try:
+            async for item in _responses(behavior, request, context):
+                self._sent(state)
+                yield item
+        except BaseException as caught:
+            exc = caught
+            raise
+        finally:
+            self._ended(info, context, state, start, exc)
+
+
+class RequestIdInterceptor(_CallObserver):
     """Binds a request id (the caller's ``x-request-id`` or a new one) to every log line of
     the call, returns it in the trailing metadata, and logs one line per finished call."""
 
-    def _begin(self, context: Ctx) -> str:
+    def _started(self, info: MethodInfo, context: Ctx) -> None:
         request_id = _metadata(context, "x-request-id")
         if not _REQUEST_ID.match(request_id):
             request_id = secrets.token_hex(8)
         request_id_var.set(request_id)
-        return request_id
+        # Trailers travel with the status; initial metadata would cost a frame of its own.
+        context.set_trailing_metadata((("x-request-id", request_id),))
 
-    def _finish(
-        self,
-        info: MethodInfo,
-        context: Ctx,
-        start: float,
-        exc: BaseException | None,
+    def _ended(
+        self, info: MethodInfo, context: Ctx, state: Any, start: float, exc: BaseException | None
     ) -> None:
         code = _code_of(context, exc)
         level = logging.INFO if info.is_api else logging.DEBUG
@@ -242,88 +285,25 @@ class RequestIdInterceptor(_AroundInterceptor):
             },
         )
 
-    async def around_unary(
-        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
-    ) -> Any:
-        request_id = self._begin(context)
-        # Trailers travel with the status; initial metadata would cost a frame of its own.
-        context.set_trailing_metadata((("x-request-id", request_id),))
-        start = time.perf_counter()
-        exc: BaseException | None = None
-        try:
-            return await behavior(request, context)
-        except BaseException as caught:
-            exc = caught
-            raise
-        finally:
-            self._finish(info, context, start, exc)
 
-    async def around_stream(
-        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
-    ) -> AsyncIterator[Any]:
-        request_id = self._begin(context)
-        # Trailers travel with the status; initial metadata would cost a frame of its own.
-        context.set_trailing_metadata((("x-request-id", request_id),))
-        start = time.perf_counter()
-        exc: BaseException | None = None
-        try:
-            async for item in _responses(behavior, request, context):
-                yield item
-        except BaseException as caught:
-            exc = caught
-            raise
-        finally:
-            self._finish(info, context, start, exc)
-
-
-class MetricsInterceptor(_AroundInterceptor):
+class MetricsInterceptor(_CallObserver):
     """grpc_server_started_total / handled_total / handling_seconds, as grpc-prometheus."""
 
-    def _labels(self, info: MethodInfo) -> tuple[str, str, str]:
-        return (info.grpc_type, info.service, info.method)
+    def _started(self, info: MethodInfo, context: Ctx) -> tuple[tuple[str, str, str], Any]:
+        labels = (info.grpc_type, info.service, info.method)
+        metrics.grpc_server_started_total.labels(*labels).inc()
+        # Looked up once per call, not per streamed message.
+        return labels, metrics.grpc_server_msg_sent_total.labels(*labels)
 
-    def _done(
-        self,
-        info: MethodInfo,
-        context: Ctx,
-        start: float,
-        exc: BaseException | None,
+    def _sent(self, state: Any) -> None:
+        state[1].inc()
+
+    def _ended(
+        self, info: MethodInfo, context: Ctx, state: Any, start: float, exc: BaseException | None
     ) -> None:
-        labels = self._labels(info)
+        labels = state[0]
         metrics.grpc_server_handled_total.labels(*labels, _code_of(context, exc).name).inc()
         metrics.grpc_server_handling_seconds.labels(*labels).observe(time.perf_counter() - start)
-
-    async def around_unary(
-        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
-    ) -> Any:
-        metrics.grpc_server_started_total.labels(*self._labels(info)).inc()
-        start = time.perf_counter()
-        exc: BaseException | None = None
-        try:
-            return await behavior(request, context)
-        except BaseException as caught:
-            exc = caught
-            raise
-        finally:
-            self._done(info, context, start, exc)
-
-    async def around_stream(
-        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
-    ) -> AsyncIterator[Any]:
-        labels = self._labels(info)
-        metrics.grpc_server_started_total.labels(*labels).inc()
-        sent = metrics.grpc_server_msg_sent_total.labels(*labels)
-        start = time.perf_counter()
-        exc: BaseException | None = None
-        try:
-            async for item in _responses(behavior, request, context):
-                sent.inc()
-                yield item
-        except BaseException as caught:
-            exc = caught
-            raise
-        finally:
-            self._done(info, context, start, exc)
 
 
 class AuthInterceptor(_AroundInterceptor):
