@@ -6,11 +6,18 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
+from channels.instagram.sandbox import SandboxClient
 from gateway.app import Gateway, Listening, Role
-from gateway.config import Config
+from gateway.config import Config, Secret
+from gateway.domain.connect import AccessToken
+from gateway.domain.ids import new_id
+from gateway.domain.models import Account, Connection, ConnectionStatus
 from gateway.security.keyring import generate_key_spec
 from gateway.security.tokens import create_token
+from gateway.services.credentials import seal
 
 
 @dataclass
@@ -67,3 +74,40 @@ async def run_gateway(
         finally:
             stop.set()
             await asyncio.wait_for(task, 30)
+
+
+async def store_connection(
+    gateway: RunningGateway,
+    control: SandboxClient,
+    account: dict[str, Any],
+    *,
+    tenant: str,
+    flow: str = "instagram",
+) -> Connection:
+    """What the connect flow stores for a sandbox account: the connection and its sealed
+    token (a page token for Facebook Login)."""
+    now = datetime.now(UTC)
+    conn = Connection(
+        id=new_id("conn"),
+        tenant_id=tenant,
+        channel="instagram",
+        status=ConnectionStatus.CONNECTED,
+        account=Account(
+            external_id=str(account["ig_id"]),
+            username=str(account.get("username", "")),
+            page_id=str(account.get("page_id") or ""),
+        ),
+        login_flow=flow,
+        connected_at=now,
+    )
+    kind = "page" if flow == "facebook" else "instagram_long"
+    token = await control.issue_token(conn.account.external_id, kind)
+    keyring = gateway.gateway.keyring
+    assert keyring is not None
+    credential = seal(
+        keyring, conn.id, AccessToken(value=Secret(token["access_token"]), issued_at=now)
+    )
+    async with gateway.gateway.store.transaction() as tx:
+        await tx.save_connection(conn)
+        await tx.put_credential(credential)
+    return conn

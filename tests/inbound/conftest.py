@@ -10,7 +10,6 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,8 @@ from channels.instagram.sandbox import (
     SandboxSettings,
     start_sandbox,
 )
-from gateway.config import Secret
-from gateway.domain.connect import AccessToken
-from gateway.domain.ids import new_id
-from gateway.domain.models import Account, Connection, ConnectionStatus
-from gateway.services.credentials import seal
-from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
+from gateway.domain.models import Connection
+from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway, store_connection
 from tests.helpers import fresh_database
 from tests.inbound.subscriber import Subscriber
 
@@ -63,32 +58,7 @@ class Stack:
 
 async def connect(stack: Stack, account: dict[str, Any], *, tenant: str = "t1") -> Connection:
     """Does what the connect flow would: the connection and its sealed token, in the store."""
-    now = datetime.now(UTC)
-    conn = Connection(
-        id=new_id("conn"),
-        tenant_id=tenant,
-        channel="instagram",
-        status=ConnectionStatus.CONNECTED,
-        account=Account(
-            external_id=str(account["ig_id"]),
-            username=str(account.get("username", "")),
-            page_id=str(account.get("page_id") or ""),
-        ),
-        login_flow="instagram",
-        connected_at=now,
-    )
-    token = await stack.control.issue_token(conn.account.external_id, "instagram_long")
-    gateway = stack.gateway.gateway
-    assert gateway.keyring is not None
-    credential = seal(
-        gateway.keyring,
-        conn.id,
-        AccessToken(value=Secret(token["access_token"]), issued_at=now),
-    )
-    async with gateway.store.transaction() as tx:
-        await tx.save_connection(conn)
-        await tx.put_credential(credential)
-    return conn
+    return await store_connection(stack.gateway, stack.control, account, tenant=tenant)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -26,13 +26,9 @@ from channels.instagram.sandbox import (
     SandboxSettings,
     start_sandbox,
 )
-from gateway.config import Secret
-from gateway.domain.connect import AccessToken
 from gateway.domain.events import Event, EventKind
-from gateway.domain.ids import new_id
-from gateway.domain.models import Account, Connection, ConnectionStatus, Conversation
-from gateway.services.credentials import seal
-from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
+from gateway.domain.models import Connection, Conversation
+from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway, store_connection
 from tests.helpers import bearer, fresh_database
 
 BACKENDS = ["embedded", pytest.param("postgres+redis", marks=[pytest.mark.postgres])]
@@ -126,42 +122,6 @@ class Out:
             await asyncio.sleep(0.05)
 
 
-async def connect(
-    gateway: RunningGateway,
-    control: SandboxClient,
-    account: dict[str, Any],
-    *,
-    tenant: str,
-    flow: str = "instagram",
-) -> Connection:
-    """What the connect flow stores: the connection and its sealed token."""
-    now = datetime.now(UTC)
-    conn = Connection(
-        id=new_id("conn"),
-        tenant_id=tenant,
-        channel="instagram",
-        status=ConnectionStatus.CONNECTED,
-        account=Account(
-            external_id=str(account["ig_id"]),
-            username=str(account.get("username", "")),
-            page_id=str(account.get("page_id") or ""),
-        ),
-        login_flow=flow,
-        connected_at=now,
-    )
-    kind = "page" if flow == "facebook" else "instagram_long"
-    token = await control.issue_token(conn.account.external_id, kind)
-    keyring = gateway.gateway.keyring
-    assert keyring is not None
-    credential = seal(
-        keyring, conn.id, AccessToken(value=Secret(token["access_token"]), issued_at=now)
-    )
-    async with gateway.gateway.store.transaction() as tx:
-        await tx.save_connection(conn)
-        await tx.put_credential(credential)
-    return conn
-
-
 async def customer_writes(
     gateway: RunningGateway, control: SandboxClient, conn: Connection, text: str = "Hi"
 ) -> tuple[str, Conversation, dict[str, Any]]:
@@ -240,7 +200,7 @@ async def out(
         account = await control.create_account(username="shop")
         await control.set_webhook(running.http_url + "/webhooks/instagram")
         tenant = f"t-{secrets.token_hex(3)}"
-        conn = await connect(running, control, account, tenant=tenant)
+        conn = await store_connection(running, control, account, tenant=tenant)
         igsid, conversation, _ = await customer_writes(running, control, conn)
         yield Out(
             backend=out_backend,

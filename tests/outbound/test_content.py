@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 from switchboard.v1 import common_pb2, messaging_pb2
 
-from tests.outbound.conftest import Out, connect, customer_writes
+from tests.gateway_harness import store_connection
+from tests.outbound.conftest import Out, customer_writes
 
 HTTPS = "https://cdn.example/media"
 
@@ -187,7 +188,9 @@ async def test_recipient_may_be_named_by_conversation(out: Out) -> None:
 
 async def test_facebook_login_connections_send_as_their_page(out: Out) -> None:
     account = await out.control.create_account(username="pageshop")
-    conn = await connect(out.gateway, out.control, account, tenant=out.tenant, flow="facebook")
+    conn = await store_connection(
+        out.gateway, out.control, account, tenant=out.tenant, flow="facebook"
+    )
     igsid, _, _ = await customer_writes(out.gateway, out.control, conn)
     reply = await out.send(text="From the page", connection_id=conn.id, recipient_id=igsid)
     assert reply.message.status == common_pb2.MESSAGE_STATUS_SENT, reply.message.error

@@ -11,7 +11,8 @@ from grpc_status import rpc_status
 from switchboard.v1 import common_pb2, messaging_pb2
 
 from gateway.domain.models import ConnectionStatus
-from tests.outbound.conftest import Out, connect, customer_writes
+from tests.gateway_harness import store_connection
+from tests.outbound.conftest import Out, customer_writes
 
 
 def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
@@ -79,7 +80,7 @@ async def test_invalid_requests_name_the_field_and_store_nothing(
 
 async def test_a_conversation_of_another_connection_is_not_a_recipient(out: Out) -> None:
     account = await out.control.create_account(username="other")
-    other = await connect(out.gateway, out.control, account, tenant="someone-else")
+    other = await store_connection(out.gateway, out.control, account, tenant="someone-else")
     _, conversation, _ = await customer_writes(out.gateway, out.control, other)
     code, info = await refused(out, text="hi", conversation_id=conversation.id)
     assert code == grpc.StatusCode.INVALID_ARGUMENT

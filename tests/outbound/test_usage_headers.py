@@ -10,7 +10,8 @@ from prometheus_client import REGISTRY
 from switchboard.v1 import common_pb2
 
 from channels.instagram.usage import DEFAULT_THROTTLE
-from tests.outbound.conftest import Out, connect, customer_writes
+from tests.gateway_harness import store_connection
+from tests.outbound.conftest import Out, customer_writes
 from tests.outbound.test_refusals import error_info
 
 AT_THE_LIMIT = {"call_count": 100, "total_time": 100, "total_cputime": 100}
@@ -18,7 +19,7 @@ AT_THE_LIMIT = {"call_count": 100, "total_time": 100, "total_cputime": 100}
 
 async def test_a_successful_send_at_the_limit_pauses_only_that_account(out: Out) -> None:
     other_account = await out.control.create_account(username="other")
-    other = await connect(out.gateway, out.control, other_account, tenant=out.tenant)
+    other = await store_connection(out.gateway, out.control, other_account, tenant=out.tenant)
     other_customer, _, _ = await customer_writes(out.gateway, out.control, other)
     await out.control.set_usage(
         out.ig_id,
