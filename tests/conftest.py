@@ -19,7 +19,9 @@ import psycopg
 import pytest
 import redis
 import redis.asyncio
+from redis.asyncio.cluster import RedisCluster
 
+from gateway.redis_client import open_redis
 from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
 from tests.helpers import RedisClusterUnavailable, shared_redis_cluster, with_database
 
@@ -126,3 +128,15 @@ def redis_cluster_url() -> Iterator[str]:
             yield url
     except RedisClusterUnavailable as exc:
         pytest.skip(f"no Redis Cluster: {exc}")
+
+
+@pytest.fixture
+async def redis_cluster(redis_cluster_url: str) -> AsyncIterator[RedisCluster]:
+    """A client of that cluster that already knows which node serves which slot."""
+    client = open_redis(redis_cluster_url)
+    assert isinstance(client, RedisCluster)
+    await client.initialize()
+    try:
+        yield client
+    finally:
+        await client.aclose()

@@ -13,7 +13,6 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway.domain.errors import Unavailable
 from gateway.domain.models import OAuthState
-from gateway.redis_client import open_redis
 from gateway.security.oauth_state import (
     STATE_TTL,
     RedisOAuthStates,
@@ -38,17 +37,6 @@ async def states(redis_cluster_url: str, prefix: str) -> AsyncIterator[RedisOAut
         await store.aclose()
 
 
-@pytest.fixture
-async def cluster(redis_cluster_url: str) -> AsyncIterator[RedisCluster]:
-    client = open_redis(redis_cluster_url)
-    assert isinstance(client, RedisCluster)
-    await client.initialize()  # learns which node serves which slot
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
 def pending(tenant: str, *, expires_in: timedelta = STATE_TTL) -> tuple[str, OAuthState]:
     raw = new_state()
     now = datetime.now(UTC)
@@ -64,17 +52,17 @@ def pending(tenant: str, *, expires_in: timedelta = STATE_TTL) -> tuple[str, OAu
 
 
 async def test_states_are_kept_hashed_on_every_node_and_taken_once(
-    states: RedisOAuthStates, cluster: RedisCluster, prefix: str
+    states: RedisOAuthStates, redis_cluster: RedisCluster, prefix: str
 ) -> None:
     flows = [pending(f"tenant_{i}") for i in range(24)]
     for _, state in flows:
         await states.put(state)
     keys = [oauth_state_key(prefix, state.state_hash) for _, state in flows]
-    nodes = {cluster.get_node_from_key(key).name for key in keys}
+    nodes = {redis_cluster.get_node_from_key(key).name for key in keys}
     assert len(nodes) == 3  # 24 random hashes: spread over all three primaries
     for key in keys:
-        assert 590_000 <= await cluster.pttl(key) <= 600_000
-    stored = [k async for k in cluster.scan_iter(match=f"{prefix}*")]
+        assert 590_000 <= await redis_cluster.pttl(key) <= 600_000
+    stored = [k async for k in redis_cluster.scan_iter(match=f"{prefix}*")]
     assert len(stored) == len(flows)
     assert not any(raw.encode() in key for raw, _ in flows for key in stored)
     now = datetime.now(UTC)
@@ -82,7 +70,7 @@ async def test_states_are_kept_hashed_on_every_node_and_taken_once(
         assert await states.take(state.state_hash, now) == state
     for _, state in flows:
         assert await states.take(state.state_hash, now) is None
-    assert [k async for k in cluster.scan_iter(match=f"{prefix}*")] == []
+    assert [k async for k in redis_cluster.scan_iter(match=f"{prefix}*")] == []
 
 
 async def test_racing_callbacks_take_a_state_once(states: RedisOAuthStates) -> None:

@@ -14,23 +14,11 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway.domain.errors import Unavailable
 from gateway.domain.outbound import RateCategory
-from gateway.redis_client import open_redis
 from gateway.services.ratelimit import RedisRateLimiter
 from tests.helpers import free_port
 
 RATES = {RateCategory.TEXT: 3.0, RateCategory.MEDIA: 1.0}
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
-
-
-@pytest.fixture
-async def cluster(redis_cluster_url: str) -> AsyncIterator[RedisCluster]:
-    client = open_redis(redis_cluster_url)
-    assert isinstance(client, RedisCluster)
-    await client.initialize()  # learns which node serves which slot
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
@@ -43,7 +31,7 @@ async def limiter(redis_cluster_url: str) -> AsyncIterator[RedisRateLimiter]:
 
 
 def accounts_on_distinct_nodes(
-    limiter: RedisRateLimiter, cluster: RedisCluster, count: int
+    limiter: RedisRateLimiter, redis_cluster: RedisCluster, count: int
 ) -> list[str]:
     """Accounts whose keys live on ``count`` different nodes (one account per node)."""
     by_node: dict[str, str] = {}
@@ -51,20 +39,20 @@ def accounts_on_distinct_nodes(
     while len(by_node) < count:
         account = f"ig_{n}"
         n += 1
-        node = cluster.get_node_from_key(limiter.keys.pause(account))
+        node = redis_cluster.get_node_from_key(limiter.keys.pause(account))
         assert node is not None
         by_node.setdefault(node.name, account)
     return list(by_node.values())
 
 
 async def test_each_accounts_buckets_refill_at_the_rate_on_whichever_node_holds_them(
-    limiter: RedisRateLimiter, cluster: RedisCluster
+    limiter: RedisRateLimiter, redis_cluster: RedisCluster
 ) -> None:
-    accounts = accounts_on_distinct_nodes(limiter, cluster, 3)
+    accounts = accounts_on_distinct_nodes(limiter, redis_cluster, 3)
     for account in accounts:
         # One script touches the bucket and the pause: they must share a slot.
-        slots = {cluster.keyslot(limiter.keys.bucket(account, c)) for c in RateCategory}
-        assert slots == {cluster.keyslot(limiter.keys.pause(account))}
+        slots = {redis_cluster.keyslot(limiter.keys.bucket(account, c)) for c in RateCategory}
+        assert slots == {redis_cluster.keyslot(limiter.keys.pause(account))}
 
     async def burst(account: str) -> list[tuple[bool, float]]:
         out = []
@@ -90,9 +78,9 @@ async def test_each_accounts_buckets_refill_at_the_rate_on_whichever_node_holds_
 
 
 async def test_a_pause_holds_every_category_of_its_account_only(
-    limiter: RedisRateLimiter, cluster: RedisCluster
+    limiter: RedisRateLimiter, redis_cluster: RedisCluster
 ) -> None:
-    paused, other = accounts_on_distinct_nodes(limiter, cluster, 2)
+    paused, other = accounts_on_distinct_nodes(limiter, redis_cluster, 2)
     now = datetime.now(UTC)
     until = now + timedelta(seconds=60)
     await limiter.pause(paused, until)
@@ -104,19 +92,19 @@ async def test_a_pause_holds_every_category_of_its_account_only(
         assert abs((admission.paused_until - until).total_seconds()) < 0.002
         assert admission.wait_s == pytest.approx(60, abs=0.01)
     assert (await limiter.acquire(other, RateCategory.TEXT, now)).ok
-    pause_ttl = await cluster.pttl(limiter.keys.pause(paused))
+    pause_ttl = await redis_cluster.pttl(limiter.keys.pause(paused))
     assert 55_000 < pause_ttl <= 60_000
     after = await limiter.acquire(paused, RateCategory.TEXT, until + timedelta(seconds=1))
     assert after.ok
 
 
 async def test_a_script_lost_by_one_node_is_loaded_again_without_charging_others_twice(
-    limiter: RedisRateLimiter, cluster: RedisCluster
+    limiter: RedisRateLimiter, redis_cluster: RedisCluster
 ) -> None:
-    kept, lost = accounts_on_distinct_nodes(limiter, cluster, 2)
+    kept, lost = accounts_on_distinct_nodes(limiter, redis_cluster, 2)
     assert (await limiter.acquire(kept, RateCategory.TEXT, T0)).ok  # 3 -> 2 tokens
     assert (await limiter.acquire(lost, RateCategory.TEXT, T0)).ok
-    lost_node = cluster.get_node_from_key(limiter.keys.pause(lost))
+    lost_node = redis_cluster.get_node_from_key(limiter.keys.pause(lost))
     assert lost_node is not None
     # What a failover to a fresh primary, or a restarted node, looks like to the limiter.
     async with redis.asyncio.Redis(host=lost_node.host, port=lost_node.port) as node:
