@@ -190,29 +190,10 @@ class Tx(Protocol):
 
     # The batch forms the group commits use: a constant number of statements per batch.
     async def get_connections(self, ids: Sequence[str]) -> dict[str, Connection]: ...
-    async def get_conversations(self, ids: Sequence[str]) -> dict[str, Conversation]: ...
-    async def find_conversations_for_recipients(
-        self, pairs: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], Conversation]:
-        """By (connection_id, channel_user_id)."""
-
     async def find_messages_by_idempotency_keys(
         self, pairs: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], Message]:
         """By (tenant_id, idempotency_key)."""
-
-    async def enqueue_outbound_many(
-        self, messages: Sequence[Message], lease_until: datetime
-    ) -> list[tuple[Message, bool]]:
-        """``enqueue_outbound`` for each message, in order."""
-
-    async def record_outbound_many(
-        self,
-        items: Sequence[tuple[Message, DeliveryAttempt | None]],
-        *,
-        lease_until: datetime | None,
-    ) -> list[Message]:
-        """``record_outbound`` for each item, in order."""
 
     async def list_attempts(self, message_id: str) -> list[DeliveryAttempt]: ...
     async def count_send_queue(self) -> int:
@@ -224,20 +205,21 @@ class Tx(Protocol):
 
     # Send order: an outbound message that keeps order (all but sender actions) is not
     # attempted while an earlier one of its conversation (created_at, then id) is QUEUED
-    # or RETRYING. These are the forms of the calls above that the send path uses.
+    # or RETRYING. The send path's batches (group commits) use these.
     async def get_send_targets(self, ids: Sequence[str]) -> dict[str, SendTarget]:
-        """``get_conversations``, each with its latest pending ordered message's time."""
+        """Conversations by id, each with its latest pending ordered message's time."""
 
     async def find_send_targets_for_recipients(
         self, pairs: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], SendTarget]:
-        """``find_conversations_for_recipients``, with the same."""
+        """The same, by (connection_id, channel_user_id)."""
 
     async def enqueue_outbound_in_order(
         self, messages: Sequence[Message], lease_until: datetime, *, behind: Sequence[str]
     ) -> list[tuple[Message, bool]]:
-        """``enqueue_outbound_many``; the messages whose ids are in ``behind`` wait for an
-        earlier one of their conversation and are stored without a lease."""
+        """``enqueue_outbound`` for each message, in order; the messages whose ids are in
+        ``behind`` wait for an earlier one of their conversation and are stored without a
+        lease."""
 
     async def record_outbound_and_peek(
         self,
@@ -245,8 +227,9 @@ class Tx(Protocol):
         *,
         lease_until: datetime | None,
     ) -> tuple[list[Message], bool]:
-        """``record_outbound_many``, and whether a message that settled (SENT or FAILED)
-        has another of its conversation still pending: the next one may go now."""
+        """``record_outbound`` for each item, in order, and whether a message that settled
+        (SENT or FAILED) has another of its conversation still pending: the next one may
+        go now."""
 
     async def claim_next_messages(
         self, *, now: datetime, lease_until: datetime, limit: int

@@ -160,50 +160,30 @@ class OutboundWriter:
         )
         return {r["id"]: rows.connection_from_row(self._codec, r) for r in found}
 
-    async def get_conversations(self, ids: Sequence[str]) -> dict[str, Conversation]:
-        found = await self._conversations_by_id(ids, pending=False)
-        return {k: t.conversation for k, t in found.items()}
-
     async def get_send_targets(self, ids: Sequence[str]) -> dict[str, SendTarget]:
-        return await self._conversations_by_id(ids, pending=True)
-
-    async def _conversations_by_id(
-        self, ids: Sequence[str], *, pending: bool
-    ) -> dict[str, SendTarget]:
+        """Conversations by id, with their latest pending ordered message's time."""
         if not ids:
             return {}
         ids_sql, params = in_list("v", list(dict.fromkeys(ids)))
-        extra = f", {_PENDING_AT}" if pending else ""
         found = await self._ex.fetch(
-            f"SELECT {rows.CONVERSATION_COLUMNS}{extra} FROM {rows.CONVERSATION_FROM}"  # noqa: S608
+            f"SELECT {rows.CONVERSATION_COLUMNS}, {_PENDING_AT} FROM {rows.CONVERSATION_FROM}"  # noqa: S608
             f" WHERE c.id IN {ids_sql}",
             params,
         )
         return {r["id"]: self._target(r) for r in found}
 
-    async def find_conversations_for_recipients(
-        self, pairs: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], Conversation]:
-        """(connection_id, channel_user_id) -> the conversation, for the pairs that have one."""
-        found = await self._conversations_by_recipient(pairs, pending=False)
-        return {k: t.conversation for k, t in found.items()}
-
     async def find_send_targets_for_recipients(
         self, pairs: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], SendTarget]:
-        return await self._conversations_by_recipient(pairs, pending=True)
-
-    async def _conversations_by_recipient(
-        self, pairs: Sequence[tuple[str, str]], *, pending: bool
-    ) -> dict[tuple[str, str], SendTarget]:
+        """(connection_id, channel_user_id) -> the conversation, for the pairs that have one,
+        with the same."""
         if not pairs:
             return {}
         wanted = set(pairs)
         conn_sql, params = in_list("c", list(dict.fromkeys(c for c, _ in pairs)))
         user_sql, user_params = in_list("u", list(dict.fromkeys(u for _, u in pairs)))
-        extra = f", {_PENDING_AT}" if pending else ""
         found = await self._ex.fetch(
-            f"SELECT {rows.CONVERSATION_COLUMNS}{extra} FROM {rows.CONVERSATION_FROM}"  # noqa: S608
+            f"SELECT {rows.CONVERSATION_COLUMNS}, {_PENDING_AT} FROM {rows.CONVERSATION_FROM}"  # noqa: S608
             f" WHERE c.connection_id IN {conn_sql} AND p.channel_user_id IN {user_sql}",
             {**params, **user_params},
         )

@@ -533,31 +533,10 @@ class SqlTx:
     async def get_connections(self, ids: Sequence[str]) -> dict[str, Connection]:
         return await self._outbound().get_connections(ids)
 
-    async def get_conversations(self, ids: Sequence[str]) -> dict[str, Conversation]:
-        return await self._outbound().get_conversations(ids)
-
-    async def find_conversations_for_recipients(
-        self, pairs: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], Conversation]:
-        return await self._outbound().find_conversations_for_recipients(pairs)
-
     async def find_messages_by_idempotency_keys(
         self, pairs: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], Message]:
         return await self._outbound().find_messages_by_idempotency_keys(pairs)
-
-    async def enqueue_outbound_many(
-        self, messages: Sequence[Message], lease_until: datetime
-    ) -> list[tuple[Message, bool]]:
-        return await self._outbound().enqueue_many(messages, lease_until, _now())
-
-    async def record_outbound_many(
-        self,
-        items: Sequence[tuple[Message, DeliveryAttempt | None]],
-        *,
-        lease_until: datetime | None,
-    ) -> list[Message]:
-        return await self._outbound().record_many(items, lease_until=lease_until)
 
     async def list_attempts(self, message_id: str) -> list[DeliveryAttempt]:
         return await self._outbound().list_attempts(message_id)
