@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import multiprocessing as mp
 import os
+import queue
 import secrets
 import shutil
 import socket
@@ -15,6 +18,10 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as MpEvent
+from typing import Any
+
+from gateway.runtime import tune_gc_for_serving
 
 
 def emit(bench: str, backend: str, figure: str, value: float, unit: str, **extra: object) -> None:
@@ -110,3 +117,84 @@ async def drop_bench_database(backend: str, database: str) -> None:
     name = database.rsplit("/", 1)[1]
     async with await psycopg.AsyncConnection.connect(PG_ADMIN, autocommit=True) as admin:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
+
+
+def install_uvloop() -> None:
+    """Every server of a run (the gateway's and the ceilings') runs as ``switchboard serve``
+    does: uvloop, and its garbage-collector thresholds."""
+    tune_gc_for_serving()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+
+
+# ---- the gateway under test, in its deployed shape ----
+
+# The processes each backend runs as (DESIGN.md §1): the embedded default is one process
+# (``switchboard serve``); with PostgreSQL and Redis, a replica is a pod of two containers
+# (``switchboard serve http`` + ``switchboard serve grpc``), the webhook process publishing
+# what it commits and the gRPC process streaming it.
+TOPOLOGY = {"embedded": ("all",), "postgres+redis": ("http", "grpc")}
+
+
+def _serve_process(env: dict[str, str], role: str, out: Any, stop: MpEvent) -> None:
+    install_uvloop()
+
+    async def main() -> None:
+        from gateway.app import Gateway, Role
+        from gateway.config import Config
+
+        halt = asyncio.Event()
+
+        def announce(where: Any) -> None:
+            out.put(
+                {
+                    "http": where.http.port if where.http else None,
+                    "grpc": where.grpc.port if where.grpc else None,
+                }
+            )
+
+        async def watch() -> None:
+            while not stop.is_set():  # noqa: ASYNC110 - a multiprocessing event
+                await asyncio.sleep(0.05)
+            halt.set()
+
+        async with Gateway(Config.from_environ(env)) as gateway:
+            watcher = asyncio.create_task(watch())
+            await gateway.serve(Role(role), stop=halt, on_listening=announce)
+            await watcher
+
+    asyncio.run(main())
+
+
+class GatewayProcesses:
+    """The gateway's processes for one backend; the ports they listen on."""
+
+    def __init__(self, env: dict[str, str], backend: str) -> None:
+        ctx = mp.get_context("spawn")
+        self._stop = ctx.Event()
+        self._out = ctx.Queue()
+        self._procs = [
+            ctx.Process(target=_serve_process, args=(env, role, self._out, self._stop))
+            for role in TOPOLOGY[backend]
+        ]
+        self.http_port = 0
+        self.grpc_port = 0
+
+    def start(self) -> None:
+        for proc in self._procs:
+            proc.start()
+        for _ in self._procs:
+            try:
+                ports = self._out.get(timeout=60)
+            except queue.Empty:
+                raise SystemExit("bench: the gateway did not start") from None
+            self.http_port = ports["http"] or self.http_port
+            self.grpc_port = ports["grpc"] or self.grpc_port
+
+    def close(self) -> None:
+        self._stop.set()
+        reap(*self._procs, grace_s=30)

@@ -10,7 +10,7 @@ concurrency, everything durable and delivered), ``ack_p50_ms``/``ack_p99_ms`` (P
 same run (a bare aiohttp handler that checks the signature and answers 200, at the same
 concurrencies) and the ratio. Figures are medians of the runs (1 with ``--quick``, else 3).
 
-The gateway runs as it is deployed (see ``TOPOLOGY``): one process on the embedded
+The gateway runs as it is deployed (``bench._common.TOPOLOGY``): one process on the embedded
 default, the two containers of a pod (``serve http``, ``serve grpc``) on PostgreSQL and
 Redis. Three more processes: the load generator (signed POSTs, each message's text
 stamped ``t=<send time>|<phase>``), the bare handler for the ceiling, and the consumer: a
@@ -47,8 +47,13 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from bench._common import bench_database, drop_bench_database, reap
-from gateway.runtime import tune_gc_for_serving
+from bench._common import (
+    GatewayProcesses,
+    bench_database,
+    drop_bench_database,
+    install_uvloop,
+    reap,
+)
 
 SECRET = b"bench-app-secret"
 ACCOUNT = "17841400000099999"
@@ -86,17 +91,6 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _install_uvloop() -> None:
-    # Every server of a run (the gateway and the ceiling's) as `switchboard serve` runs.
-    tune_gc_for_serving()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
 
 
 # ---- the load generator (a separate process) ----
@@ -176,7 +170,7 @@ async def _drive(
 
 
 def _drive_process(args: tuple[str, int, int, float, float | None, int], out: Any) -> None:
-    _install_uvloop()
+    install_uvloop()
     out.put(asyncio.run(_drive(*args)))
 
 
@@ -208,7 +202,7 @@ def drive(
 
 
 def _bare_server(port_out: Any, stop: Any) -> None:
-    _install_uvloop()
+    install_uvloop()
 
     async def handler(request: web.Request) -> web.Response:
         body = await request.read()
@@ -319,7 +313,7 @@ async def _subscribe(target: str, token: str, counts: Any, stop: MpEvent) -> lis
 
 
 def _subscribe_process(target: str, token: str, counts: Any, stop: MpEvent, out: Any) -> None:
-    _install_uvloop()
+    install_uvloop()
     try:
         out.put({"e2e": asyncio.run(_subscribe(target, token, counts, stop))})
     except BaseException as exc:
@@ -383,73 +377,7 @@ class SubscribeConsumer:
         reap(self._proc, grace_s=10)
 
 
-# ---- the gateway under test, in its deployed shape ----
-
-# The processes each backend runs as (DESIGN.md §1): the embedded default is one process
-# (``switchboard serve``); with PostgreSQL and Redis, a replica is a pod of two containers
-# (``switchboard serve http`` + ``switchboard serve grpc``), the webhook process publishing
-# what it commits and the gRPC process streaming it.
-TOPOLOGY = {"embedded": ("all",), "postgres+redis": ("http", "grpc")}
-
-
-def _serve_process(env: dict[str, str], role: str, out: Any, stop: MpEvent) -> None:
-    _install_uvloop()
-
-    async def main() -> None:
-        from gateway.app import Gateway, Role
-        from gateway.config import Config
-
-        halt = asyncio.Event()
-
-        def announce(where: Any) -> None:
-            out.put(
-                {
-                    "http": where.http.port if where.http else None,
-                    "grpc": where.grpc.port if where.grpc else None,
-                }
-            )
-
-        async def watch() -> None:
-            while not stop.is_set():  # noqa: ASYNC110 - a multiprocessing event
-                await asyncio.sleep(0.05)
-            halt.set()
-
-        async with Gateway(Config.from_environ(env)) as gateway:
-            watcher = asyncio.create_task(watch())
-            await gateway.serve(Role(role), stop=halt, on_listening=announce)
-            await watcher
-
-    asyncio.run(main())
-
-
-class GatewayProcesses:
-    """The gateway's processes for one backend; the ports they listen on."""
-
-    def __init__(self, env: dict[str, str], roles: tuple[str, ...]) -> None:
-        ctx = mp.get_context("spawn")
-        self._stop = ctx.Event()
-        self._out = ctx.Queue()
-        self._procs = [
-            ctx.Process(target=_serve_process, args=(env, role, self._out, self._stop))
-            for role in roles
-        ]
-        self.http_port = 0
-        self.grpc_port = 0
-
-    def start(self) -> None:
-        for proc in self._procs:
-            proc.start()
-        for _ in self._procs:
-            try:
-                ports = self._out.get(timeout=60)
-            except queue.Empty:
-                raise SystemExit("bench: the gateway did not start") from None
-            self.http_port = ports["http"] or self.http_port
-            self.grpc_port = ports["grpc"] or self.grpc_port
-
-    def close(self) -> None:
-        self._stop.set()
-        reap(*self._procs, grace_s=30)
+# ---- the gateway under test ----
 
 
 async def _prepare(env: dict[str, str]) -> str:
@@ -499,7 +427,7 @@ async def measure(backend: str, batch: int, duration_s: float) -> dict[str, floa
         if backend == "postgres+redis":
             env["SWITCHBOARD_REDIS_URL"] = REDIS
             env["SWITCHBOARD_REDIS_KEY_PREFIX"] = f"bench:{secrets.token_hex(4)}:"
-        gateway = GatewayProcesses(env, TOPOLOGY[backend])
+        gateway = GatewayProcesses(env, backend)
         try:
             token = await _prepare(env)
             await asyncio.to_thread(gateway.start)
@@ -575,7 +503,7 @@ def main() -> None:
     duration = 1.5 if args.quick else 10.0
     runs = 1 if args.quick else 3
     backends = ["embedded", "postgres+redis"] if args.backend == "all" else [args.backend]
-    _install_uvloop()
+    install_uvloop()
     for backend in backends:
         for batch in (1, 20):
             samples: list[dict[str, float]] = []

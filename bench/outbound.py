@@ -8,10 +8,10 @@ loop, each call answered after its first attempt reached the sandbox and was rec
 ``rpc_p50_ms``/``rpc_p99_ms``, and beside them ``ceiling_messages_per_s`` and
 ``ratio_to_ceiling``. The ceiling is the same client driving a bare grpc.aio server whose
 SendMessage handler only POSTs the body to the sandbox with aiohttp (no validation,
-storage or limits). The sandbox and the client each run in a process of their own; the
-gateway runs in this one, on uvloop like the ceiling's server. The per-account rate limit is
-set far above the offered load so that it is exercised (one bucket decision per send)
-without capping the figure.
+storage or limits). The sandbox and the client each run in a process of their own, and
+the gateway runs as it is deployed (``bench._common.TOPOLOGY``), on uvloop like the
+ceiling's server. The per-account rate limit is set far above the offered load so that it
+is exercised (one bucket decision per send) without capping the figure.
 """
 
 from __future__ import annotations
@@ -26,8 +26,14 @@ import tempfile
 import time
 from typing import Any
 
-from bench._common import bench_database, drop_bench_database, emit, percentile
-from gateway.runtime import tune_gc_for_serving
+from bench._common import (
+    GatewayProcesses,
+    bench_database,
+    drop_bench_database,
+    emit,
+    install_uvloop,
+    percentile,
+)
 
 REDIS = os.environ.get("SWITCHBOARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # More customers than concurrent calls: messages to one customer go out one after another
@@ -35,22 +41,11 @@ REDIS = os.environ.get("SWITCHBOARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CUSTOMERS = 256
 
 
-def _uvloop() -> None:
-    # Every server of a run (the gateway and the ceiling's) as `switchboard serve` runs.
-    tune_gc_for_serving()
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-
-
 # ---- the sandbox (Meta), in a process of its own ----
 
 
 def _sandbox_process(out: Any, stop: Any) -> None:
-    _uvloop()
+    install_uvloop()
 
     async def main() -> None:
         from channels.instagram.sandbox import SandboxSettings, start_sandbox
@@ -102,7 +97,7 @@ async def _drive(
 
 
 def _drive_process(args: tuple[str, str, list[bytes], int, float], out: Any) -> None:
-    _uvloop()
+    install_uvloop()
     out.put(asyncio.run(_drive(*args)))
 
 
@@ -134,7 +129,7 @@ def _figures(result: dict[str, Any]) -> dict[str, float]:
 
 
 def _bare_server(send_url: str, meta_token: str, port_out: Any, stop: Any) -> None:
-    _uvloop()
+    install_uvloop()
 
     async def main() -> None:
         import aiohttp
@@ -198,19 +193,13 @@ async def measure(
     duration_s: float,
 ) -> dict[int, dict[str, Any]]:
     """The gateway's figures per concurrency, and the ceiling's, measured in the same run."""
-    from datetime import UTC, datetime
-
     from switchboard.v1 import messaging_pb2
 
     from channels.instagram.sandbox import SandboxClient
-    from gateway.app import Gateway, Role
-    from gateway.config import Config, Secret
-    from gateway.domain.connect import AccessToken
-    from gateway.domain.ids import new_id
-    from gateway.domain.models import Account, Connection, ConnectionStatus
+    from gateway.app import Gateway
+    from gateway.config import Config
     from gateway.security.keyring import generate_key_spec
     from gateway.security.tokens import create_token
-    from gateway.services.credentials import seal
 
     with tempfile.TemporaryDirectory() as tmp:
         env = {
@@ -230,7 +219,9 @@ async def measure(
         if backend == "postgres+redis":
             env["SWITCHBOARD_REDIS_URL"] = REDIS
             env["SWITCHBOARD_REDIS_KEY_PREFIX"] = f"bench:{secrets.token_hex(4)}:"
+        served = GatewayProcesses(env, backend)
         try:
+            # This process prepares the store and watches it; the gateway serves from its own.
             async with (
                 Gateway(Config.from_environ(env)) as gateway,
                 SandboxClient(sandbox_url) as control,
@@ -238,73 +229,74 @@ async def measure(
                 await gateway.store.migrate()
                 await control.update_settings(latency_ms=0)
                 token, _ = await create_token(gateway.store, name="bench", tenants=["*"], scopes=[])
-                stop = asyncio.Event()
-                up: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-                serving = asyncio.create_task(
-                    gateway.serve(Role.ALL, stop=stop, on_listening=up.set_result)
+                account = await control.create_account(username=f"b{secrets.token_hex(3)}")
+                ig_id = str(account["ig_id"])
+                meta_token = (await control.issue_token(ig_id, "instagram_long"))["access_token"]
+                connection_id = await _connect(gateway, ig_id, meta_token)
+                await asyncio.to_thread(served.start)
+                # The customers' first messages come in as webhooks.
+                await control.set_webhook(f"http://127.0.0.1:{served.http_port}/webhooks/instagram")
+                customers = [
+                    str((await control.send_dm(ig_id, "hi"))["customer"]) for _ in range(CUSTOMERS)
+                ]
+                await _await_conversations(gateway, connection_id, customers)
+                await control.update_settings(latency_ms=latency_ms)
+            requests = [
+                messaging_pb2.SendMessageRequest(
+                    tenant_id="bench",
+                    connection_id=connection_id,
+                    recipient_id=c,
+                    text="Thanks for your message!",
+                ).SerializeToString()
+                for c in customers
+            ]
+            target = f"127.0.0.1:{served.grpc_port}"
+            loop = asyncio.get_running_loop()
+            send_url = f"{sandbox_url}/graph-instagram/v21.0/{ig_id}/messages"
+            await loop.run_in_executor(None, drive, target, token, requests, 8, 1.0)
+            results: dict[int, dict[str, Any]] = {}
+            for concurrency in concurrencies:
+                ours = await loop.run_in_executor(
+                    None, drive, target, token, requests, concurrency, duration_s
                 )
-                listening = await up
-                try:
-                    account = await control.create_account(username=f"b{secrets.token_hex(3)}")
-                    ig_id = str(account["ig_id"])
-                    meta_token = (await control.issue_token(ig_id, "instagram_long"))[
-                        "access_token"
-                    ]
-                    conn = Connection(
-                        id=new_id("conn"),
-                        tenant_id="bench",
-                        channel="instagram",
-                        status=ConnectionStatus.CONNECTED,
-                        account=Account(external_id=ig_id),
-                        login_flow="instagram",
-                        connected_at=datetime.now(UTC),
-                    )
-                    assert gateway.keyring is not None
-                    sealed = seal(
-                        gateway.keyring,
-                        conn.id,
-                        AccessToken(value=Secret(meta_token), issued_at=datetime.now(UTC)),
-                    )
-                    async with gateway.store.transaction() as tx:
-                        await tx.save_connection(conn)
-                        await tx.put_credential(sealed)
-                    await control.set_webhook(
-                        f"http://127.0.0.1:{listening.http.port}/webhooks/instagram"
-                    )
-                    customers = [
-                        str((await control.send_dm(ig_id, "hi"))["customer"])
-                        for _ in range(CUSTOMERS)
-                    ]
-                    await _await_conversations(gateway, conn.id, customers)
-                    await control.update_settings(latency_ms=latency_ms)
-                    requests = [
-                        messaging_pb2.SendMessageRequest(
-                            tenant_id="bench",
-                            connection_id=conn.id,
-                            recipient_id=c,
-                            text="Thanks for your message!",
-                        ).SerializeToString()
-                        for c in customers
-                    ]
-                    target = f"127.0.0.1:{listening.grpc.port}"
-                    loop = asyncio.get_running_loop()
-                    send_url = f"{sandbox_url}/graph-instagram/v21.0/{ig_id}/messages"
-                    await loop.run_in_executor(None, drive, target, token, requests, 8, 1.0)
-                    results: dict[int, dict[str, Any]] = {}
-                    for concurrency in concurrencies:
-                        ours = await loop.run_in_executor(
-                            None, drive, target, token, requests, concurrency, duration_s
-                        )
-                        top = await loop.run_in_executor(
-                            None, ceiling, send_url, meta_token, requests, concurrency, duration_s
-                        )
-                        results[concurrency] = {"ours": _figures(ours), "ceiling": top}
-                    return results
-                finally:
-                    stop.set()
-                    await serving
+                top = await loop.run_in_executor(
+                    None, ceiling, send_url, meta_token, requests, concurrency, duration_s
+                )
+                results[concurrency] = {"ours": _figures(ours), "ceiling": top}
+            return results
         finally:
+            await asyncio.to_thread(served.close)
             await drop_bench_database(backend, database)
+
+
+async def _connect(gateway: Any, ig_id: str, meta_token: str) -> str:
+    """Stores a connected account with its sealed token, as a finished OAuth flow would."""
+    from datetime import UTC, datetime
+
+    from gateway.config import Secret
+    from gateway.domain.connect import AccessToken
+    from gateway.domain.ids import new_id
+    from gateway.domain.models import Account, Connection, ConnectionStatus
+    from gateway.services.credentials import seal
+
+    conn = Connection(
+        id=new_id("conn"),
+        tenant_id="bench",
+        channel="instagram",
+        status=ConnectionStatus.CONNECTED,
+        account=Account(external_id=ig_id),
+        login_flow="instagram",
+        connected_at=datetime.now(UTC),
+    )
+    sealed = seal(
+        gateway.keyring,
+        conn.id,
+        AccessToken(value=Secret(meta_token), issued_at=datetime.now(UTC)),
+    )
+    async with gateway.store.transaction() as tx:
+        await tx.save_connection(conn)
+        await tx.put_credential(sealed)
+    return conn.id
 
 
 async def _await_conversations(gateway: Any, connection_id: str, customers: list[str]) -> None:
@@ -332,7 +324,7 @@ def main() -> None:
     backends = ["embedded", "postgres+redis"] if args.backend == "all" else [args.backend]
     # The gateway runs here: on uvloop like `switchboard serve` and like the ceiling's server,
     # so that the ratio compares the work done, not the event loops.
-    _uvloop()
+    install_uvloop()
     ctx = mp.get_context("spawn")
     sandbox_q, sandbox_stop = ctx.Queue(), ctx.Event()
     sandbox = ctx.Process(target=_sandbox_process, args=(sandbox_q, sandbox_stop))
