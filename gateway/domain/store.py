@@ -299,8 +299,9 @@ class Store(Protocol):
         """Deletes published entries older than ``before`` (retention), with their bus acks."""
 
     async def purge_tombstones(self, before: datetime) -> int:
-        """Deletes the tombstones of unsends (of messages not stored when the unsend came)
-        stored before ``before``; returns how many."""
+        """Deletes what ingestion keeps of early changes, stored before ``before``: the
+        tombstones of unsends and the early edits (of messages not stored when the unsend
+        or the edit came); returns how many rows went, both kinds together."""
 
     # The in-process bus's durable state (gateway.bus.memory): the outbox is its log.
     async def bus_load(self, *, since: datetime) -> tuple[list[OutboxEntry], dict[str, set[int]]]:

@@ -12,8 +12,8 @@ Republishing keeps each event's ``event_id``; consumers dedupe on it.
 
 It also purges published entries past the retention window. With the in-process bus the
 outbox is the bus's log, so that retention must not be shorter than the bus's. The same
-periodic purge drops the tombstones ingestion keeps for unsends that came before their
-message, past their own retention (``TOMBSTONE_RETENTION``).
+periodic purge drops what ingestion keeps of unsends and edits that came before their
+message (tombstones, early edits), past their own retention (``TOMBSTONE_RETENTION``).
 """
 
 from __future__ import annotations

@@ -151,11 +151,16 @@ class SqlStore(abc.ABC):
             )
 
     async def purge_tombstones(self, before: datetime) -> int:
+        """Tombstones and early edits alike: both wait for a message that may never come."""
+        params = {"before": self.codec.ts(rows.utc(before))}
         async with self._session() as ex:
-            return await ex.execute(
-                "DELETE FROM message_tombstones WHERE created_at < :before",
-                {"before": self.codec.ts(rows.utc(before))},
+            unsends = await ex.execute(
+                "DELETE FROM message_tombstones WHERE created_at < :before", params
             )
+            edits = await ex.execute(
+                "DELETE FROM message_early_edits WHERE created_at < :before", params
+            )
+        return unsends + edits
 
     # ---- the in-process bus's durable state ----
 

@@ -6,16 +6,19 @@ is one multi-row statement per chunk rather than one statement per item. Rows ar
 in key order so that two concurrent batches lock shared rows in the same order and cannot
 deadlock each other.
 
-Meta may deliver an unsend before the message it takes back. An unsend of a message not
-stored yet leaves a tombstone (``message_tombstones``) and marks its conversation
-(``conversations.tombstone_at``); a message of a marked conversation is looked up among
-the tombstones and, when unsent, stored deleted and not announced (its MessageDeleted
-went out with the unsend). The mark comes back with the conversation upsert every batch
-runs anyway, so a batch of unmarked conversations, the usual case, pays nothing more.
-Nothing is missed across transactions: an unsend and its message name the same customer,
-so both upsert the same conversation row, and the row lock orders them; the upsert of the
-second one returns the mark the first committed, and its later statements see the
-first one's rows. (SQLite serializes writers anyway.)
+Meta may deliver an unsend or an edit before the message it changes. An unsend of a
+message not stored yet leaves a tombstone (``message_tombstones``), an edit an early edit
+(``message_early_edits``, the highest edit_count of each message); both mark the
+conversation (``conversations.tombstone_at``, named after the unsends that came first: it
+marks any early change). A message of a marked conversation is looked up among the
+tombstones and early edits, in one statement: when edited, it is stored and announced with
+the edited text and edit count; when unsent, it is stored deleted and not announced (its
+MessageDeleted went out with the unsend), whatever its edits. The mark comes back with the
+conversation upsert every batch runs anyway, so a batch of unmarked conversations, the
+usual case, pays nothing more. Nothing is missed across transactions: a change and its
+message name the same customer, so both upsert the same conversation row, and the row lock
+orders them; the upsert of the second one returns the mark the first committed, and its
+later statements see the first one's rows. (SQLite serializes writers anyway.)
 """
 
 from __future__ import annotations
@@ -166,8 +169,8 @@ class InboundWriter:
         routed: Sequence[RoutedItem],
         participants: dict[tuple[str, str], Participant],
     ) -> tuple[dict[tuple[str, str], Conversation], set[str]]:
-        """The conversations as stored, and the ids of those marked by a recent unsend of
-        a message not stored then."""
+        """The conversations as stored, and the ids of those marked by a recent unsend or
+        edit of a message not stored then."""
         drafts: dict[tuple[str, str], _ConversationDraft] = {}
         for r in routed:
             part = participants.get((r.connection.id, r.item.customer_id))
@@ -183,7 +186,7 @@ class InboundWriter:
         now = datetime.now(UTC)
         found: dict[tuple[str, str], Conversation] = {}
         marked: set[str] = set()
-        # Tombstones older than this are purged, or due to be.
+        # Early changes older than this are purged, or due to be.
         fresh_after = now - TOMBSTONE_RETENTION
         times = ", ".join(
             f"{col} = {later('conversations', col)}"
@@ -251,7 +254,7 @@ class InboundWriter:
             drafts.append((i, message_from_item(r.item, r.connection, conv.id, new_id("msg"))))
         drafts.sort(key=lambda d: (d[1].connection_id, d[1].external_id, d[1].id))
         if marked:
-            await self._mark_unsent([m for _, m in drafts if m.conversation_id in marked])
+            await self._apply_early_changes([m for _, m in drafts if m.conversation_id in marked])
         now = datetime.now(UTC)
         inserted: set[str] = set()
         for chunk in _chunks(drafts):
@@ -269,22 +272,31 @@ class InboundWriter:
             else:
                 results[i].duplicate = True
 
-    async def _mark_unsent(self, messages: Sequence[Message]) -> None:
-        """Marks deleted the messages (of marked conversations) whose unsend came first."""
-        keys = sorted({(m.connection_id, m.external_id) for m in messages if m.external_id})
-        gone: set[tuple[str, str]] = set()
-        for chunk in _chunks(keys):
+    async def _apply_early_changes(self, messages: Sequence[Message]) -> None:
+        """Applies to the messages (of marked conversations) the edits and unsends that came
+        before them. An unsend wins: the message is stored deleted, edited or not."""
+        by_key = {(m.connection_id, m.external_id): m for m in messages if m.external_id}
+        for chunk in _chunks(sorted(by_key)):
             conn_sql, conn_params = in_list("c", sorted({c for c, _ in chunk}))
             ext_sql, ext_params = in_list("x", sorted({x for _, x in chunk}))
+            where = f"WHERE connection_id IN {conn_sql} AND external_id IN {ext_sql}"
             for row in await self._ex.fetch(
-                "SELECT connection_id, external_id FROM message_tombstones"  # noqa: S608
-                f" WHERE connection_id IN {conn_sql} AND external_id IN {ext_sql}",
+                # One round trip for both kinds; the tombstones' branch has no edit.
+                "SELECT connection_id, external_id, NULL AS text, NULL AS edit_count"  # noqa: S608
+                f" FROM message_tombstones {where} UNION ALL"
+                " SELECT connection_id, external_id, text, edit_count"
+                f" FROM message_early_edits {where}",
                 {**conn_params, **ext_params},
             ):
-                gone.add((row["connection_id"], row["external_id"]))
-        for m in messages:
-            if (m.connection_id, m.external_id) in gone:
-                m.deleted = True
+                # The two IN-lists match their cross product: pairs not asked for too.
+                m = by_key.get((row["connection_id"], row["external_id"]))
+                if m is None:
+                    continue
+                if row["edit_count"] is None:
+                    m.deleted = True
+                else:
+                    m.text = row["text"]
+                    m.edit_count = int(row["edit_count"])
 
     async def _confirm_echoes(
         self, routed: Sequence[RoutedItem], results: list[IngestResult]
@@ -337,6 +349,7 @@ class InboundWriter:
         edits: dict[str, Params] = {}
         deletes: set[str] = set()
         tombstones: dict[tuple[str, str], datetime] = {}
+        early_edits: dict[tuple[str, str], tuple[str, int]] = {}
         marks: set[str] = set()
         inserted_at: dict[str, int] | None = None
         for j, (r, result) in enumerate(zip(routed, results, strict=True)):
@@ -347,13 +360,17 @@ class InboundWriter:
             target = known.get((r.connection.id, item.external_id))
             if target is None:
                 # Without a customer there is no conversation to mark, nor a lock to order
-                # the unsend and its message: Meta's unsends always name the customer.
-                if (
-                    item.kind == EventKind.MESSAGE_DELETED
-                    and item.external_id
-                    and result.conversation is not None
-                ):
-                    tombstones.setdefault((r.connection.id, item.external_id), item.occurred_at)
+                # the change and its message: Meta's unsends and edits name the customer.
+                if not item.external_id or result.conversation is None:
+                    continue
+                key = (r.connection.id, item.external_id)
+                if item.kind == EventKind.MESSAGE_DELETED:
+                    tombstones.setdefault(key, item.occurred_at)
+                    marks.add(result.conversation.id)
+                elif item.kind == EventKind.MESSAGE_EDITED:
+                    kept = early_edits.get(key)
+                    if kept is None or item.edit_count > kept[1]:
+                        early_edits[key] = (item.text, item.edit_count)
                     marks.add(result.conversation.id)
                 continue
             if not result.message_id:
@@ -371,6 +388,13 @@ class InboundWriter:
                 # An older edit arriving late does not overwrite a newer one.
                 target.edit_count = max(item.edit_count, target.edit_count)
                 edits[target.id] = {"id": target.id, "text": item.text, "n": target.edit_count}
+                if inserted_at is None:
+                    inserted_at = _inserted_at(results)
+                late = inserted_at.get(target.id, -1)
+                if late > j:
+                    # Its edit came earlier in this very batch, so its MessageEdited
+                    # precedes it in the outbox: announced edited, as with an early edit.
+                    _edited_before_arrival(results[late], item.text, target.edit_count)
         if edits:
             await self._ex.executemany(
                 "UPDATE messages SET text = :text, edit_count = :n WHERE id = :id",
@@ -381,16 +405,19 @@ class InboundWriter:
                 "UPDATE messages SET deleted = :d WHERE id = :id",
                 [{"d": True, "id": k} for k in sorted(deletes)],
             )
-        if tombstones:
-            await self._add_tombstones(tombstones, marks)
+        if marks:
+            await self._add_early_changes(tombstones, early_edits, marks)
 
-    async def _add_tombstones(
-        self, tombstones: dict[tuple[str, str], datetime], conversation_ids: set[str]
+    async def _add_early_changes(
+        self,
+        tombstones: dict[tuple[str, str], datetime],
+        early_edits: dict[tuple[str, str], tuple[str, int]],
+        conversation_ids: set[str],
     ) -> None:
-        """Unsends of messages not stored: the message may still come, as Meta reorders
-        deliveries and retries a failed one for up to 36 hours."""
+        """Unsends and edits of messages not stored: the message may still come, as Meta
+        reorders deliveries and retries a failed one for up to 36 hours."""
         now = self._codec.ts(datetime.now(UTC))
-        found = [
+        unsent = [
             {
                 "connection_id": conn_id,
                 "external_id": external_id,
@@ -399,12 +426,33 @@ class InboundWriter:
             }
             for (conn_id, external_id), deleted_at in sorted(tombstones.items())
         ]
-        for chunk in _chunks(found):
+        for chunk in _chunks(unsent):
             # A retried unsend finds its tombstone there already: the first one stands.
             await self._insert(
                 "message_tombstones",
                 chunk,
                 "ON CONFLICT (connection_id, external_id) DO NOTHING RETURNING external_id",
+            )
+        edited = [
+            {
+                "connection_id": conn_id,
+                "external_id": external_id,
+                "text": text,
+                "edit_count": edit_count,
+                "created_at": now,
+            }
+            for (conn_id, external_id), (text, edit_count) in sorted(early_edits.items())
+        ]
+        for chunk in _chunks(edited):
+            # Only a newer edit replaces the one kept (a retried or older one arriving late
+            # does not), and its retention starts over.
+            await self._insert(
+                "message_early_edits",
+                chunk,
+                "ON CONFLICT (connection_id, external_id) DO UPDATE SET text = excluded.text,"
+                " edit_count = excluded.edit_count, created_at = excluded.created_at"
+                " WHERE excluded.edit_count > message_early_edits.edit_count"
+                " RETURNING external_id",
             )
         # This transaction upserted these conversations: it holds their rows already.
         for chunk in _chunks(sorted(conversation_ids)):
@@ -545,6 +593,12 @@ def _deleted_before_arrival(result: IngestResult) -> None:
     result.deleted_before_arrival = True
     if result.message is not None:
         result.message.deleted = True
+
+
+def _edited_before_arrival(result: IngestResult, text: str, edit_count: int) -> None:
+    if result.message is not None:
+        result.message.text = text
+        result.message.edit_count = edit_count
 
 
 def _known(row: Row) -> _Known:
