@@ -285,6 +285,7 @@ class Gateway:
             self.store,
             relay=relay,
             enricher=ProfileEnricher(self.store, self.keyring, sources),
+            ack_timeout_s=self.config.webhook_ack_timeout_s,
             # SQLite serializes writers anyway; PostgreSQL overlaps two commits.
             workers=2 if self.store.backend == "postgres" else 1,
         )

@@ -100,6 +100,9 @@ class Config:
     data_dir: str
     shutdown_grace_s: float
     http_max_body_bytes: int
+    # A webhook not stored within this is answered 503 (Meta retries); Meta itself gives
+    # up on an answer after about 20 s.
+    webhook_ack_timeout_s: float = 4.0
     # Tokens are refreshed once they expire within this margin.
     token_refresh_margin_s: float = 30 * 86400.0
     # Outbound: per-account send rates (per second), the first attempt's wait in
@@ -192,6 +195,9 @@ class Config:
             shutdown_grace_s=reader.number("SHUTDOWN_GRACE_SECONDS", 10.0, low=0, high=600),
             http_max_body_bytes=int(
                 reader.number("HTTP_MAX_BODY_BYTES", 4 * 1024 * 1024, low=1024, high=1 << 30)
+            ),
+            webhook_ack_timeout_s=reader.number(
+                "WEBHOOK_ACK_TIMEOUT_SECONDS", 4.0, low=0.05, high=20
             ),
             token_refresh_margin_s=reader.number("TOKEN_REFRESH_MARGIN_DAYS", 30.0, low=1, high=365)
             * 86400.0,

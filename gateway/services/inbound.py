@@ -139,9 +139,9 @@ class InboundService:
         try:
             # Meta gives up on a slow answer; a 503 in time makes it retry sooner. Should
             # the commit still land afterwards, the retry is deduplicated.
-            await asyncio.wait_for(
-                self._committer.submit(_Job(channel, parsed, received_at)), self._ack_timeout_s
-            )
+            # (A timeout scope rather than wait_for, which runs the wait as a task of its own.)
+            async with asyncio.timeout(self._ack_timeout_s):
+                await self._committer.submit(_Job(channel, parsed, received_at))
         except (Unavailable, TimeoutError) as exc:
             _deliveries(channel, "unavailable").inc()
             log.warning(

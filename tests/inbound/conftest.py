@@ -89,6 +89,9 @@ async def stack(
         prefix = str(request.getfixturevalue("redis_prefix"))
         extra["SWITCHBOARD_REDIS_URL"] = str(request.getfixturevalue("redis_url"))
         extra["SWITCHBOARD_REDIS_KEY_PREFIX"] = f"{prefix}{secrets.token_hex(3)}:"
+    settings = request.node.get_closest_marker("gateway_env")
+    if settings is not None:
+        extra.update({f"SWITCHBOARD_{k}": str(v) for k, v in settings.kwargs.items()})
     env = gateway_environ(inbound_database, str(tmp_path), **extra)
     try:
         async with run_gateway(env) as running, SandboxClient(sandbox.url) as control:

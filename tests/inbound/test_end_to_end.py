@@ -296,6 +296,32 @@ async def test_store_down_answers_503_then_metas_retry_succeeds(stack: Stack) ->
     assert len(stored) == 1
 
 
+@pytest.mark.gateway_env(WEBHOOK_ACK_TIMEOUT_SECONDS=0.5)
+@pytest.mark.parametrize(
+    "inbound_backend",
+    [pytest.param("postgres+redis", marks=pytest.mark.postgres)],
+    indirect=True,
+)
+async def test_a_store_too_slow_to_commit_answers_503_and_the_retry_is_deduplicated(
+    stack: Stack,
+) -> None:
+    async with stack.subscriber() as sub:
+        # Messages locked against writes: the commit waits past the ack timeout.
+        async with await psycopg.AsyncConnection.connect(stack.database) as locker:
+            await locker.execute("LOCK TABLE messages IN EXCLUSIVE MODE")
+            started = time.monotonic()
+            sent = await stack.control.send_dm(stack.ig_id, "slow day")
+            assert sent["status"] == 503
+            assert time.monotonic() - started < 3
+            await locker.rollback()
+        # The commit that outlived its answer lands; Meta's retry of it is then a duplicate.
+        (event,) = await sub.take(1, timeout_s=10)
+        assert event.payload["message"]["text"] == "slow day"
+        assert (await stack.control.retry_delivery(sent["delivery_id"]))["status"] == 200
+        await sub.nothing_more(1.0)
+    assert len(await stored_messages(stack, event.conversation_id)) == 1
+
+
 class store_down:
     """Makes the gateway's database refuse work, then restores it."""
 
