@@ -114,3 +114,24 @@ def test_signature_matches_metas_test_vector() -> None:
     assert sign(b"Hello, World!", SECRET.encode()) == (
         "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17"
     )
+
+
+async def test_request_metrics_label_odd_methods_as_other(
+    sidecar: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def count(route: str, method: str, status: str) -> float:
+        labels = {"route": route, "method": method, "status": status}
+        return REGISTRY.get_sample_value("switchboard_http_requests_total", labels) or 0.0
+
+    before_get = count("/healthz", "GET", "200")
+    before_other = count("unmatched", "OTHER", "405")
+    async with http.get(sidecar.http_url + "/healthz") as reply:
+        assert reply.status == 200
+    for method in ("PROPFIND", "MKCOL"):
+        async with http.request(method, sidecar.http_url + "/healthz") as reply:
+            assert reply.status == 405
+    assert count("/healthz", "GET", "200") == before_get + 1
+    assert count("unmatched", "OTHER", "405") == before_other + 2
+    assert count("unmatched", "PROPFIND", "405") == 0
