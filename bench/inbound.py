@@ -313,7 +313,6 @@ async def _subscribe(target: str, token: str, counts: Any, stop: MpEvent) -> lis
 
 
 def _subscribe_process(target: str, token: str, counts: Any, stop: MpEvent, out: Any) -> None:
-    install_uvloop()
     try:
         out.put({"e2e": asyncio.run(_subscribe(target, token, counts, stop))})
     except BaseException as exc:

@@ -322,9 +322,8 @@ def main() -> None:
     latencies = [0] if args.quick else [0, 50]
     concurrencies = [16, 64] if args.quick else [8, 32, 128]
     backends = ["embedded", "postgres+redis"] if args.backend == "all" else [args.backend]
-    # The gateway runs here: on uvloop like `switchboard serve` and like the ceiling's server,
-    # so that the ratio compares the work done, not the event loops.
-    install_uvloop()
+    # This process prepares and waits; every server of the run (the gateway's processes, the
+    # ceiling's, the sandbox) runs in its own process on uvloop, like `switchboard serve`.
     ctx = mp.get_context("spawn")
     sandbox_q, sandbox_stop = ctx.Queue(), ctx.Event()
     sandbox = ctx.Process(target=_sandbox_process, args=(sandbox_q, sandbox_stop))
