@@ -13,7 +13,7 @@ from gateway.domain.store import OutboxEntry, Tx
 from gateway.store import rows
 from gateway.store.migrate import SCHEMA_TABLE, Migration, load_migrations, pending
 from gateway.store.rows import Codec
-from gateway.store.sqltx import Executor, SqlTx, in_list
+from gateway.store.sqltx import Executor, SqlTx, any_of
 
 # Keeps IN-lists well under SQLite's bound on host parameters.
 _CHUNK = 500
@@ -130,10 +130,10 @@ class SqlStore(abc.ABC):
             return
         async with self._session() as ex:
             for chunk in _chunks(seqs):
-                seq_sql, params = in_list("q", chunk)
+                where, params = any_of("seq", "q", chunk, arrays=self.backend == "postgres")
                 await ex.execute(
                     "UPDATE outbox SET published_at = :now, claimed_until = NULL"  # noqa: S608
-                    f" WHERE seq IN {seq_sql} AND published_at IS NULL",
+                    f" WHERE {where} AND published_at IS NULL",
                     {"now": self.codec.ts(rows.utc(now)), **params},
                 )
 

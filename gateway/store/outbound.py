@@ -15,7 +15,7 @@ below repeats its predicate word for word so that SQLite's planner matches it to
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +23,7 @@ from gateway.domain.models import Connection, Conversation, DeliveryError, Messa
 from gateway.domain.outbound import ContentKind, DeliveryAttempt, SendTarget
 from gateway.store import bulk, rows
 from gateway.store.rows import Codec, Params
-from gateway.store.sqltx import Executor, in_list
+from gateway.store.sqltx import Executor, any_of, in_list
 
 _SENT_FIELDS = (
     "status",
@@ -71,6 +71,10 @@ _WAITING = (
     " WHERE w.conversation_id = messages.conversation_id"
     f" AND {_pending('w')} AND w.id <> messages.id) ELSE false END AS waiting"
 )
+
+
+def _unique(values: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(values))
 
 
 def _unordered(message: Message) -> bool:
@@ -147,27 +151,25 @@ class OutboundWriter:
     #
     # A statement costs a round trip (a hop to aiosqlite's thread, or to PostgreSQL)
     # whatever the number of rows it carries, so each of these is a constant number of
-    # statements per batch. Lookups by several columns fetch by IN-lists per column and
-    # keep the exact pairs here: portable, and served by the same indexes.
+    # statements per batch. Lookups by several columns match each column against its list
+    # of values (any_of) and keep the exact pairs here: portable, and served by the same
+    # indexes.
 
     async def get_connections(self, ids: Sequence[str]) -> dict[str, Connection]:
         if not ids:
             return {}
-        ids_sql, params = in_list("c", list(dict.fromkeys(ids)))
-        found = await self._ex.fetch(
-            f"SELECT * FROM connections WHERE id IN {ids_sql}",  # noqa: S608
-            params,
-        )
+        where, params = any_of("id", "c", _unique(ids), arrays=self._arrays)
+        found = await self._ex.fetch(f"SELECT * FROM connections WHERE {where}", params)  # noqa: S608
         return {r["id"]: rows.connection_from_row(self._codec, r) for r in found}
 
     async def get_send_targets(self, ids: Sequence[str]) -> dict[str, SendTarget]:
         """Conversations by id, with their latest pending ordered message's time."""
         if not ids:
             return {}
-        ids_sql, params = in_list("v", list(dict.fromkeys(ids)))
+        where, params = any_of("c.id", "v", _unique(ids), arrays=self._arrays)
         found = await self._ex.fetch(
             f"SELECT {rows.CONVERSATION_COLUMNS}, {_PENDING_AT} FROM {rows.CONVERSATION_FROM}"  # noqa: S608
-            f" WHERE c.id IN {ids_sql}",
+            f" WHERE {where}",
             params,
         )
         return {r["id"]: self._target(r) for r in found}
@@ -180,11 +182,14 @@ class OutboundWriter:
         if not pairs:
             return {}
         wanted = set(pairs)
-        conn_sql, params = in_list("c", list(dict.fromkeys(c for c, _ in pairs)))
-        user_sql, user_params = in_list("u", list(dict.fromkeys(u for _, u in pairs)))
+        arrays = self._arrays
+        conns, params = any_of("c.connection_id", "c", _unique(c for c, _ in pairs), arrays=arrays)
+        users, user_params = any_of(
+            "p.channel_user_id", "u", _unique(u for _, u in pairs), arrays=arrays
+        )
         found = await self._ex.fetch(
             f"SELECT {rows.CONVERSATION_COLUMNS}, {_PENDING_AT} FROM {rows.CONVERSATION_FROM}"  # noqa: S608
-            f" WHERE c.connection_id IN {conn_sql} AND p.channel_user_id IN {user_sql}",
+            f" WHERE {conns} AND {users}",
             {**params, **user_params},
         )
         out: dict[tuple[str, str], SendTarget] = {}
@@ -209,11 +214,14 @@ class OutboundWriter:
         if not pairs:
             return {}
         wanted = set(pairs)
-        tenant_sql, params = in_list("t", list(dict.fromkeys(t for t, _ in pairs)))
-        key_sql, key_params = in_list("k", list(dict.fromkeys(k for _, k in pairs)))
+        tenants, params = any_of(
+            "tenant_id", "t", _unique(t for t, _ in pairs), arrays=self._arrays
+        )
+        keys, key_params = any_of(
+            "idempotency_key", "k", _unique(k for _, k in pairs), arrays=self._arrays
+        )
         found = await self._ex.fetch(
-            f"SELECT * FROM messages WHERE tenant_id IN {tenant_sql}"  # noqa: S608
-            f" AND idempotency_key IN {key_sql} AND idempotency_key <> ''",
+            f"SELECT * FROM messages WHERE {tenants} AND {keys} AND idempotency_key <> ''",  # noqa: S608
             {**params, **key_params},
         )
         out: dict[tuple[str, str], Message] = {}
@@ -289,17 +297,7 @@ class OutboundWriter:
         sent = [m for m, _ in items if m.external_id]
         if sent:
             # Echoes go first: our row takes their external id under a unique index.
-            where: list[str] = []
-            params: Params = {}
-            for i, m in enumerate(sent):
-                where.append(f"(connection_id = :c{i} AND external_id = :e{i} AND id <> :i{i})")
-                params.update({f"c{i}": m.connection_id, f"e{i}": m.external_id, f"i{i}": m.id})
-            echoed = await self._ex.fetch(
-                "DELETE FROM messages WHERE direction = 'OUTBOUND' AND sent_at IS NULL"  # noqa: S608
-                f" AND external_id <> '' AND ({' OR '.join(where)})"
-                " RETURNING connection_id, external_id, created_at",
-                params,
-            )
+            echoed = await self._ex.fetch(*self._echoes_of(sent))
             firsts = {(r["connection_id"], r["external_id"]): r["created_at"] for r in echoed}
             for m in sent:
                 at = firsts.get((m.connection_id, m.external_id))
@@ -345,6 +343,32 @@ class OutboundWriter:
                 )
             )
         return [m for m, _ in items], waiting
+
+    def _echoes_of(self, sent: Sequence[Message]) -> tuple[str, Params]:
+        """The DELETE of rows that echoes of these sent messages stored before them."""
+        echo = "direction = 'OUTBOUND' AND sent_at IS NULL AND external_id <> ''"
+        if self._arrays:
+            # One statement text whatever the batch, so PostgreSQL prepares it.
+            return (
+                "DELETE FROM messages USING unnest(:c::text[], :e::text[], :i::text[])"  # noqa: S608
+                f" AS u(c, e, i) WHERE {echo} AND connection_id = u.c AND external_id = u.e"
+                " AND id <> u.i RETURNING connection_id, external_id, created_at",
+                {
+                    "c": [m.connection_id for m in sent],
+                    "e": [m.external_id for m in sent],
+                    "i": [m.id for m in sent],
+                },
+            )
+        where: list[str] = []
+        params: Params = {}
+        for i, m in enumerate(sent):
+            where.append(f"(connection_id = :c{i} AND external_id = :e{i} AND id <> :i{i})")
+            params.update({f"c{i}": m.connection_id, f"e{i}": m.external_id, f"i{i}": m.id})
+        return (
+            f"DELETE FROM messages WHERE {echo} AND ({' OR '.join(where)})"  # noqa: S608
+            " RETURNING connection_id, external_id, created_at",
+            params,
+        )
 
     async def _waiting_behind(self, settled: Sequence[Message]) -> bool:
         """Whether these settled messages' conversations still have a pending message

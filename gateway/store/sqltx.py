@@ -58,6 +58,17 @@ def in_list(name: str, values: Sequence[Any]) -> tuple[str, Params]:
     return "(" + ", ".join(f":{key}" for key in params) + ")", params
 
 
+def any_of(column: str, name: str, values: Sequence[Any], *, arrays: bool) -> tuple[str, Params]:
+    """``column`` is one of ``values``. With ``arrays`` (PostgreSQL) it is ``= ANY(:name)``
+    with one array parameter: one statement text whatever the count, which psycopg converts
+    once and PostgreSQL prepares, where an IN-list's text changes with its length and is
+    parsed and planned anew each time. Elsewhere an IN-list (:func:`in_list`)."""
+    if arrays:
+        return f"{column} = ANY(:{name})", {name: list(values)}
+    sql, params = in_list(name, values)
+    return f"{column} IN {sql}", params
+
+
 def later(table: str, column: str) -> str:
     """The later of the stored and the proposed time (NULL counts as earliest)."""
     old, new = f"{table}.{column}", f"excluded.{column}"
@@ -218,11 +229,14 @@ class SqlTx:
     ) -> list[Connection]:
         if not account_ids:
             return []
-        ids_sql, params = in_list("a", list(dict.fromkeys(account_ids)))
+        # Every batch of webhooks asks this, for however many accounts it names.
+        ids = list(dict.fromkeys(account_ids))
+        arrays = hasattr(self._ex, "execute_native")
+        by_ig, params = any_of("account_external_id", "a", ids, arrays=arrays)
+        by_page, _ = any_of("account_page_id", "a", ids, arrays=arrays)
         found = await self._ex.fetch(
             "SELECT * FROM connections WHERE channel = :channel AND status <> 'DISCONNECTED'"  # noqa: S608
-            f" AND (account_external_id IN {ids_sql} OR account_page_id IN {ids_sql})"
-            " ORDER BY created_at, id",
+            f" AND ({by_ig} OR {by_page}) ORDER BY created_at, id",
             {"channel": channel, **params},
         )
         return [rows.connection_from_row(self._codec, r) for r in found]
