@@ -313,6 +313,7 @@ async def _subscribe(target: str, token: str, counts: Any, stop: MpEvent) -> lis
 
 
 def _subscribe_process(target: str, token: str, counts: Any, stop: MpEvent, out: Any) -> None:
+    install_uvloop()
     try:
         out.put({"e2e": asyncio.run(_subscribe(target, token, counts, stop))})
     except BaseException as exc:
@@ -502,7 +503,6 @@ def main() -> None:
     duration = 1.5 if args.quick else 10.0
     runs = 1 if args.quick else 3
     backends = ["embedded", "postgres+redis"] if args.backend == "all" else [args.backend]
-    install_uvloop()
     for backend in backends:
         for batch in (1, 20):
             samples: list[dict[str, float]] = []
