@@ -13,7 +13,8 @@ first attempt under way included), a new one that keeps order (all but sender ac
 stored QUEUED behind it, without a lease and without an attempt now; the call answers
 QUEUED at once and the worker sends it when its turn comes. The conversation lookup the
 batch runs anyway tells whether one is pending (no extra statement); within a batch, the
-calls' order decides. ``fail_fast`` still refuses when the account is rate limited.
+calls' order decides. ``fail_fast`` still refuses when the account is rate limited, but
+only looks at the bucket: the worker takes the token when it sends.
 
 An ``idempotency_key`` already used by the tenant returns the first message as it is now
 and sends nothing. Two identical calls that race both pass the lookup, but only one
@@ -229,6 +230,8 @@ class OutboundService:
             behind: set[str] = set()
             if queued:
                 behind = _queue_in_order([(m, c) for _, m, c in queued], found.pending_at)
+                queued = await self._admit_fail_fast(jobs, queued, behind, results)
+            if queued:
                 latest = max(j.now for j in jobs)
                 stored = await tx.enqueue_outbound_in_order(
                     [message for _, message, _ in queued], latest + lease, behind=list(behind)
@@ -294,8 +297,8 @@ class OutboundService:
                 return SendOutcome(existing, duplicate=True)
         _require_sendable(checked.connection)
         _require_window(checked.conversation, checked.content, checked.sender, job.now)
-        if request.fail_fast:
-            await self._admit_now(checked)
+        # fail_fast's rate check comes last, once the batch knows which calls queue behind
+        # another (_admit_fail_fast).
         return _new_message(request, checked, job.now), checked
 
     async def _check(self, tx: Tx, request: SendRequest, found: _Found) -> _Checked:
@@ -365,10 +368,37 @@ class OutboundService:
             raise InvalidArgument(field, "names a message the channel has not accepted yet")
         return found.external_id
 
-    async def _admit_now(self, checked: _Checked) -> None:
+    async def _admit_fail_fast(
+        self,
+        jobs: Sequence[_Enqueue],
+        queued: list[tuple[int, Message, _Checked]],
+        behind: set[str],
+        results: list[_Result | None],
+    ) -> list[tuple[int, Message, _Checked]]:
+        """The queued calls the rate limit lets through; a fail_fast call it refuses is
+        answered with the refusal (in ``results``) and not stored. A call attempted now
+        takes its token here (its first attempt then takes none). One that queues behind
+        another message of its conversation only looks: the worker takes its token when
+        its turn comes, so it must not spend one now as well."""
+        admitted = []
+        for index, message, checked in queued:
+            if jobs[index].request.fail_fast:
+                try:
+                    await self._admit_now(checked, take=message.id not in behind)
+                except StoreUnavailable:
+                    raise
+                except SwitchboardError as exc:
+                    # Refused alone, as in _admissible. A call queued behind this one in
+                    # the batch is then sent by the worker.
+                    results[index] = exc
+                    continue
+            admitted.append((index, message, checked))
+        return admitted
+
+    async def _admit_now(self, checked: _Checked, *, take: bool = True) -> None:
         category = checked.content.category
         admission = await self.deliverer.limiter.acquire(
-            account_key(checked.connection), category, self.clock()
+            account_key(checked.connection), category, self.clock(), take=take
         )
         if admission.ok:
             return

@@ -36,8 +36,11 @@ class Admission:
 
 
 class RateLimiter(Protocol):
-    async def acquire(self, account: str, category: RateCategory, now: datetime) -> Admission:
-        """Takes a token when one is available; raises Unavailable when undecidable."""
+    async def acquire(
+        self, account: str, category: RateCategory, now: datetime, *, take: bool = True
+    ) -> Admission:
+        """Takes a token when one is available; with ``take`` False only says whether one
+        is, taking nothing. Raises Unavailable when undecidable."""
 
     async def pause(self, account: str, until: datetime) -> None:
         """Holds every send of the account until ``until`` (a later pause wins)."""
@@ -59,7 +62,9 @@ class MemoryRateLimiter:
         self._buckets: dict[tuple[str, RateCategory], tuple[float, float]] = {}
         self._paused: dict[str, datetime] = {}
 
-    async def acquire(self, account: str, category: RateCategory, now: datetime) -> Admission:
+    async def acquire(
+        self, account: str, category: RateCategory, now: datetime, *, take: bool = True
+    ) -> Admission:
         paused = self._paused.get(account)
         if paused is not None:
             if paused > now:
@@ -70,9 +75,11 @@ class MemoryRateLimiter:
         tokens, at = self._buckets.get((account, category), (rate, now_s))
         tokens = min(rate, tokens + max(0.0, now_s - at) * rate)
         if tokens >= 1:
-            self._buckets[(account, category)] = (tokens - 1, max(at, now_s))
+            if take:
+                self._buckets[(account, category)] = (tokens - 1, max(at, now_s))
             return Admission(True)
-        self._buckets[(account, category)] = (tokens, max(at, now_s))
+        if take:
+            self._buckets[(account, category)] = (tokens, max(at, now_s))
         return Admission(False, (1 - tokens) / rate)
 
     async def pause(self, account: str, until: datetime) -> None:
@@ -101,10 +108,12 @@ class RateLimitKeys:
         return f"{self._tag(account)}:pause"
 
 
-# KEYS: bucket, pause. ARGV: now (ms), rate (tokens/s). Returns {ok, wait_ms, paused_until_ms}.
+# KEYS: bucket, pause. ARGV: now (ms), rate (tokens/s), take (1: take a token, 0: only
+# look). Returns {ok, wait_ms, paused_until_ms}.
 _ACQUIRE = """
 local now = tonumber(ARGV[1])
 local rate = tonumber(ARGV[2])
+local take = ARGV[3] == '1'
 local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
 if paused > now then return {0, paused - now, paused} end
 local b = redis.call('HMGET', KEYS[1], 't', 'ts')
@@ -121,8 +130,10 @@ if tokens >= 1 then
 else
   wait = math.ceil((1 - tokens) * 1000 / rate)
 end
-redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(ts))
-redis.call('PEXPIRE', KEYS[1], 2000)
+if take then
+  redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(ts))
+  redis.call('PEXPIRE', KEYS[1], 2000)
+end
 return {ok, wait, 0}
 """
 
@@ -137,7 +148,7 @@ return 1
 """
 
 
-_Decision = tuple[str, RateCategory, datetime]
+_Decision = tuple[str, RateCategory, datetime, bool]
 
 
 class RedisRateLimiter:
@@ -154,11 +165,13 @@ class RedisRateLimiter:
         )
         self._started = False
 
-    async def acquire(self, account: str, category: RateCategory, now: datetime) -> Admission:
+    async def acquire(
+        self, account: str, category: RateCategory, now: datetime, *, take: bool = True
+    ) -> Admission:
         if not self._started:
             self._started = True
             await self._decisions.start()
-        ok, wait_ms, paused_ms = await self._decisions.submit((account, category, now))
+        ok, wait_ms, paused_ms = await self._decisions.submit((account, category, now, take))
         if int(ok):
             return Admission(True)
         paused = _from_ms(int(paused_ms)) if int(paused_ms) else None
@@ -193,7 +206,7 @@ class RedisRateLimiter:
         # _decide handles). Errors come back in place, so that a script missing on one
         # cluster node fails only the decisions sent there.
         pipe = self._client.pipeline(transaction=False)
-        for account, category, now in decisions:
+        for account, category, now, take in decisions:
             pipe.execute_command(
                 "EVALSHA",
                 self._acquire.sha,
@@ -202,6 +215,7 @@ class RedisRateLimiter:
                 self.keys.pause(account),
                 _ms(now),
                 self._rates[category],
+                1 if take else 0,
             )
         results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
