@@ -81,6 +81,16 @@ class Out:
             metadata=bearer(self.gateway.token),
         )
 
+    async def throttle(self, minutes: int = 2) -> None:
+        """Meta answers the account's next send with its throttling error (613), giving
+        ``minutes`` until access comes back."""
+        await self.control.inject_error(
+            613,
+            account=self.ig_id,
+            message="Calls to this api have exceeded the rate limit.",
+            estimated_time_to_regain_access=minutes,
+        )
+
     async def bodies(self) -> list[dict[str, Any]]:
         """The Send API bodies the sandbox received for this account, in order."""
         return [r["body"] for r in await self.control.sent(self.ig_id)]

@@ -48,12 +48,7 @@ async def test_a_fail_fast_call_queued_behind_another_takes_no_token(out: Out) -
 async def test_a_fail_fast_call_queued_behind_another_is_refused_while_paused(
     out: Out,
 ) -> None:
-    await out.control.inject_error(
-        613,
-        account=out.ig_id,
-        message="Calls to this api have exceeded the rate limit.",
-        estimated_time_to_regain_access=2,
-    )
+    await out.throttle()
     held = await out.send(text="one")
     assert held.message.status == QUEUED  # throttled: the account is paused, "one" held
     with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -74,12 +74,7 @@ async def test_a_message_behind_a_retrying_one_waits_for_it(out: Out) -> None:
 
 
 async def test_order_is_kept_after_an_account_pause(out: Out) -> None:
-    await out.control.inject_error(
-        613,
-        account=out.ig_id,
-        message="Calls to this api have exceeded the rate limit.",
-        estimated_time_to_regain_access=2,
-    )
+    await out.throttle()
     replies = [await out.send(text=t) for t in ("one", "two", "three")]
     assert [r.message.status for r in replies] == [QUEUED] * 3
     assert len(await out.bodies()) == 1  # only the throttled call reached Meta
@@ -151,12 +146,7 @@ async def test_two_workers_on_one_store_keep_each_conversations_order(out: Out) 
     for _ in range(2):
         igsid, _, _ = await customer_writes(out.gateway, out.control, out.connection)
         customers.append(igsid)
-    await out.control.inject_error(
-        613,
-        account=out.ig_id,
-        message="Calls to this api have exceeded the rate limit.",
-        estimated_time_to_regain_access=2,
-    )
+    await out.throttle()
     # The account is paused from the first call on: every message is held or queued.
     ids = []
     for i in range(5):

@@ -12,12 +12,7 @@ from tests.outbound.test_refusals import error_info
 
 
 async def test_throttling_pauses_the_account_until_meta_allows_then_resumes(out: Out) -> None:
-    await out.control.inject_error(
-        613,
-        account=out.ig_id,
-        message="Calls to this api have exceeded the rate limit.",
-        estimated_time_to_regain_access=2,
-    )
+    await out.throttle()
     first = await out.send(text="one")
     assert first.message.status == common_pb2.MESSAGE_STATUS_QUEUED
     assert not first.message.HasField("error")
