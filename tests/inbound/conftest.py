@@ -61,6 +61,30 @@ async def connect(stack: Stack, account: dict[str, Any], *, tenant: str = "t1") 
     return await store_connection(stack.gateway, stack.control, account, tenant=tenant)
 
 
+async def connected_stack(
+    backend: str,
+    gateway: RunningGateway,
+    sandbox: RunningSandbox,
+    control: SandboxClient,
+    database: str,
+    webhooks_to: str,
+) -> Stack:
+    """A sandbox account whose webhooks go to ``webhooks_to``, connected to tenant t1."""
+    account = await control.create_account(username="shop")
+    await control.set_webhook(webhooks_to + "/webhooks/instagram")
+    stack = Stack(
+        backend,
+        gateway,
+        sandbox,
+        control,
+        account,
+        connection=None,  # type: ignore[arg-type]
+        database=database,
+    )
+    stack.connection = await connect(stack, account)
+    return stack
+
+
 @pytest.fixture(params=BACKENDS)
 def inbound_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -95,18 +119,8 @@ async def stack(
     env = gateway_environ(inbound_database, str(tmp_path), **extra)
     try:
         async with run_gateway(env) as running, SandboxClient(sandbox.url) as control:
-            account = await control.create_account(username="shop")
-            await control.set_webhook(running.http_url + "/webhooks/instagram")
-            placeholder = Stack(
-                inbound_backend,
-                running,
-                sandbox,
-                control,
-                account,
-                connection=None,  # type: ignore[arg-type]
-                database=inbound_database,
+            yield await connected_stack(
+                inbound_backend, running, sandbox, control, inbound_database, running.http_url
             )
-            placeholder.connection = await connect(placeholder, account)
-            yield placeholder
     finally:
         await sandbox.aclose()

@@ -15,7 +15,7 @@ from gateway.app import Role
 from gateway.security.keyring import generate_key_spec
 from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
 from tests.helpers import fresh_database
-from tests.inbound.conftest import Stack, connect
+from tests.inbound.conftest import Stack, connected_stack
 
 
 @pytest.fixture
@@ -41,18 +41,9 @@ async def split(
                 run_gateway(http_env, Role.HTTP) as http_side,
                 SandboxClient(sandbox.url) as control,
             ):
-                account = await control.create_account(username="shop")
-                await control.set_webhook(http_side.http_url + "/webhooks/instagram")
-                stack = Stack(
-                    "postgres+redis",
-                    grpc_side,
-                    sandbox,
-                    control,
-                    account,
-                    connection=None,  # type: ignore[arg-type]
-                    database=database,
+                stack = await connected_stack(
+                    "postgres+redis", grpc_side, sandbox, control, database, http_side.http_url
                 )
-                stack.connection = await connect(stack, account)
                 yield stack, http_side
     finally:
         await sandbox.aclose()

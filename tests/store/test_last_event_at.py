@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from gateway.domain.models import Connection
 from tests.store.conftest import AnyStore
@@ -21,22 +21,30 @@ async def stored(store: AnyStore, conn: Connection) -> Connection:
     return found
 
 
-async def test_last_event_at_moves_forward_only(store: AnyStore) -> None:
+async def advance(store: AnyStore, conn: Connection, at: datetime) -> None:
+    async with store.transaction() as tx:
+        await tx.advance_last_event_at({conn.id: at})
+
+
+async def saved_then_advanced(store: AnyStore) -> tuple[Connection, datetime]:
+    """A connection saved with no last_event_at, then advanced to now; both."""
     conn = connection()
     conn.last_event_at = None
     await save(store, conn)
     t = now()
-    async with store.transaction() as tx:
-        await tx.advance_last_event_at({conn.id: t})
+    await advance(store, conn, t)
+    return conn, t
+
+
+async def test_last_event_at_moves_forward_only(store: AnyStore) -> None:
+    conn, t = await saved_then_advanced(store)
     assert (await stored(store, conn)).last_event_at == t
 
-    async with store.transaction() as tx:
-        await tx.advance_last_event_at({conn.id: t - timedelta(seconds=5)})
+    await advance(store, conn, t - timedelta(seconds=5))
     assert (await stored(store, conn)).last_event_at == t
 
     later = t + timedelta(milliseconds=1)
-    async with store.transaction() as tx:
-        await tx.advance_last_event_at({conn.id: later})
+    await advance(store, conn, later)
     found = await stored(store, conn)
     assert found.last_event_at == later
     # Nothing else of the connection changes: it is activity, not configuration.
@@ -68,13 +76,8 @@ async def test_several_connections_in_one_call_and_unknown_ids_are_ignored(
 
 
 async def test_saving_a_stale_copy_does_not_move_last_event_at_back(store: AnyStore) -> None:
-    conn = connection()
-    conn.last_event_at = None
-    await save(store, conn)
-    t = now()
     # A worker read the connection before the activity flush, and saves it after.
-    async with store.transaction() as tx:
-        await tx.advance_last_event_at({conn.id: t})
+    conn, t = await saved_then_advanced(store)
     conn.last_error = "code 190"
     await save(store, conn)
     found = await stored(store, conn)
