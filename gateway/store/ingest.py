@@ -45,7 +45,7 @@ from gateway.domain.store import OutboxEntry
 from gateway.store import bulk, rows
 from gateway.store.outbound import OutboundWriter
 from gateway.store.rows import Codec, Params, Row
-from gateway.store.sqltx import Executor, in_list, later
+from gateway.store.sqltx import Executor, in_list, later, takes_arrays
 
 # Rows per statement: keeps every statement under SQLite's bound on host parameters.
 CHUNK = 200
@@ -86,10 +86,7 @@ class InboundWriter:
     def __init__(self, executor: Executor, codec: Codec) -> None:
         self._ex = executor
         self._codec = codec
-        # PostgreSQL's executor (the only one with native statements) takes arrays: one
-        # statement text whatever the batch size, so psycopg parses and prepares it once
-        # instead of once per distinct number of rows.
-        self._arrays = hasattr(executor, "execute_native")
+        self._arrays = takes_arrays(executor)
 
     async def _insert(self, table: str, rows_: Sequence[Params], suffix: str) -> list[Row]:
         """A multi-row INSERT of rows with the same keys (``unnest`` on PostgreSQL)."""

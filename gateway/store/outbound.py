@@ -23,7 +23,7 @@ from gateway.domain.models import Connection, Conversation, DeliveryError, Messa
 from gateway.domain.outbound import ContentKind, DeliveryAttempt, SendTarget
 from gateway.store import bulk, rows
 from gateway.store.rows import Codec, Params
-from gateway.store.sqltx import Executor, any_of, in_list
+from gateway.store.sqltx import Executor, any_of, in_list, takes_arrays
 
 _SENT_FIELDS = (
     "status",
@@ -96,8 +96,7 @@ class OutboundWriter:
     def __init__(self, executor: Executor, codec: Codec) -> None:
         self._ex = executor
         self._codec = codec
-        # PostgreSQL's executor takes arrays (one statement per batch); SQLite's does not.
-        self._arrays = hasattr(executor, "execute_native")
+        self._arrays = takes_arrays(executor)
 
     async def find_conversation_for_recipient(
         self, connection_id: str, channel_user_id: str

@@ -58,6 +58,13 @@ def in_list(name: str, values: Sequence[Any]) -> tuple[str, Params]:
     return "(" + ", ".join(f":{key}" for key in params) + ")", params
 
 
+def takes_arrays(executor: Executor) -> bool:
+    """Whether the executor binds array parameters: PostgreSQL's (the only one with native
+    statements) does, so a batch statement keeps one text whatever its number of rows, and
+    psycopg parses and PostgreSQL prepares it once instead of once per distinct size."""
+    return hasattr(executor, "execute_native")
+
+
 def any_of(column: str, name: str, values: Sequence[Any], *, arrays: bool) -> tuple[str, Params]:
     """``column`` is one of ``values``. With ``arrays`` (PostgreSQL) it is ``= ANY(:name)``
     with one array parameter: one statement text whatever the count, which psycopg converts
@@ -231,7 +238,7 @@ class SqlTx:
             return []
         # Every batch of webhooks asks this, for however many accounts it names.
         ids = list(dict.fromkeys(account_ids))
-        arrays = hasattr(self._ex, "execute_native")
+        arrays = takes_arrays(self._ex)
         by_ig, params = any_of("account_external_id", "a", ids, arrays=arrays)
         by_page, _ = any_of("account_page_id", "a", ids, arrays=arrays)
         found = await self._ex.fetch(
@@ -271,8 +278,7 @@ class SqlTx:
         # Sorted ids: concurrent flushes of other processes lock shared rows in one order.
         ids = sorted(times)
         stale = earlier_than("connections.last_event_at", "u.t")
-        if hasattr(self._ex, "execute_native"):
-            # One statement text whatever the number of connections: prepared once.
+        if takes_arrays(self._ex):
             await self._ex.execute(
                 "UPDATE connections SET last_event_at = u.t"  # noqa: S608
                 " FROM unnest(:ids::text[], :times::timestamptz[]) AS u(id, t)"
