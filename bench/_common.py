@@ -90,6 +90,26 @@ def redis_server() -> Iterator[str]:
             proc.wait(10)
 
 
+@contextlib.contextmanager
+def redis_prefix(url: str) -> Iterator[str]:
+    """A key prefix of its own in the Redis at ``url``; every key under it is deleted
+    afterwards, so that runs do not pile their streams up in a shared Redis."""
+    import redis
+
+    prefix = f"bench:{secrets.token_hex(4)}:"
+    try:
+        yield prefix
+    finally:
+        client = redis.Redis.from_url(url)
+        try:
+            # Hash-tagged keys start with "{", so the prefix may sit inside the braces.
+            for pattern in (f"{prefix}*", f"{{{prefix}*"):
+                for key in client.scan_iter(match=pattern, count=1000):
+                    client.unlink(key)
+        finally:
+            client.close()
+
+
 # ---- a database of its own for each measured gateway ----
 
 PG_ADMIN = os.environ.get(

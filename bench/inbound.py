@@ -33,7 +33,6 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import secrets
 import statistics
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from bench._common import (
     drop_bench_database,
     install_uvloop,
     reap,
+    redis_prefix,
 )
 
 SECRET = b"bench-app-secret"
@@ -410,7 +410,7 @@ async def _prepare(env: dict[str, str]) -> str:
 async def measure(backend: str, batch: int, duration_s: float) -> dict[str, float]:
     from gateway.security.keyring import generate_key_spec
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as scope:
         env = {
             "SWITCHBOARD_GRPC_ADDR": "127.0.0.1:0",
             "SWITCHBOARD_HTTP_ADDR": "127.0.0.1:0",
@@ -426,7 +426,7 @@ async def measure(backend: str, batch: int, duration_s: float) -> dict[str, floa
         env["SWITCHBOARD_DATABASE_URL"] = database
         if backend == "postgres+redis":
             env["SWITCHBOARD_REDIS_URL"] = REDIS
-            env["SWITCHBOARD_REDIS_KEY_PREFIX"] = f"bench:{secrets.token_hex(4)}:"
+            env["SWITCHBOARD_REDIS_KEY_PREFIX"] = scope.enter_context(redis_prefix(REDIS))
         gateway = GatewayProcesses(env, backend)
         try:
             token = await _prepare(env)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing as mp
 import os
 import secrets
@@ -33,6 +34,7 @@ from bench._common import (
     emit,
     install_uvloop,
     percentile,
+    redis_prefix,
 )
 
 REDIS = os.environ.get("SWITCHBOARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -201,7 +203,7 @@ async def measure(
     from gateway.security.keyring import generate_key_spec
     from gateway.security.tokens import create_token
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as scope:
         env = {
             "SWITCHBOARD_GRPC_ADDR": "127.0.0.1:0",
             "SWITCHBOARD_HTTP_ADDR": "127.0.0.1:0",
@@ -218,7 +220,7 @@ async def measure(
         env["SWITCHBOARD_DATABASE_URL"] = database
         if backend == "postgres+redis":
             env["SWITCHBOARD_REDIS_URL"] = REDIS
-            env["SWITCHBOARD_REDIS_KEY_PREFIX"] = f"bench:{secrets.token_hex(4)}:"
+            env["SWITCHBOARD_REDIS_KEY_PREFIX"] = scope.enter_context(redis_prefix(REDIS))
         served = GatewayProcesses(env, backend)
         try:
             # This process prepares the store and watches it; the gateway serves from its own.
