@@ -157,7 +157,8 @@ class InboundWriter:
                 f" AND channel_user_id IN {user_sql}"
             )
             params = {**conn_params, **user_params}
-        for row in await self._ex.fetch(sql, params):
+        # Replanned: participants grow with every new customer (see Executor.fetch).
+        for row in await self._ex.fetch(sql, params, replan=True):
             p = rows.participant_from_row(self._codec, row)
             found[(p.connection_id, p.channel_user_id)] = p
 

@@ -93,6 +93,10 @@ def _error_json(e: DeliveryError) -> dict[str, Any]:
 
 
 class OutboundWriter:
+    """The outbound statements. Those that find rows by key in tables growing without bound
+    (messages, participants, conversations) on every send are replanned at each call: a
+    plan cached while the table was small would scan it (see ``Executor.fetch``)."""
+
     def __init__(self, executor: Executor, codec: Codec) -> None:
         self._ex = executor
         self._codec = codec
@@ -105,6 +109,7 @@ class OutboundWriter:
             f"SELECT {rows.CONVERSATION_COLUMNS} FROM {rows.CONVERSATION_FROM}"  # noqa: S608
             " WHERE c.connection_id = :conn AND p.channel_user_id = :user",
             {"conn": connection_id, "user": channel_user_id},
+            replan=True,
         )
         return rows.conversation_from_row(self._codec, found[0]) if found else None
 
@@ -170,6 +175,7 @@ class OutboundWriter:
             f"SELECT {rows.CONVERSATION_COLUMNS}, {_PENDING_AT} FROM {rows.CONVERSATION_FROM}"  # noqa: S608
             f" WHERE {where}",
             params,
+            replan=True,
         )
         return {r["id"]: self._target(r) for r in found}
 
@@ -182,7 +188,7 @@ class OutboundWriter:
             return {}
         wanted = set(pairs)
         arrays = self._arrays
-        conns, params = any_of("c.connection_id", "c", _unique(c for c, _ in pairs), arrays=arrays)
+        conns, params = any_of("p.connection_id", "c", _unique(c for c, _ in pairs), arrays=arrays)
         users, user_params = any_of(
             "p.channel_user_id", "u", _unique(u for _, u in pairs), arrays=arrays
         )
@@ -190,6 +196,7 @@ class OutboundWriter:
             f"SELECT {rows.CONVERSATION_COLUMNS}, {_PENDING_AT} FROM {rows.CONVERSATION_FROM}"  # noqa: S608
             f" WHERE {conns} AND {users}",
             {**params, **user_params},
+            replan=True,
         )
         out: dict[tuple[str, str], SendTarget] = {}
         for r in found:
@@ -222,6 +229,7 @@ class OutboundWriter:
         found = await self._ex.fetch(
             f"SELECT * FROM messages WHERE {tenants} AND {keys} AND idempotency_key <> ''",  # noqa: S608
             {**params, **key_params},
+            replan=True,
         )
         out: dict[tuple[str, str], Message] = {}
         for r in found:
@@ -296,7 +304,7 @@ class OutboundWriter:
         sent = [m for m, _ in items if m.external_id]
         if sent:
             # Echoes go first: our row takes their external id under a unique index.
-            echoed = await self._ex.fetch(*self._echoes_of(sent))
+            echoed = await self._ex.fetch(*self._echoes_of(sent), replan=True)
             firsts = {(r["connection_id"], r["external_id"]): r["created_at"] for r in echoed}
             for m in sent:
                 at = firsts.get((m.connection_id, m.external_id))
@@ -325,7 +333,7 @@ class OutboundWriter:
                 attempts.append(self._attempt_params(m.id, attempt))
         if self._arrays:
             sql, update_params = bulk.update_by_key("messages", "id", updates)
-            answers = await self._ex.fetch(sql + _WAITING, update_params)
+            answers = await self._ex.fetch(sql + _WAITING, update_params, replan=True)
             waiting = any(r["waiting"] for r in answers)
         else:
             await self._ex.executemany(_OUTCOME_UPDATE, updates)
@@ -403,6 +411,7 @@ class OutboundWriter:
                 "now": self._codec.ts(rows.utc(now)),
                 "limit": limit,
             },
+            replan=True,
         )
         claimed = [rows.message_from_row(self._codec, r) for r in found]
         return sorted(claimed, key=lambda m: (m.next_attempt_at, m.created_at, m.id))

@@ -80,13 +80,16 @@ class PgExecutor:
     def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
         self._conn = conn
 
-    async def fetch(self, sql: str, params: Params | None = None) -> list[Row]:
+    async def fetch(
+        self, sql: str, params: Params | None = None, *, replan: bool = False
+    ) -> list[Row]:
         with translate_errors():
             async with self._conn.cursor(row_factory=dict_row) as cur:
                 if params is None:
                     await cur.execute(sql)
                 else:
-                    await cur.execute(to_psycopg(sql), params)
+                    # Unprepared, PostgreSQL plans the statement for this very call.
+                    await cur.execute(to_psycopg(sql), params, prepare=False if replan else None)
                 return list(await cur.fetchall())
 
     async def execute(self, sql: str, params: Params | None = None) -> int:

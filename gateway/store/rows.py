@@ -213,7 +213,12 @@ CONVERSATION_COLUMNS = (
     " p.username AS p_username, p.name AS p_name, p.picture_url AS p_picture_url,"
     " p.profile_fetched_at AS p_profile_fetched_at"
 )
-CONVERSATION_FROM = "conversations c JOIN participants p ON p.id = c.participant_id"
+# The connection is stated on both sides (it is the same): a customer is then found through
+# the participants' (connection_id, channel_user_id) index rather than by a scan.
+CONVERSATION_FROM = (
+    "conversations c JOIN participants p"
+    " ON p.id = c.participant_id AND p.connection_id = c.connection_id"
+)
 
 
 def conversation_params(codec: Codec, c: Conversation, now: datetime) -> Params:

@@ -66,7 +66,10 @@ class SqliteExecutor:
 
     # Each call is one trip to aiosqlite's thread: a cursor used as a context manager costs
     # a second trip to close it (and a third to fetch), all under the store's write lock.
-    async def fetch(self, sql: str, params: Params | None = None) -> list[Row]:
+    async def fetch(
+        self, sql: str, params: Params | None = None, *, replan: bool = False
+    ) -> list[Row]:
+        # ``replan`` is moot: without ANALYZE, SQLite's planner ignores tables' sizes.
         with translate_errors():
             found = await self._db.execute_fetchall(sql, params or {})
         return [dict(zip(row.keys(), row, strict=True)) for row in found]

@@ -43,7 +43,18 @@ class Executor(Protocol):
     """One database session inside a transaction. Implementations translate driver
     errors: a uniqueness conflict to AlreadyExists, a lost database to StoreUnavailable."""
 
-    async def fetch(self, sql: str, params: Params | None = None) -> list[Row]: ...
+    async def fetch(
+        self, sql: str, params: Params | None = None, *, replan: bool = False
+    ) -> list[Row]:
+        """The rows a statement returns.
+
+        ``replan`` plans the statement for this call, from the table as it is now. A prepared
+        statement's generic plan is only made again when the table's statistics change:
+        made while a table was nearly empty (a new install, a fresh database), it scans the
+        whole table, and without autovacuum's ANALYZE it keeps doing so however large the
+        table grows. For a statement that runs on every batch against a growing table, a
+        plan per call costs less than that scan soon enough."""
+
     async def execute(self, sql: str, params: Params | None = None) -> int:
         """Runs a statement; returns the number of rows it touched."""
 
