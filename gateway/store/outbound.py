@@ -454,6 +454,23 @@ class OutboundWriter:
     async def confirm(self, echoes: Sequence[tuple[str, str, datetime]]) -> list[Message]:
         """Marks our sent messages that these (connection, external id, time) echoes name
         as confirmed; returns those it changed (a repeated echo changes nothing)."""
+        if self._arrays:
+            # Every message Meta sends is echoed: one statement per batch of echoes.
+            ordered = sorted(echoes)
+            found = await self._ex.fetch(
+                "UPDATE messages SET confirmed_at = u.a"
+                " FROM unnest(:c::text[], :e::text[], :a::timestamptz[]) AS u(c, e, a)"
+                " WHERE messages.connection_id = u.c AND messages.external_id = u.e"
+                " AND messages.external_id <> '' AND direction = 'OUTBOUND'"
+                " AND sent_at IS NOT NULL AND confirmed_at IS NULL RETURNING messages.*",
+                {
+                    "c": [c for c, _, _ in ordered],
+                    "e": [e for _, e, _ in ordered],
+                    "a": [self._codec.ts(rows.utc(a)) for _, _, a in ordered],
+                },
+                replan=True,
+            )
+            return [rows.message_from_row(self._codec, r) for r in found]
         confirmed: list[Message] = []
         for connection_id, external_id, at in sorted(echoes):
             found = await self._ex.fetch(

@@ -126,6 +126,41 @@ async def test_an_echo_confirms_a_sent_message_once(store: AnyStore) -> None:
     assert repeat == []
 
 
+async def test_a_batch_of_echoes_confirms_each_sent_message_it_names(store: AnyStore) -> None:
+    conn, conv = await seeded(store)
+    t = now()
+    sent = [
+        outbound(conv, due=t, status=MessageStatus.SENT, external_id=f"mid.{n}", sent_at=t)
+        for n in range(3)
+    ]
+    queued = outbound(conv, due=t, external_id="mid.q")
+    async with store.transaction() as tx:
+        for m in [*sent, queued]:
+            await tx.insert_message(m)
+        await tx.confirm_outbound([(conn.id, "mid.1", t)])
+        confirmed = await tx.confirm_outbound(
+            [
+                (conn.id, "mid.0", t + timedelta(seconds=1)),
+                (conn.id, "mid.1", t + timedelta(seconds=1)),  # confirmed already
+                (conn.id, "mid.2", t + timedelta(seconds=2)),
+                (conn.id, "mid.q", t),  # not sent: nothing to confirm
+                ("conn_other", "mid.0", t),  # another connection's id
+                (conn.id, "mid.unknown", t),
+            ]
+        )
+        stored = {m.id: await tx.get_message(m.id) for m in sent}
+    assert sorted(m.external_id for m in confirmed) == ["mid.0", "mid.2"]
+    assert {m.external_id: m.confirmed_at for m in confirmed} == {
+        "mid.0": t + timedelta(seconds=1),
+        "mid.2": t + timedelta(seconds=2),
+    }
+    assert [stored[m.id].confirmed_at for m in sent] == [  # type: ignore[union-attr]
+        t + timedelta(seconds=1),
+        t,
+        t + timedelta(seconds=2),
+    ]
+
+
 async def test_an_echo_stored_before_the_answer_is_folded_into_our_message(
     store: AnyStore,
 ) -> None:
