@@ -72,6 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load_config()
     role = Role(args.role)
+    for name in config.ignored:
+        log.warning("unknown variable ignored", extra={"variable": name})
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -170,6 +172,8 @@ def cmd_config_check(_: argparse.Namespace) -> int:
             "sandbox" if info.sandbox else ("configured" if info.configured else "not configured")
         )
         print(f"{'channel ' + name:<{width}}  {mode}; login flows: {flows}")
+    for name in config.ignored:
+        print(f"warning: {name} is not a Switchboard variable; it is ignored")
     print("configuration OK")
     return 0
 

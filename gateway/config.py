@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -116,6 +116,8 @@ class Config:
     send_poll_s: float = 1.0
     # The raw environment, for channel plugins (they validate their own variables).
     environ: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
+    # SWITCHBOARD_* variables that were set but are not read (a typo, an old name).
+    ignored: tuple[str, ...] = field(compare=False, default=())
 
     @property
     def embedded(self) -> bool:
@@ -210,6 +212,15 @@ class Config:
             send_poll_s=reader.number("SEND_POLL_SECONDS", 1.0, low=0.01, high=60),
             environ=env,
         )
+        # The test suite's own variables share the prefix; they are not the gateway's.
+        ignored = sorted(
+            k
+            for k in env
+            if k.startswith(PREFIX)
+            and not k.startswith(PREFIX + "TEST_")
+            and k[len(PREFIX) :] not in reader.read
+        )
+        config = replace(config, ignored=tuple(ignored))
         # Deeper checks of structured secrets live with their owners.
         from gateway.security.keyring import validate_key_ring_spec
         from gateway.security.tokens import validate_static_tokens_spec
@@ -224,17 +235,35 @@ class Config:
         """The effective configuration as (name, printable value), secrets masked."""
         out: list[tuple[str, str]] = []
         for f in fields(self):
-            if f.name == "environ":
+            if f.name in ("environ", "ignored"):
                 continue
+            name, per_unit = _VARIABLES.get(f.name, (f.name.upper(), 0.0))
             value: Any = getattr(self, f.name)
             if isinstance(value, Secret):
                 shown = _mask_url(value.reveal()) if f.name.endswith("_url") else str(value)
             elif isinstance(value, tuple):
                 shown = ",".join(value)
+            elif per_unit:
+                shown = f"{value / per_unit:g}"
             else:
                 shown = str(value)
-            out.append((PREFIX + f.name.upper(), shown or "(unset)"))
+            out.append((PREFIX + name, shown or "(unset)"))
         return out
+
+
+# Fields whose variable is not their upper-cased name: the variable, and what one of its
+# units is in the field's (0: the same).
+_VARIABLES: dict[str, tuple[str, float]] = {
+    "shutdown_grace_s": ("SHUTDOWN_GRACE_SECONDS", 0.0),
+    "webhook_ack_timeout_s": ("WEBHOOK_ACK_TIMEOUT_SECONDS", 0.0),
+    "token_refresh_margin_s": ("TOKEN_REFRESH_MARGIN_DAYS", 86400.0),
+    "send_rate_text": ("SEND_RATE_TEXT_PER_SECOND", 0.0),
+    "send_rate_media": ("SEND_RATE_MEDIA_PER_SECOND", 0.0),
+    "send_wait_s": ("SEND_WAIT_SECONDS", 0.0),
+    "send_retry_base_s": ("SEND_RETRY_BASE_SECONDS", 0.0),
+    "send_retry_max_s": ("SEND_RETRY_MAX_SECONDS", 0.0),
+    "send_poll_s": ("SEND_POLL_SECONDS", 0.0),
+}
 
 
 def _mask_url(url: str) -> str:
@@ -252,8 +281,10 @@ class _Reader:
     def __init__(self, env: Mapping[str, str], problems: list[str]) -> None:
         self.env = env
         self.problems = problems
+        self.read: set[str] = set()
 
     def text(self, name: str, default: str) -> str:
+        self.read.add(name)
         return self.env.get(PREFIX + name, "").strip() or default
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:

@@ -80,3 +80,37 @@ def test_return_origins_are_normalised_origins() -> None:
         {"SWITCHBOARD_ALLOWED_RETURN_ORIGINS": "https://App.Example.com, http://localhost:3000/"}
     )
     assert config.allowed_return_origins == ("https://app.example.com", "http://localhost:3000")
+
+
+def test_the_description_names_the_variables_that_are_read() -> None:
+    """Every line of `config check` is a variable and value that, set, give this config."""
+    config = Config.from_environ(
+        {
+            "SWITCHBOARD_SHUTDOWN_GRACE_SECONDS": "5",
+            "SWITCHBOARD_TOKEN_REFRESH_MARGIN_DAYS": "7",
+            "SWITCHBOARD_SEND_RATE_TEXT_PER_SECOND": "40",
+            "SWITCHBOARD_SEND_WAIT_SECONDS": "0.5",
+            "SWITCHBOARD_WEBHOOK_ACK_TIMEOUT_SECONDS": "3",
+            "SWITCHBOARD_LOG_FORMAT": "json",
+        }
+    )
+    described = dict(config.describe())
+    assert described["SWITCHBOARD_SHUTDOWN_GRACE_SECONDS"] == "5.0"
+    assert described["SWITCHBOARD_TOKEN_REFRESH_MARGIN_DAYS"] == "7"
+    assert described["SWITCHBOARD_SEND_RATE_TEXT_PER_SECOND"] == "40.0"
+    again = Config.from_environ({k: v for k, v in described.items() if v != "(unset)"})
+    assert again.ignored == ()
+    assert again == config
+
+
+def test_unknown_variables_are_reported_as_ignored() -> None:
+    config = Config.from_environ(
+        {
+            "SWITCHBOARD_SHUTDOWN_GRACE_S": "5",  # not the variable's name
+            "SWITCHBOARD_SEND_WAIT_SECONDS": "1",
+            "SWITCHBOARD_TEST_DATABASE_URL": "postgresql://db/test",  # the test suite's
+            "OTHER_VARIABLE": "x",
+        }
+    )
+    assert config.ignored == ("SWITCHBOARD_SHUTDOWN_GRACE_S",)
+    assert config.shutdown_grace_s == 10.0
