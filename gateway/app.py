@@ -115,7 +115,14 @@ class Gateway:
             self.keyring,
             states,
             allowed_return_origins=cfg.allowed_return_origins,
+            notify=self._events_committed,
         )
+
+    def _events_committed(self) -> None:
+        """Events were committed outside the hand-over path: this process's relay (serve
+        starts it) publishes them now; without one, another process's sweep does."""
+        if self.relay is not None:
+            self.relay.notify()
 
     async def __aexit__(
         self,
@@ -202,6 +209,7 @@ class Gateway:
                     self.channels,
                     self.keyring,
                     RefreshPolicy(margin=timedelta(seconds=cfg.token_refresh_margin_s)),
+                    notify=relay.notify,
                 )
                 await self.refresher.start()
                 stack.push_async_callback(self.refresher.aclose)

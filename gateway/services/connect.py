@@ -33,7 +33,7 @@ from gateway.security.oauth_state import (
     hash_state,
     new_state,
 )
-from gateway.services.connection_status import change_status
+from gateway.services.connection_status import Notify, change_status, nothing
 from gateway.services.credentials import seal, unseal
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,11 @@ class ConnectService:
         *,
         allowed_return_origins: tuple[str, ...],
         state_ttl: timedelta = STATE_TTL,
+        notify: Notify = nothing,
     ) -> None:
         self._store = store
+        # After a status change committed: its ConnectionChanged goes out now.
+        self._notify = notify
         self._channels = channels
         self._keyring = keyring
         self._states = states
@@ -285,6 +288,7 @@ class ConnectService:
             await tx.put_credential(seal(self._keyring, conn.id, chosen.token))
             # A fresh token ends any refresh back-off of the previous one.
             await tx.set_connection_claim(conn.id, None)
+        self._notify()
         return conn
 
     # ---- disconnect ----
@@ -321,6 +325,7 @@ class ConnectService:
                 else "disconnected; webhooks unsubscribed"
             )
             await change_status(tx, current, ConnectionStatus.DISCONNECTED, reason, now)
+        self._notify()
         log.info(
             "connection disconnected",
             extra={

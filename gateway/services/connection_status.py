@@ -2,12 +2,15 @@
 
 Every change of a connection's status is saved together with its event in one
 transaction, so subscribers learn of exactly the changes that happened. Any path that
-meets a dead token (refresh, send, profile fetch) calls :func:`mark_needs_reauth`.
+meets a dead token (refresh, send) calls :func:`mark_needs_reauth`. After the commit the
+caller's ``notify`` (the outbox relay of its process, when it runs one) publishes the
+event at once rather than at the relay's next sweep.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,6 +19,13 @@ from gateway.domain.models import Connection, ConnectionStatus
 from gateway.domain.store import Store, Tx
 
 log = logging.getLogger(__name__)
+
+# Called after a transaction that added events committed.
+Notify = Callable[[], None]
+
+
+def nothing() -> None:
+    """A ``Notify`` for processes without a relay: the sweep of another one publishes."""
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -87,7 +97,9 @@ async def change_status(
     return conn
 
 
-async def mark_needs_reauth(store: Store, connection_id: str, reason: str) -> Connection | None:
+async def mark_needs_reauth(
+    store: Store, connection_id: str, reason: str, *, notify: Notify = nothing
+) -> Connection | None:
     """CONNECTED → NEEDS_REAUTH with ``reason`` (never a secret) and its event; None when
     the connection is gone or no longer CONNECTED (nothing changes then)."""
     now = datetime.now(UTC)
@@ -97,6 +109,7 @@ async def mark_needs_reauth(store: Store, connection_id: str, reason: str) -> Co
             return None
         conn.last_error = reason
         await change_status(tx, conn, ConnectionStatus.NEEDS_REAUTH, reason, now)
+    notify()
     log.warning(
         "connection needs re-authorization",
         extra={"connection_id": conn.id, "tenant_id": conn.tenant_id, "channel": conn.channel},

@@ -202,7 +202,7 @@ class Deliverer:
             return await self._hold(message, self.clock.now() + _UNAVAILABLE_RETRY)
         except DecryptionError:
             error = DeliveryError("NEEDS_REAUTH", "the connection's credential does not open")
-            await mark_needs_reauth(self._store, conn.id, error.message)
+            await mark_needs_reauth(self._store, conn.id, error.message, notify=self.outbox.notify)
             return await self.record_failure(message, error)
         return await self._send(message, conn, sender, content, token, fail_fast=fail_fast)
 
@@ -328,7 +328,7 @@ class Deliverer:
             return await self._record(message, attempt)
         if isinstance(exc, ChannelAuthError):
             self._tokens.pop(conn.id, None)
-            await mark_needs_reauth(self._store, conn.id, exc.message)
+            await mark_needs_reauth(self._store, conn.id, exc.message, notify=self.outbox.notify)
         if transient:
             error = replace(
                 error,

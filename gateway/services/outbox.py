@@ -38,3 +38,9 @@ class OutboxWriter:
     def committed(self, handed: Handed) -> None:
         if handed and self._relay is not None:
             self._relay.hand_over(handed)
+
+    def notify(self) -> None:
+        """Events were added another way (``Tx.add_events``) and committed: the relay, if
+        this process runs one, publishes them now rather than at its next sweep."""
+        if self._relay is not None:
+            self._relay.notify()

@@ -32,7 +32,7 @@ from gateway.domain.store import Store
 from gateway.observability import connect_metrics as metrics
 from gateway.plugins import ChannelRegistry
 from gateway.security.keyring import DecryptionError, KeyRing
-from gateway.services.connection_status import mark_needs_reauth
+from gateway.services.connection_status import Notify, mark_needs_reauth, nothing
 from gateway.services.credentials import seal, unseal
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,14 @@ class RefreshWorker:
         channels: ChannelRegistry,
         keyring: KeyRing,
         policy: RefreshPolicy | None = None,
+        *,
+        notify: Notify = nothing,
     ) -> None:
         self._store = store
         self._channels = channels
         self._keyring = keyring
         self.policy = policy or RefreshPolicy()
+        self._notify = notify
         # Failures per connection, for the back-off; a replica that restarts starts over,
         # which only shortens one delay.
         self._failures: dict[str, int] = {}
@@ -130,7 +133,10 @@ class RefreshWorker:
         except ChannelAuthError as exc:
             self._failures.pop(conn.id, None)
             await mark_needs_reauth(
-                self._store, conn.id, f"the channel rejected the token ({exc.message})"
+                self._store,
+                conn.id,
+                f"the channel rejected the token ({exc.message})",
+                notify=self._notify,
             )
             return "needs_reauth"
         except ChannelError as exc:
@@ -222,7 +228,10 @@ class RefreshWorker:
             await connector.subscribe(conn.login_flow, conn.account, token)
         except ChannelAuthError as exc:
             await mark_needs_reauth(
-                self._store, conn.id, f"the channel rejected the token ({exc.message})"
+                self._store,
+                conn.id,
+                f"the channel rejected the token ({exc.message})",
+                notify=self._notify,
             )
             return "needs_reauth"
         except ChannelError as exc:

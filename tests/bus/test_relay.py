@@ -6,9 +6,12 @@ import asyncio
 from datetime import UTC, datetime, timedelta
 
 from gateway.domain.bus import Subscription
+from gateway.domain.events import EventKind
+from gateway.services.connection_status import mark_needs_reauth
 from gateway.services.relay import OutboxRelay
 from tests.bus.conftest import Harness, make_event
 from tests.bus.test_contract import drain
+from tests.store.factories import connection
 
 
 async def test_committed_events_are_published_by_the_sweep_after_a_crash(
@@ -59,6 +62,26 @@ async def test_notify_publishes_without_waiting_for_the_sweep(harness: Harness) 
         relay.notify()
         got = await drain(c, 1, timeout=2.0)
     assert [d.event.event_id for d in got] == [event.event_id]
+
+
+async def test_a_status_change_is_published_without_waiting_for_the_sweep(
+    harness: Harness,
+) -> None:
+    store = harness.store
+    assert store is not None
+    conn = connection()
+    async with store.transaction() as tx:
+        await tx.save_connection(conn)
+    relay = OutboxRelay(store, harness.bus, sweep_interval_s=60.0)
+    async with relay, harness.bus.subscribe(Subscription("g", "c")) as c:
+        await asyncio.sleep(0.05)  # the relay's first sweep found nothing
+        changed = await mark_needs_reauth(store, conn.id, "token revoked", notify=relay.notify)
+        got = await drain(c, 1, timeout=2.0)
+    assert changed is not None
+    assert [(d.event.kind, d.event.connection_id) for d in got] == [
+        (EventKind.CONNECTION_CHANGED, conn.id)
+    ]
+    assert got[0].event.payload["reason"] == "token revoked"
 
 
 async def test_published_entries_are_purged_after_retention(harness: Harness) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -17,8 +18,11 @@ from tests.connect.conftest import Api, Browser, connect_account
 from tests.gateway_harness import RunningGateway
 
 
-def rotate(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+async def rotate(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """The command, run off the event loop: the gateway under test shares this loop, and a
+    transaction it has open must go on to its commit while the command waits for the lock."""
+    return await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "gateway.cli", "keys", "rotate"],
         env={"PATH": os.environ.get("PATH", ""), **env},
         capture_output=True,
@@ -52,8 +56,8 @@ async def test_keys_rotate_reencrypts_every_credential_and_reports_counts(
         "SWITCHBOARD_LOG_FORMAT": "json",
     }
 
-    first = rotate(env)
-    second = rotate(env)
+    first = await rotate(env)
+    second = await rotate(env)
 
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == (
@@ -82,6 +86,6 @@ async def test_keys_rotate_counts_credentials_no_key_opens(
         "SWITCHBOARD_ENCRYPTION_KEYS": generate_key_spec("k3"),
         "SWITCHBOARD_LOG_FORMAT": "json",
     }
-    result = rotate(env)
+    result = await rotate(env)
     assert result.returncode == 1
     assert "failed: 3" in result.stdout
