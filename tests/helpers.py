@@ -11,7 +11,9 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -84,19 +86,76 @@ def _cluster_state_ok(node: redis.Redis) -> bool:
     return bool(node.cluster("INFO")["cluster_state"] == "ok")
 
 
+def _cluster_nodes_agree(node: redis.Redis, masters: int, replicas: int) -> bool:
+    """``node`` sees every node, each master serving slots, and every replica attached."""
+    seen: Any = node.cluster("NODES")
+    flags = [info["flags"] for info in seen.values()]
+    primaries = sum("master" in f and "fail" not in f for f in flags)
+    secondaries = sum("slave" in f and "fail" not in f for f in flags)
+    return primaries == masters and secondaries == masters * replicas
+
+
+def _replicas_online(node: redis.Redis, replicas: int) -> bool:
+    """A master with ``replicas`` replicas in sync, or a replica whose link is up."""
+    info: Any = node.info("replication")
+    if info["role"] == "master":
+        online = [v for k, v in info.items() if k.startswith("slave") and isinstance(v, dict)]
+        return len(online) == replicas and all(r.get("state") == "online" for r in online)
+    return bool(info.get("master_link_status") == "up")
+
+
+@dataclass
+class RedisClusterNodes:
+    """A running throwaway cluster: its URL, and the server process of each node by port
+    (so that a test can tell which process serves what, and kill one)."""
+
+    url: str
+    processes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def client(self, port: int) -> redis.Redis:
+        """A plain (not cluster) client of the node on ``port``."""
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+
+    def kill(self, port: int) -> None:
+        """SIGKILLs the node on ``port`` (no shutdown, no save) and reaps it."""
+        proc = self.processes[port]
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 @contextlib.contextmanager
-def redis_cluster(masters: int = 3) -> Iterator[str]:
-    """A throwaway Redis Cluster of ``masters`` primaries (no replicas) on free loopback
-    ports, in a temporary directory; yields its ``redis+cluster://`` URL. Every server is
-    stopped and waited for, and the directory removed, on the way out."""
+def redis_cluster(masters: int = 3, replicas_per_master: int = 0) -> Iterator[str]:
+    """A throwaway Redis Cluster of ``masters`` primaries, each with
+    ``replicas_per_master`` replicas, on free loopback ports, in a temporary directory;
+    yields its ``redis+cluster://`` URL. Every server is stopped and waited for, and the
+    directory removed, on the way out. :func:`redis_cluster_nodes` yields the processes
+    too."""
+    with redis_cluster_nodes(masters, replicas_per_master) as cluster:
+        yield cluster.url
+
+
+@contextlib.contextmanager
+def redis_cluster_nodes(
+    masters: int = 3, replicas_per_master: int = 0, *, node_timeout_ms: int | None = None
+) -> Iterator[RedisClusterNodes]:
+    """:func:`redis_cluster`, yielding the URL and each node's process by port.
+    ``node_timeout_ms`` sets ``cluster-node-timeout`` (Redis's default, 15 s, if None):
+    how long a silent node takes to be declared failed, and so how long a failover takes.
+    Returns once every node sees the cluster ok and every replica is in sync."""
     server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     if server is None or cli is None:
         raise RedisClusterUnavailable("redis-server and redis-cli must be on PATH")
     workdir = Path(tempfile.mkdtemp(prefix="switchboard-redis-cluster-"))
     procs: list[subprocess.Popen[bytes]] = []
+    cluster = RedisClusterNodes(url="")
+    extra: list[str] = []
+    if node_timeout_ms is not None:
+        # A replica may take over however long ago it last heard from its master.
+        extra += ["--cluster-node-timeout", str(node_timeout_ms)]
+        extra += ["--cluster-replica-validity-factor", "0"]
     try:
         ports = []
-        for _ in range(masters):
+        for _ in range(masters * (1 + replicas_per_master)):
             # The cluster bus port is chosen too: the default (port + 10000) may be taken,
             # or beyond 65535.
             port, bus_port = free_port(), free_port()
@@ -114,6 +173,7 @@ def redis_cluster(masters: int = 3) -> Iterator[str]:
                             "--save", "",
                             "--appendonly", "no",
                             "--daemonize", "no",
+                            *extra,
                         ],
                         stdout=log,
                         stderr=subprocess.STDOUT,
@@ -121,13 +181,23 @@ def redis_cluster(masters: int = 3) -> Iterator[str]:
                     )
                 )  # fmt: skip
             ports.append(port)
-        nodes = [redis.Redis(host="127.0.0.1", port=p, socket_timeout=5) for p in ports]
+            cluster.processes[port] = procs[-1]
+        nodes = [cluster.client(p) for p in ports]
         try:
             for node in nodes:
                 _wait_until("the servers to answer", node.ping, procs, workdir, 10)
             addrs = [f"127.0.0.1:{p}" for p in ports]
+            replicas = str(replicas_per_master)
             created = subprocess.run(
-                [cli, "--cluster", "create", *addrs, "--cluster-replicas", "0", "--cluster-yes"],
+                [
+                    cli,
+                    "--cluster",
+                    "create",
+                    *addrs,
+                    "--cluster-replicas",
+                    replicas,
+                    "--cluster-yes",
+                ],
                 capture_output=True,
                 stdin=subprocess.DEVNULL,
                 timeout=60,
@@ -139,10 +209,19 @@ def redis_cluster(masters: int = 3) -> Iterator[str]:
             for node in nodes:
                 ok = functools.partial(_cluster_state_ok, node)
                 _wait_until("cluster_state:ok on every node", ok, procs, workdir, 30)
+            if replicas_per_master:
+                for node in nodes:
+                    agree = functools.partial(
+                        _cluster_nodes_agree, node, masters, replicas_per_master
+                    )
+                    _wait_until("every node to see every replica", agree, procs, workdir, 30)
+                    online = functools.partial(_replicas_online, node, replicas_per_master)
+                    _wait_until("the replicas to be in sync", online, procs, workdir, 30)
         finally:
             for node in nodes:
                 node.close()
-        yield f"redis+cluster://127.0.0.1:{ports[0]}/0"
+        cluster.url = f"redis+cluster://127.0.0.1:{ports[0]}/0"
+        yield cluster
     finally:
         for proc in procs:
             proc.terminate()

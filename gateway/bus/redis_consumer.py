@@ -342,7 +342,11 @@ class RedisConsumer:
                 else:
                     log.warning("bus read failed", exc_info=True)
                     await asyncio.sleep(backoff)
-            except (*REDIS_ERRORS, OSError):
+            except Exception:
+                # Any error, not only Redis's: during a failover the cluster client also
+                # lets others through (redis-py 8.1: an AttributeError on a connection
+                # another task disconnected mid-handshake). A reader that died here would
+                # leave its slot's shards unread for good, their leases still renewed.
                 # The reply of a lost read may have been entries now pending under our
                 # name that we never saw: reload them before reading on.
                 log.warning("bus read failed, retrying", exc_info=True)
@@ -444,7 +448,10 @@ class RedisConsumer:
                 return
             try:
                 await self._rebalance()
-            except (*REDIS_ERRORS, OSError):
+            except Exception:
+                # Any error, as in _read_loop: were this loop to die, the leases would
+                # lapse and other consumers take the shards over while our readers still
+                # read them.
                 log.warning("bus heartbeat failed", exc_info=True)
 
     async def _rebalance(self) -> None:
