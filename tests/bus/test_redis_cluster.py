@@ -9,6 +9,7 @@ and the ``redis+cluster://`` URL from the configuration to the client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from collections import defaultdict
 from collections.abc import AsyncIterator
@@ -33,13 +34,14 @@ from tests.helpers import free_port
 SHARDS = 16
 
 
-@pytest.fixture
-async def bus(redis_cluster_url: str) -> AsyncIterator[RedisBus]:
+@contextlib.asynccontextmanager
+async def cluster_bus(url: str, *, lease_ttl_s: float) -> AsyncIterator[RedisBus]:
+    """A started bus of SHARDS shards on the cluster at ``url``, under a fresh prefix."""
     bus = RedisBus(
-        redis_cluster_url,
+        url,
         key_prefix=f"sbtest:{secrets.token_hex(4)}:",
         shards=SHARDS,
-        lease_ttl_s=0.4,
+        lease_ttl_s=lease_ttl_s,
         block_ms=100,
     )
     await bus.start()
@@ -47,6 +49,12 @@ async def bus(redis_cluster_url: str) -> AsyncIterator[RedisBus]:
         yield bus
     finally:
         await bus.aclose()
+
+
+@pytest.fixture
+async def bus(redis_cluster_url: str) -> AsyncIterator[RedisBus]:
+    async with cluster_bus(redis_cluster_url, lease_ttl_s=0.4) as bus:
+        yield bus
 
 
 def conversations_on_every_shard(bus: RedisBus, per_shard: int) -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
@@ -26,7 +25,7 @@ from gateway.domain.bus import Subscription
 from gateway.domain.errors import BusUnavailable
 from gateway.domain.events import Event
 from tests.bus.conftest import OrderCheck, make_event
-from tests.bus.test_redis_cluster import SHARDS, conversations_on_every_shard
+from tests.bus.test_redis_cluster import SHARDS, cluster_bus, conversations_on_every_shard
 from tests.helpers import RedisClusterNodes, RedisClusterUnavailable, redis_cluster_nodes
 
 # Generous: a failover with a 1 s node timeout takes a few seconds.
@@ -46,18 +45,8 @@ def cluster() -> Iterator[RedisClusterNodes]:
 
 @pytest.fixture
 async def bus(cluster: RedisClusterNodes) -> AsyncIterator[RedisBus]:
-    bus = RedisBus(
-        cluster.url,
-        key_prefix=f"sbtest:{secrets.token_hex(4)}:",
-        shards=SHARDS,
-        lease_ttl_s=LEASE_TTL_S,
-        block_ms=100,
-    )
-    await bus.start()
-    try:
+    async with cluster_bus(cluster.url, lease_ttl_s=LEASE_TTL_S) as bus:
         yield bus
-    finally:
-        await bus.aclose()
 
 
 async def wait_for(what: str, check: Callable[[], Awaitable[bool]]) -> None:
