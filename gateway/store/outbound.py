@@ -183,7 +183,7 @@ class OutboundWriter:
         self, pairs: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], SendTarget]:
         """(connection_id, channel_user_id) -> the conversation, for the pairs that have one,
-        with the same."""
+        each with its latest pending ordered message's time."""
         if not pairs:
             return {}
         wanted = set(pairs)
@@ -355,7 +355,8 @@ class OutboundWriter:
         """The DELETE of rows that echoes of these sent messages stored before them."""
         echo = "direction = 'OUTBOUND' AND sent_at IS NULL AND external_id <> ''"
         if self._arrays:
-            # One statement text whatever the batch, so PostgreSQL prepares it.
+            # One statement text whatever the batch (psycopg converts it once); planned per
+            # call, as messages grows (see Executor.fetch).
             return (
                 "DELETE FROM messages USING unnest(:c::text[], :e::text[], :i::text[])"  # noqa: S608
                 f" AS u(c, e, i) WHERE {echo} AND connection_id = u.c AND external_id = u.e"

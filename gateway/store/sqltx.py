@@ -79,8 +79,9 @@ def takes_arrays(executor: Executor) -> bool:
 def any_of(column: str, name: str, values: Sequence[Any], *, arrays: bool) -> tuple[str, Params]:
     """``column`` is one of ``values``. With ``arrays`` (PostgreSQL) it is ``= ANY(:name)``
     with one array parameter: one statement text whatever the count, which psycopg converts
-    once and PostgreSQL prepares, where an IN-list's text changes with its length and is
-    parsed and planned anew each time. Elsewhere an IN-list (:func:`in_list`)."""
+    once and PostgreSQL prepares (unless fetched with ``replan``), where an IN-list's text
+    changes with its length and is parsed and planned anew each time. Elsewhere an IN-list
+    (:func:`in_list`)."""
     if arrays:
         return f"{column} = ANY(:{name})", {name: list(values)}
     sql, params = in_list(name, values)

@@ -58,7 +58,7 @@ async def wait_for(what: str, check: Callable[[], Awaitable[bool]]) -> None:
             if await check():
                 return
         except (redis.RedisError, OSError):
-            pass
+            pass  # a node still down or refusing mid-failover: ask again
         if loop.time() > give_up:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.1)
