@@ -25,13 +25,25 @@ from gateway.domain.connect import AccessToken, Grant, GrantedAccount
 from gateway.domain.errors import ChannelRequestError, InvalidArgument
 from gateway.domain.models import Account
 
-WEBHOOK_FIELDS = (
+# The webhook fields each login flow subscribes the account to. Instagram Login names the
+# Instagram fields on the account; Facebook Login subscribes the Page, which takes only
+# Page (Messenger) field names and refuses the whole call over one Instagram name such as
+# messaging_seen. Which Instagram events then arrive is the app's own subscription.
+INSTAGRAM_WEBHOOK_FIELDS = (
     "messages",
     "message_reactions",
     "messaging_seen",
     "messaging_postbacks",
     "messaging_referral",
     "message_edit",
+)
+PAGE_WEBHOOK_FIELDS = (
+    "messages",
+    "message_reactions",
+    "message_reads",
+    "messaging_postbacks",
+    "messaging_referrals",
+    "message_edits",
 )
 ME_FIELDS = "user_id,username,name,account_type,profile_picture_url"
 PAGE_FIELDS = (
@@ -253,7 +265,7 @@ class InstagramConnector:
             "POST",
             host,
             path,
-            params={"subscribed_fields": ",".join(WEBHOOK_FIELDS)},
+            params={"subscribed_fields": ",".join(_webhook_fields(login_flow))},
             token=token.value,
         )
         if body.get("success") is not True:
@@ -288,3 +300,7 @@ class InstagramConnector:
             params={"grant_type": "ig_refresh_token", "access_token": token.value.reveal()},
         )
         return self._instagram_token(body, issued_at, "refresh")
+
+
+def _webhook_fields(login_flow: str) -> tuple[str, ...]:
+    return PAGE_WEBHOOK_FIELDS if login_flow == FLOW_FACEBOOK else INSTAGRAM_WEBHOOK_FIELDS

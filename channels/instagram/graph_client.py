@@ -37,8 +37,10 @@ TRANSIENT_CODES = frozenset({1, 2})
 THROTTLE_CODES = frozenset({4, 17, 32, 613, 80002, 80006})
 AUTH_CODES = frozenset({102, 190})
 POLICY_BLOCK_CODE = 368
-# Outside the 24-hour messaging window: (10, 2018278) and 2534022.
-OUTSIDE_WINDOW_SUBCODE = 2018278
+# Outside the 24-hour messaging window: code 10 with subcode 2018278 (graph.facebook.com)
+# or 2534022 (graph.instagram.com); 2534022 has also been seen as the code itself. Any
+# other code 10 is a missing permission, which would wrongly ask for a new login.
+OUTSIDE_WINDOW_SUBCODES = frozenset({2018278, 2534022})
 OUTSIDE_WINDOW_CODE = 2534022
 _POLICY_PAUSE = timedelta(hours=1)
 _MAX_MESSAGE = 300
@@ -200,7 +202,7 @@ def _classify(
     headers: Mapping[str, str],
 ) -> ChannelError:
     kw: dict[str, Any] = {"code": code, "subcode": subcode}
-    if code == OUTSIDE_WINDOW_CODE or (code == 10 and subcode == OUTSIDE_WINDOW_SUBCODE):
+    if code == OUTSIDE_WINDOW_CODE or (code == 10 and subcode in OUTSIDE_WINDOW_SUBCODES):
         return ChannelRequestError(message, reason="OUTSIDE_MESSAGING_WINDOW", **kw)
     if code in AUTH_CODES:
         return ChannelAuthError(message, **kw)

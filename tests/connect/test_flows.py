@@ -89,6 +89,10 @@ async def test_facebook_login_connects_the_page_with_an_instagram_account(
     assert not conn.HasField("token_expires_at")  # page tokens from long-lived users last
     subscribed = {s["object_id"]: s for s in await control.subscriptions()}
     assert subscribed[conn.account.page_id]["flow"] == "facebook"
+    # Messenger's names, which a Page takes, not Instagram Login's.
+    fields = subscribed[conn.account.page_id]["subscribed_fields"]
+    assert {"messages", "message_reads", "messaging_referrals"} <= set(fields)
+    assert not {"messaging_seen", "messaging_referral", "message_edit"} & set(fields)
 
 
 async def test_without_a_return_url_the_sidecar_answers_a_connected_page(

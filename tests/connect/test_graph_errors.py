@@ -32,6 +32,7 @@ def graph(code: int, subcode: int | None = None, **extra: Any) -> dict[str, Any]
         (403, graph(10), ChannelAuthError, "PERMISSION_MISSING"),
         (403, graph(200), ChannelAuthError, "PERMISSION_MISSING"),
         (403, graph(10, 2018278), ChannelRequestError, "OUTSIDE_MESSAGING_WINDOW"),
+        (403, graph(10, 2534022), ChannelRequestError, "OUTSIDE_MESSAGING_WINDOW"),
         (400, graph(2534022), ChannelRequestError, "OUTSIDE_MESSAGING_WINDOW"),
         (500, graph(1), ChannelTransientError, "CHANNEL_TRANSIENT"),
         (500, graph(2), ChannelTransientError, "CHANNEL_TRANSIENT"),

@@ -51,5 +51,11 @@ async def test_metas_window_error_maps_to_the_same_reason(out: Out) -> None:
     assert info.reason == "OUTSIDE_MESSAGING_WINDOW"
     failed = await out.get(info.metadata["message_id"])
     assert failed.status == common_pb2.MESSAGE_STATUS_FAILED
-    assert (failed.error.channel_code, failed.error.channel_subcode) == (10, 2018278)
+    # graph.instagram.com's shape: code 10 with subcode 2534022.
+    assert (failed.error.channel_code, failed.error.channel_subcode) == (10, 2534022)
     assert len(failed.attempts) == 1
+    # One late reply fails alone: code 10 is not read as a lost permission here.
+    async with out.gateway.gateway.store.transaction() as tx:
+        conn = await tx.get_connection(out.connection.id)
+    assert conn is not None
+    assert conn.status.value == "CONNECTED"

@@ -90,6 +90,7 @@ async def facebook_exchange(
 async def error_of(response: aiohttp.ClientResponse) -> dict[str, Any]:
     body = await response.json()
     error: dict[str, Any] = body["error"]
-    assert error["type"] == "OAuthException"
+    # graph.instagram.com calls some errors IGApiException; everything else is OAuthException.
+    assert error["type"] in ("OAuthException", "IGApiException")
     assert error["fbtrace_id"]
     return error

@@ -63,6 +63,14 @@ async def test_facebook_subscribed_apps_need_the_page_token_and_known_fields(
         await http.post(url, params={"access_token": page_token, "subscribed_fields": "nope"})
     )
     assert error["code"] == 100
+    # An Instagram field name is not a Page field: Meta refuses the whole call.
+    error = await error_of(
+        await http.post(
+            url, params={"access_token": page_token, "subscribed_fields": "messages,messaging_seen"}
+        )
+    )
+    assert error["code"] == 100
+    assert "subscribed_fields[1]" in error["message"]
     error = await error_of(
         await http.post(url, params={"access_token": user_token, "subscribed_fields": "messages"})
     )

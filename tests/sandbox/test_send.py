@@ -197,16 +197,53 @@ async def test_outside_the_24_hour_window_only_a_human_agent_reply_within_7_days
 
     response = await thread.send(http, text)
     error = await error_of(response)
-    assert (error["code"], error["error_subcode"]) == (10, 2018278)
+    assert (error["code"], error["error_subcode"]) == (10, 2534022)
     assert (await thread.send(http, tagged)).status == 200
 
     await control.advance_clock(6 * 24 * 3600)
     error = await error_of(await thread.send(http, tagged))
-    assert (error["code"], error["error_subcode"]) == (10, 2018278)
+    assert (error["code"], error["error_subcode"]) == (10, 2534022)
 
     # A new message from the customer reopens the window.
     await control.send_dm(thread.ig_id, "back again", customer=thread.igsid, deliver=False)
     assert (await thread.send(http, text)).status == 200
+
+
+async def test_each_host_refuses_a_send_outside_the_window_in_its_own_shape(
+    http: aiohttp.ClientSession, control: SandboxClient, urls: dict[str, str]
+) -> None:
+    account = await control.create_account(flow="facebook")
+    token = (await control.issue_token(account["ig_id"], "page"))["access_token"]
+    customer = await control.create_customer(account["ig_id"], messaged=True)
+    await control.advance_clock(24 * 3600 + 60)
+    body = {"recipient": {"id": customer["igsid"]}, "message": {"text": "late"}}
+    page = f"/v21.0/{account['page_id']}/messages"
+    response = await http.post(
+        urls["INSTAGRAM_GRAPH_FACEBOOK_URL"] + page, params={"access_token": token}, json=body
+    )
+    error = await error_of(response)
+    assert response.status == 403
+    assert (error["code"], error["error_subcode"], error["type"]) == (
+        10,
+        2018278,
+        "OAuthException",
+    )
+
+    ig = await control.create_account()
+    ig_token = (await control.issue_token(ig["ig_id"]))["access_token"]
+    silent = await control.create_customer(ig["ig_id"])
+    response = await http.post(
+        urls["INSTAGRAM_GRAPH_URL"] + f"/v21.0/{ig['ig_id']}/messages",
+        headers={"Authorization": f"Bearer {ig_token}"},
+        json={"recipient": {"id": silent["igsid"]}, "message": {"text": "late"}},
+    )
+    error = await error_of(response)
+    assert response.status == 403
+    assert (error["code"], error["error_subcode"], error["type"]) == (
+        10,
+        2534022,
+        "IGApiException",
+    )
 
 
 async def test_a_customer_who_never_wrote_cannot_be_messaged(
@@ -216,7 +253,7 @@ async def test_a_customer_who_never_wrote_cannot_be_messaged(
     response = await thread.send(
         http, {"recipient": {"id": silent["igsid"]}, "message": {"text": "x"}}
     )
-    assert (await error_of(response))["error_subcode"] == 2018278
+    assert (await error_of(response))["error_subcode"] == 2534022
 
 
 async def test_injected_throttling_carries_the_usage_headers_then_clears(

@@ -6,7 +6,7 @@ the sandbox in the same shape as Meta's.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from . import ids
 
@@ -61,8 +61,10 @@ class GraphError(Exception):
         user_msg: str | None = None,
         is_transient: bool | None = None,
         headers: dict[str, str] | None = None,
+        error_type: str = "OAuthException",
     ) -> None:
         self.code = code
+        self.error_type = error_type
         self.message = message or DEFAULT_MESSAGES.get(code, f"(#{code}) Sandbox error")
         self.subcode = subcode if subcode is not None else _DEFAULT_SUBCODES.get(code)
         self.http_status = http_status or default_http_status(code)
@@ -75,7 +77,7 @@ class GraphError(Exception):
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {
             "message": self.message,
-            "type": "OAuthException",
+            "type": self.error_type,
             "code": self.code,
         }
         if self.subcode is not None:
@@ -146,8 +148,12 @@ def token_revoked(subcode: int) -> GraphError:
     return GraphError(190, messages.get(subcode, messages[467]), subcode=subcode)
 
 
-def outside_window() -> GraphError:
-    return GraphError(10, "(#10) This message is sent outside of allowed window.", subcode=2018278)
+def outside_window(host: Literal["facebook", "instagram"]) -> GraphError:
+    """Each host answers a send outside the window its own way."""
+    message = "(#10) This message is sent outside of allowed window."
+    if host == "instagram":
+        return GraphError(10, message, subcode=2534022, error_type="IGApiException")
+    return GraphError(10, message, subcode=2018278)
 
 
 def no_matching_user() -> GraphError:

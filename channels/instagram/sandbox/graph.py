@@ -38,17 +38,26 @@ INSTAGRAM_FIELDS = frozenset(
         "story_insights",
     }
 )
-PAGE_FIELDS = INSTAGRAM_FIELDS | {
-    "message_deliveries",
-    "message_reads",
-    "message_echoes",
-    "messaging_referrals",
-    "messaging_handovers",
-    "messaging_policy_enforcement",
-    "messaging_account_linking",
-    "inbox_labels",
-    "feed",
-}
+# A Page takes Messenger's names only: Meta refuses an Instagram name such as messaging_seen.
+PAGE_FIELDS = frozenset(
+    {
+        "messages",
+        "message_reactions",
+        "message_edits",
+        "messaging_postbacks",
+        "messaging_optins",
+        "standby",
+        "message_deliveries",
+        "message_reads",
+        "message_echoes",
+        "messaging_referrals",
+        "messaging_handovers",
+        "messaging_policy_enforcement",
+        "messaging_account_linking",
+        "inbox_labels",
+        "feed",
+    }
+)
 
 
 def token_pages(state: SandboxState, token: Token) -> set[str]:

@@ -192,7 +192,9 @@ def _sending_account(state: SandboxState, token: Token, node: str) -> Account:
     return account
 
 
-def _check_window(state: SandboxState, account: Account, igsid: str, tagged: bool) -> None:
+def _check_window(
+    state: SandboxState, account: Account, igsid: str, tagged: bool, flow: Flow
+) -> None:
     customer = state.customers.get(igsid)
     if customer is None or customer.account != account.ig_id:
         raise errors.no_matching_user()
@@ -202,7 +204,7 @@ def _check_window(state: SandboxState, account: Account, igsid: str, tagged: boo
         return
     if tagged and age is not None and age <= HUMAN_AGENT_WINDOW_S:
         return
-    raise errors.outside_window()
+    raise errors.outside_window(flow)
 
 
 def _echo_message(body: dict[str, Any], mid: str) -> dict[str, Any]:
@@ -254,7 +256,7 @@ async def send_message(request: web.Request) -> web.StreamResponse:
         record.account, record.page_id = account.ig_id, account.page_id
         injected(state, "send", account.ig_id, account.page_id)
         igsid, tagged = validate(record.body)
-        _check_window(state, account, igsid, tagged)
+        _check_window(state, account, igsid, tagged, flow)
     except GraphError as error:
         response = graph_error_response(error)
         record.status, record.response = response.status, json.loads(response.text or "{}")
