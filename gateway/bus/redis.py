@@ -3,7 +3,7 @@
 Ordering design: shard streams + one leased reader per (group, shard) + local hold-back.
 
 - ``publish`` appends each event to one of N shard streams (``crc32(ordering_key) % N``)
-  with ``XADD MAXLEN ~``, one pipeline per batch. A conversation always lands on the same
+  with ``XADD``, one pipeline per batch. A conversation always lands on the same
   shard, in publish order.
 - Each group is a Redis consumer group on every shard. Within a group, each shard is read
   by exactly one consumer at a time, the holder of a lease key (``SET NX PX``, renewed by
@@ -30,8 +30,12 @@ heartbeat per consumer per interval, and keeps the hot path at one ``XREADGROUP`
 ``XACK`` per batch. The price: parallelism across consumers of one group is bounded by the
 shard count (16 by default), and a crashed consumer's shards wait for its lease to expire.
 
-Retention: ``MAXLEN ~`` on every append bounds memory; ``trim`` (periodically, and on
-demand) drops entries older than the retention window with ``XTRIM MINID``.
+Retention is by time only: ``trim`` (periodically, and on demand) drops entries older than
+the retention window with ``XTRIM MINID``. A length cap (``MAXLEN``) would bound memory,
+but Redis trims by length whatever the groups have read, so a group offline or behind for
+longer than the cap lasts would lose events without a word, against the promise that it
+gets everything within the retention window. ``max_len`` exists for a deployment that
+prefers that trade (and for tests); Redis is sized for the retention times the event rate.
 
 Every key is built in :mod:`gateway.bus.keys` and hash-tagged per shard stream, so a
 shard's stream, leases and groups live in one slot of a Redis Cluster.
@@ -86,7 +90,7 @@ class RedisBus:
         key_prefix: str = "switchboard:",
         shards: int = 16,
         retention_s: float = 3 * 86400.0,
-        max_len: int = 200_000,
+        max_len: int | None = None,
         lease_ttl_s: float = 10.0,
         block_ms: int = 500,
         read_count: int = 500,
@@ -157,7 +161,12 @@ class RedisBus:
         pipe = self.client.pipeline(transaction=False)
         for event in events:
             stream = keys.stream(keys.shard_of(event.ordering_key))
-            pipe.xadd(stream, {FIELD: encode_event(event)}, maxlen=self.max_len, approximate=True)
+            pipe.xadd(
+                stream,
+                {FIELD: encode_event(event)},
+                maxlen=self.max_len,
+                approximate=self.max_len is not None,
+            )
         try:
             await pipe.execute()
         except (*REDIS_ERRORS, OSError) as exc:
