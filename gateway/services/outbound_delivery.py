@@ -263,7 +263,7 @@ class Deliverer:
         latency.observe(time.perf_counter() - clock_started)
         if result.pause_until is not None:
             m.ACCOUNT_PAUSES.labels(conn.channel, "usage_header").inc()
-            await self.limiter.pause(account_key(conn), result.pause_until)
+            await self._pause(conn, result.pause_until)
         now = self.clock.now()
         message.status = MessageStatus.SENT
         message.external_id = result.external_id
@@ -273,6 +273,17 @@ class Deliverer:
         message.attempts += 1
         sent.inc()
         return await self._record(message, DeliveryAttempt(message.attempts, started, now))
+
+    async def _pause(self, conn: Connection, until: datetime) -> None:
+        """Pauses the account, or only logs when the limiter cannot be reached: the channel
+        has answered by then, and that answer must be recorded whatever happens to the
+        pause (a send left unrecorded would be sent again once its lease lapsed)."""
+        try:
+            await self.limiter.pause(account_key(conn), until)
+        except Unavailable:
+            log.warning(
+                "could not pause the account", extra={"connection_id": conn.id}, exc_info=True
+            )
 
     def _metrics(self, channel: str) -> tuple[Histogram, Counter]:
         """The channel's send-latency and sent children (labels() locks and hashes)."""
@@ -303,7 +314,7 @@ class Deliverer:
         )
         if isinstance(exc, ChannelRateLimited):
             m.ACCOUNT_PAUSES.labels(conn.channel, "error").inc()
-            await self.limiter.pause(account_key(conn), exc.retry_at)
+            await self._pause(conn, exc.retry_at)
             if fail_fast:
                 m.SENDS.labels(conn.channel, "failed", code).inc()
                 await self.record_failure(message, replace(error, reason=RATE_LIMITED))

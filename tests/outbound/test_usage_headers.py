@@ -4,12 +4,17 @@ account is. At 100 % of the app's limit without an estimate, it waits a default 
 
 from __future__ import annotations
 
+import asyncio
+from datetime import datetime
+from typing import Any
+
 import grpc
 import pytest
 from prometheus_client import REGISTRY
 from switchboard.v1 import common_pb2
 
 from channels.instagram.usage import DEFAULT_THROTTLE
+from gateway.domain.errors import Unavailable
 from tests.gateway_harness import store_connection
 from tests.outbound.conftest import Out, customer_writes
 from tests.outbound.test_refusals import error_info
@@ -126,3 +131,44 @@ async def test_app_usage_at_99_percent_does_not_pause(out: Out) -> None:
         assert reply.message.status == common_pb2.MESSAGE_STATUS_SENT
     assert [b["message"]["text"] for b in await out.bodies()] == ["one", "two"]
     assert usage_header_pauses() == pauses
+
+
+class _PauseFails:
+    """The account's limiter, except that pausing cannot reach it (Redis down just then)."""
+
+    def __init__(self, limiter: Any) -> None:
+        self._limiter = limiter
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._limiter, name)
+
+    async def pause(self, account: str, until: datetime) -> None:
+        raise Unavailable("the limiter is unreachable")
+
+
+async def test_a_send_is_recorded_even_when_the_pause_it_asks_for_fails(out: Out) -> None:
+    service = out.gateway.gateway.outbound
+    worker = out.gateway.gateway.outbound_worker
+    assert service is not None
+    assert worker is not None
+    deliverer = service.deliverer
+    await out.control.set_usage(
+        out.ig_id,
+        business_use_case={**AT_THE_LIMIT, "estimated_time_to_regain_access": 2},
+        count=1,
+    )
+    limiter = deliverer.limiter
+    deliverer.limiter = _PauseFails(limiter)  # type: ignore[assignment]
+    try:
+        reply = await out.send(text="once")
+    finally:
+        deliverer.limiter = limiter
+    assert reply.message.status == common_pb2.MESSAGE_STATUS_SENT
+    # Past the lease the first attempt held: nothing is left for the worker to send again.
+    out.advance(120)
+    worker.notify()
+    await asyncio.sleep(0.5)
+    stored = await out.get(reply.message.id)
+    assert stored.status == common_pb2.MESSAGE_STATUS_SENT
+    assert [a.number for a in stored.attempts] == [1]
+    assert [b["message"]["text"] for b in await out.bodies()] == ["once"]
