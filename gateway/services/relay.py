@@ -124,9 +124,15 @@ class OutboxRelay:
                 taken = self._work.popleft()
                 assert taken is not None
                 batch.extend(taken)
-            # Should this fail, the entries stay claimed and the sweep publishes them once
-            # the lease lapses.
-            await self._bus.publish_outbox(batch)
+            try:
+                await self._bus.publish_outbox(batch)
+            except BaseException:
+                # Back at the head, so that the next round publishes it before anything
+                # committed after it: left to the sweep, it would wait for its lease to
+                # lapse while later events of its conversations went out first. (Should
+                # the process die, the lease lapses and the sweep publishes it.)
+                self._work.appendleft(batch)
+                raise
             self.published += len(batch)
             if not self._unmarked:
                 self._mark_due = time.monotonic() + self._mark_interval_s

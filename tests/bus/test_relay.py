@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from gateway.domain.bus import Subscription
+from gateway.domain.bus import Bus, Subscription
+from gateway.domain.errors import BusUnavailable
 from gateway.domain.events import EventKind
+from gateway.domain.store import OutboxEntry
 from gateway.services.connection_status import mark_needs_reauth
+from gateway.services.outbox import OutboxWriter
 from gateway.services.relay import OutboxRelay
 from tests.bus.conftest import Harness, make_event
 from tests.bus.test_contract import drain
@@ -90,3 +95,42 @@ async def test_published_entries_are_purged_after_retention(harness: Harness) ->
     await harness.publish([make_event("conv1")])
     relay = OutboxRelay(store, harness.bus, retention_s=0.0)
     assert await relay.purge() == 1
+
+
+class _FailsOnce:
+    """The bus, except that its first publish fails (Redis blinked)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self.failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bus, name)
+
+    async def publish_outbox(self, entries: Sequence[OutboxEntry]) -> None:
+        if not self.failed:
+            self.failed = True
+            raise BusUnavailable("redis: ConnectionError")
+        await self._bus.publish_outbox(entries)
+
+
+async def test_a_failed_hand_over_is_published_again_before_what_came_after(
+    harness: Harness,
+) -> None:
+    store = harness.store
+    assert store is not None
+    bus = _FailsOnce(harness.bus)
+    relay = OutboxRelay(store, bus, sweep_interval_s=60.0)  # type: ignore[arg-type]
+    writer = OutboxWriter(relay)
+    first, second = make_event("conv1", 0), make_event("conv1", 1)
+    async with relay, harness.bus.subscribe(Subscription("g", "c")) as c:
+        await asyncio.sleep(0.05)  # the relay's first sweep found nothing
+        for event in (first, second):
+            async with store.transaction() as tx:
+                handed = await writer.add(tx, [event])
+            writer.committed(handed)
+            await asyncio.sleep(0.01)
+        # Well before the 30 s lease of the failed entry lapses.
+        got = await drain(c, 2, timeout=3.0)
+    assert bus.failed
+    assert [d.event.event_id for d in got] == [first.event_id, second.event_id]
