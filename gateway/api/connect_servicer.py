@@ -79,7 +79,11 @@ class ChannelConnectServicer(connect_pb2_grpc.ChannelConnectServicer):
     ) -> connect_pb2.ListConnectionsResponse:
         require_tenant(request.tenant_id)
         statuses = tuple(
-            ConnectionStatus(common_pb2.ConnectionStatus.Name(s).removeprefix("CONNECTION_STATUS_"))
+            ConnectionStatus(
+                convert.enum_name(common_pb2.ConnectionStatus, s, "statuses").removeprefix(
+                    "CONNECTION_STATUS_"
+                )
+            )
             for s in request.statuses
             if s != common_pb2.CONNECTION_STATUS_UNSPECIFIED
         )

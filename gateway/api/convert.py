@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 
 from google.protobuf import timestamp_pb2
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from switchboard.v1 import common_pb2, connect_pb2
 
 from gateway.domain.channel import ChannelInfo
+from gateway.domain.errors import InvalidArgument
 from gateway.domain.models import (
     Account,
     Attachment,
@@ -17,6 +19,15 @@ from gateway.domain.models import (
     Message,
     Participant,
 )
+
+
+def enum_name(enum: EnumTypeWrapper, value: int, field: str) -> str:
+    """The name of an enum value; a number this build does not know (proto3 lets any
+    through, from a newer client or a hand-built request) is the caller's mistake."""
+    try:
+        return enum.Name(value)
+    except ValueError:
+        raise InvalidArgument(field, f"unknown value {value}") from None
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:

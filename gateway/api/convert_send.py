@@ -10,7 +10,7 @@ from dataclasses import replace
 
 from switchboard.v1 import common_pb2, messaging_pb2
 
-from gateway.api.convert import delivery_error, timestamp
+from gateway.api.convert import delivery_error, enum_name, timestamp
 from gateway.domain.errors import InvalidArgument
 from gateway.domain.outbound import (
     ContentKind,
@@ -40,7 +40,7 @@ def _content(req: messaging_pb2.SendMessageRequest) -> tuple[OutboundMessage, st
     if kind == "text":
         return OutboundMessage(ContentKind.TEXT, text=req.text), ""
     if kind == "attachment":
-        type_name = common_pb2.AttachmentType.Name(req.attachment.type)
+        type_name = enum_name(common_pb2.AttachmentType, req.attachment.type, "attachment.type")
         return (
             OutboundMessage(
                 ContentKind.ATTACHMENT,
@@ -50,7 +50,8 @@ def _content(req: messaging_pb2.SendMessageRequest) -> tuple[OutboundMessage, st
             "",
         )
     if kind == "sticker":
-        sticker = _enum_value(messaging_pb2.Sticker.Kind.Name(req.sticker.kind), "KIND_")
+        kind_name = enum_name(messaging_pb2.Sticker.Kind, req.sticker.kind, "sticker.kind")
+        sticker = _enum_value(kind_name, "KIND_")
         return OutboundMessage(ContentKind.STICKER, sticker=sticker), ""
     if kind == "share":
         return OutboundMessage(ContentKind.SHARE, post_id=req.share.post_id.strip()), ""
@@ -61,7 +62,9 @@ def _content(req: messaging_pb2.SendMessageRequest) -> tuple[OutboundMessage, st
             OutboundMessage(ContentKind.REACTION, emoji=req.reaction.emoji),
             req.reaction.message_id.strip(),
         )
-    action = messaging_pb2.SenderAction.Action.Name(req.sender_action.action)
+    action = enum_name(
+        messaging_pb2.SenderAction.Action, req.sender_action.action, "sender_action.action"
+    )
     return (
         OutboundMessage(
             ContentKind.SENDER_ACTION,
@@ -80,15 +83,22 @@ def _elements(req: messaging_pb2.SendMessageRequest) -> tuple[TemplateElement, .
             default_action_url=e.default_action.url,
             buttons=tuple(
                 TemplateButton(
-                    type=_enum_value(messaging_pb2.TemplateButton.Type.Name(b.type), "TYPE_"),
+                    type=_enum_value(
+                        enum_name(
+                            messaging_pb2.TemplateButton.Type,
+                            b.type,
+                            f"template.elements[{i}].buttons[{j}].type",
+                        ),
+                        "TYPE_",
+                    ),
                     title=b.title,
                     url=b.url,
                     payload=b.payload,
                 )
-                for b in e.buttons
+                for j, b in enumerate(e.buttons)
             ),
         )
-        for e in req.template.elements
+        for i, e in enumerate(req.template.elements)
     )
 
 

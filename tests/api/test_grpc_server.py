@@ -129,6 +129,44 @@ async def test_bad_arguments_name_the_field(
     assert error_info(caught.value).metadata["field"] == "message_id"
 
 
+async def test_enum_numbers_this_build_does_not_know_name_their_field(
+    embedded: RunningGateway, channel: grpc.aio.Channel
+) -> None:
+    """proto3 lets any number through (a newer client, a hand-built request): it is the
+    caller's mistake, not the server's."""
+    auth = bearer(embedded.token)
+    connect = connect_pb2_grpc.ChannelConnectStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await connect.ListConnections(
+            connect_pb2.ListConnectionsRequest(tenant_id="acme", statuses=[99]), metadata=auth
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).metadata["field"] == "statuses"
+
+    messaging = messaging_pb2_grpc.MessagingStub(channel)
+    to = {"tenant_id": "acme", "connection_id": "conn_x", "recipient_id": "1"}
+    button = messaging_pb2.TemplateButton(type=99, title="Go")  # type: ignore[arg-type]
+    element = messaging_pb2.TemplateElement(title="A", buttons=[button])
+    for content, field in [
+        ({"attachment": messaging_pb2.OutboundAttachment(type=99)}, "attachment.type"),
+        ({"sticker": messaging_pb2.Sticker(kind=99)}, "sticker.kind"),  # type: ignore[arg-type]
+        (
+            {"sender_action": messaging_pb2.SenderAction(action=99)},  # type: ignore[arg-type]
+            "sender_action.action",
+        ),
+        (
+            {"template": messaging_pb2.Template(elements=[element])},
+            "template.elements[0].buttons[0].type",
+        ),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await messaging.SendMessage(
+                messaging_pb2.SendMessageRequest(**to, **content), metadata=auth
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert error_info(caught.value).metadata["field"] == field
+
+
 async def test_missing_resources_are_not_found(
     embedded: RunningGateway, channel: grpc.aio.Channel
 ) -> None:
