@@ -120,7 +120,7 @@ async def test_a_failed_hand_over_is_published_again_before_what_came_after(
     store = harness.store
     assert store is not None
     bus = _FailsOnce(harness.bus)
-    relay = OutboxRelay(store, bus, sweep_interval_s=60.0)  # type: ignore[arg-type]
+    relay = OutboxRelay(store, bus, sweep_interval_s=60.0)
     writer = OutboxWriter(relay)
     first, second = make_event("conv1", 0), make_event("conv1", 1)
     async with relay, harness.bus.subscribe(Subscription("g", "c")) as c:

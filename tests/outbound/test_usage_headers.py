@@ -158,7 +158,7 @@ async def test_a_send_is_recorded_even_when_the_pause_it_asks_for_fails(out: Out
         count=1,
     )
     limiter = deliverer.limiter
-    deliverer.limiter = _PauseFails(limiter)  # type: ignore[assignment]
+    deliverer.limiter = _PauseFails(limiter)
     try:
         reply = await out.send(text="once")
     finally:
