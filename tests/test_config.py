@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from channels.instagram.settings import InstagramSettings
 from gateway.config import Config, Secret, parse_address
 from gateway.domain.errors import ConfigError
 from gateway.security.keyring import generate_key_spec
@@ -114,3 +115,28 @@ def test_unknown_variables_are_reported_as_ignored() -> None:
     )
     assert config.ignored == ("SWITCHBOARD_SHUTDOWN_GRACE_S",)
     assert config.shutdown_grace_s == 10.0
+
+
+def test_meta_credentials_need_the_webhook_verify_token() -> None:
+    """A generated token would differ on every replica and restart, and Meta's webhook
+    verification would fail with nothing said at start."""
+    public = "https://sb.example.com"
+    with pytest.raises(ConfigError, match="INSTAGRAM_WEBHOOK_VERIFY_TOKEN"):
+        InstagramSettings.from_environ(
+            {"INSTAGRAM_APP_ID": "111", "INSTAGRAM_APP_SECRET": "s"}, public
+        )
+    with pytest.raises(ConfigError, match="INSTAGRAM_WEBHOOK_VERIFY_TOKEN"):
+        InstagramSettings.from_environ(
+            {"FACEBOOK_APP_ID": "222", "FACEBOOK_APP_SECRET": "s"}, public
+        )
+    given = InstagramSettings.from_environ(
+        {
+            "INSTAGRAM_APP_ID": "111",
+            "INSTAGRAM_APP_SECRET": "s",
+            "INSTAGRAM_WEBHOOK_VERIFY_TOKEN": "vt",
+        },
+        public,
+    )
+    assert given.webhook_verify_token.reveal() == "vt"
+    # The sandbox needs no setup: its token is generated.
+    assert InstagramSettings.from_environ({}, public).webhook_verify_token.reveal()

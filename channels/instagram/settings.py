@@ -104,13 +104,24 @@ class InstagramSettings:
         if not _VERSION.match(version):
             problems.append(f"INSTAGRAM_GRAPH_API_VERSION: {version!r} is not like v21.0")
 
+        if (
+            (get("INSTAGRAM_APP_ID") or get("FACEBOOK_APP_ID"))
+            and not sandbox_url
+            and not get("INSTAGRAM_WEBHOOK_VERIFY_TOKEN")
+        ):
+            # A generated token differs on every replica and restart, so Meta's webhook
+            # verification would fail with nothing said at start.
+            problems.append(
+                "INSTAGRAM_WEBHOOK_VERIFY_TOKEN: required with Meta app credentials"
+                " (the value given to Meta's webhook settings)"
+            )
+
         redirect_uri = get("INSTAGRAM_REDIRECT_URI") or (
             f"{public_url.rstrip('/')}/oauth/instagram/callback"
         )
         if problems:
             raise ConfigError(problems)
-        # Generated so that the embedded default needs no setup; a deployment sets its own,
-        # since Meta's dashboard must be given the same value.
+        # Generated so that the sandbox needs no setup; against Meta it is required (above).
         verify_token = get("INSTAGRAM_WEBHOOK_VERIFY_TOKEN") or secrets.token_urlsafe(24)
         return cls(
             instagram_app_id=get("INSTAGRAM_APP_ID"),
