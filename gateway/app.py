@@ -292,7 +292,9 @@ class Gateway:
         service = InboundService(
             self.store,
             relay=relay,
-            enricher=ProfileEnricher(self.store, self.keyring, sources),
+            enricher=ProfileEnricher(
+                self.store, self.keyring, sources, notify=self._events_committed
+            ),
             ack_timeout_s=self.config.webhook_ack_timeout_s,
             # SQLite serializes writers anyway; PostgreSQL overlaps two commits.
             workers=2 if self.store.backend == "postgres" else 1,

@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 
-from gateway.domain.errors import ChannelError, StoreUnavailable
+from gateway.domain.errors import ChannelAuthError, ChannelError, StoreUnavailable
 from gateway.domain.inbound import ProfileSource
 from gateway.domain.models import Connection, Participant
 from gateway.domain.store import Store
 from gateway.observability.inbound_metrics import PROFILE_FETCHES
 from gateway.security.keyring import DecryptionError, KeyRing
+from gateway.services.connection_status import Notify, mark_needs_reauth, nothing
 from gateway.services.credentials import unseal
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,10 @@ class ProfileEnricher:
         cooldown_s: float = 600.0,
         concurrency: int = 4,
         max_pending: int = 1000,
+        notify: Notify = nothing,
     ) -> None:
         self._store = store
+        self._notify = notify
         self._keyring = keyring
         self._sources = dict(sources)
         self._refresh_after = refresh_after
@@ -128,6 +131,11 @@ class ProfileEnricher:
                 "profile lookup refused",
                 extra={"connection_id": connection.id, "reason": exc.reason},
             )
+            if isinstance(exc, ChannelAuthError) and exc.reason == "NEEDS_REAUTH":
+                # The token itself is rejected: the business must log in again, and a
+                # connection that only receives would not learn it from a send. (A
+                # profile Meta will not show, code 230 and kin, says nothing of the token.)
+                await self._needs_reauth(connection, exc.message)
             return "refused"
         except (StoreUnavailable, DecryptionError) as exc:
             log.warning(
@@ -136,3 +144,11 @@ class ProfileEnricher:
             )
             return "failed"
         return "ok"
+
+    async def _needs_reauth(self, connection: Connection, message: str) -> None:
+        try:
+            await mark_needs_reauth(self._store, connection.id, message, notify=self._notify)
+        except StoreUnavailable:
+            log.warning(
+                "could not mark the connection NEEDS_REAUTH", extra={"connection_id": connection.id}
+            )

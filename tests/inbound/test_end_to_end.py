@@ -103,6 +103,28 @@ async def test_a_dm_reaches_the_subscriber_with_participant_and_window(stack: St
     assert stored.sender.username == "ada"
 
 
+async def test_a_token_meta_rejects_on_a_profile_lookup_turns_the_connection_needs_reauth(
+    stack: Stack,
+) -> None:
+    """A connection that only receives learns of a revoked token from its profile lookups."""
+    await stack.control.revoke(account=stack.ig_id)
+    async with stack.subscriber() as sub:
+        await stack.control.send_dm(stack.ig_id, "anyone there?")
+        (received,) = await sub.take(1)
+        inbound = stack.gateway.gateway.inbound
+        assert inbound is not None
+        assert inbound._enricher is not None
+        await inbound._enricher.idle()
+        (changed,) = await sub.take(1)
+    assert received.kind == "message_received"
+    assert changed.kind == "connection_changed"
+    assert changed.payload["connection"]["status"] == "CONNECTION_STATUS_NEEDS_REAUTH"
+    async with stack.gateway.gateway.store.transaction() as tx:
+        conn = await tx.get_connection(stack.connection.id)
+    assert conn is not None
+    assert conn.status.value == "NEEDS_REAUTH"
+
+
 async def test_every_kind_arrives_typed_and_updates_the_stored_message(stack: Stack) -> None:
     c = stack.control
     a = stack.ig_id
