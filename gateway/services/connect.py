@@ -21,6 +21,7 @@ from gateway.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    SwitchboardError,
 )
 from gateway.domain.ids import new_id
 from gateway.domain.models import Account, Connection, ConnectionStatus, Credential, OAuthState
@@ -175,14 +176,25 @@ class ConnectService:
     # ---- complete ----
 
     async def consume_state(self, channel: str, state: str) -> OAuthState:
-        """The pending flow of ``state``, removed so that it works once."""
+        """The pending flow of ``state``, removed so that it works once. ``channel`` empty:
+        the one the state was issued for. A call that names another channel leaves the
+        state as it was, so that a mistaken call does not cost the user the flow."""
         if not state.strip():
             raise InvalidArgument("state", "must not be empty", reason="OAUTH_STATE_INVALID")
+        if channel.strip():
+            self._channels.require(channel)
         record = await self._states.take(hash_state(state.strip()), datetime.now(UTC))
-        if record is None or record.channel != channel:
+        if record is None:
             raise InvalidArgument(
                 "state",
                 "unknown, expired or already used: start the connection again",
+                reason="OAUTH_STATE_INVALID",
+            )
+        if channel.strip() and record.channel != channel:
+            await self._states.put(record)
+            raise InvalidArgument(
+                "channel",
+                f"the state was issued for {record.channel!r}",
                 reason="OAUTH_STATE_INVALID",
             )
         return record
@@ -199,7 +211,12 @@ class ConnectService:
         if not code.strip():
             raise InvalidArgument("code", "must not be empty")
         record = await self.consume_state(channel, state)
-        authorize(record.tenant_id)
+        try:
+            authorize(record.tenant_id)
+        except SwitchboardError:
+            # A caller who may not act for the tenant does not get to spend its flow.
+            await self._states.put(record)
+            raise
         return await self.finish(record, code, account_external_id=account_external_id)
 
     async def finish(

@@ -175,6 +175,32 @@ async def test_complete_connect_checks_the_flows_tenant_against_the_caller(
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     await assert_nothing_stored(gw, api, "globex")
+    # The refused caller did not spend the flow: the tenant's own call still completes it.
+    done = await api.stub.CompleteConnect(
+        connect_pb2.CompleteConnectRequest(channel="instagram", code=code, state=state),
+        metadata=bearer(gw.token),
+    )
+    assert done.connection.tenant_id == "globex"
+
+
+async def test_complete_connect_takes_the_channel_from_the_state_and_refuses_others_first(
+    gw: RunningGateway, api: Api, browser: Browser
+) -> None:
+    started = await api.start("acme", "instagram")
+    code, state = code_and_state(await browser.authorize(started.authorization_url))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await api.stub.CompleteConnect(
+            connect_pb2.CompleteConnectRequest(channel="telegram", code=code, state=state),
+            metadata=bearer(gw.token),
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_info(caught.value).reason == "CHANNEL_NOT_FOUND"
+    # A redirect gives the dashboard code and state: the state knows its channel.
+    done = await api.stub.CompleteConnect(
+        connect_pb2.CompleteConnectRequest(code=code, state=state), metadata=bearer(gw.token)
+    )
+    assert done.connection.channel == "instagram"
+    assert done.connection.tenant_id == "acme"
 
 
 @pytest.mark.parametrize("flow", ["instagram", "facebook"])
