@@ -267,6 +267,18 @@ def cmd_version(_: argparse.Namespace) -> int:
     return 0
 
 
+def _not_blank(flag: str) -> Callable[[str], str]:
+    """An empty value is refused rather than read as "not given": from an unset shell
+    variable, it would otherwise mint a token for every tenant or with every scope."""
+
+    def parse(value: str) -> str:
+        if not value.strip():
+            raise argparse.ArgumentTypeError(f"{flag} must not be empty (use '*' for all)")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switchboard", description="Multi-channel messaging gateway."
@@ -294,10 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
     create = tokens_sub.add_parser("create", help="create a token and print it on stdout")
     create.add_argument("--name", required=True)
-    create.add_argument("--tenant", action="append", help="a tenant id, or '*' (repeatable)")
+    create.add_argument(
+        "--tenant",
+        action="append",
+        type=_not_blank("--tenant"),
+        help="a tenant id, or '*' (repeatable; default '*', every tenant)",
+    )
     create.add_argument(
         "--scope",
         action="append",
+        type=_not_blank("--scope"),
         help="connect, send, read, subscribe or admin (repeatable; default all)",
     )
     create.set_defaults(func=cmd_tokens)

@@ -99,6 +99,18 @@ def test_unknown_scope_is_a_usage_error(env: dict[str, str]) -> None:
     assert "scope" in result.stderr
 
 
+@pytest.mark.parametrize("flag", ["--tenant", "--scope"])
+def test_an_empty_tenant_or_scope_is_a_usage_error_not_every_one(
+    env: dict[str, str], flag: str
+) -> None:
+    """From an unset shell variable it would otherwise mint an all-powerful token."""
+    assert switchboard("migrate", env=env).returncode == 0
+    result = switchboard("tokens", "create", "--name", "x", flag, "", env=env)
+    assert result.returncode == 2
+    assert f"{flag} must not be empty" in result.stderr
+    assert "x" not in switchboard("tokens", "list", env=env).stdout.split()
+
+
 def test_version(env: dict[str, str]) -> None:
     result = switchboard("version", env=env)
     assert result.returncode == 0
