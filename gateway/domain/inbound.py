@@ -187,6 +187,9 @@ class IngestResult:
     deleted_before_arrival: bool = False
     # An echo of a message sent through the gateway, which this item confirmed.
     confirmed: Message | None = None
+    # An echo stored before the outcome of the gateway's own send it echoes: not announced
+    # (that send's DeliveryUpdates will say it was confirmed).
+    own_echo: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -67,6 +67,8 @@ def build_events(routed: Sequence[RoutedItem], results: Sequence[IngestResult]) 
                 # Our own message's echo: a confirmation, not a message from another app.
                 events.append(delivery_update(result.confirmed, r.received_at, confirmed=True))
             continue
+        if result.own_echo:
+            continue
         if r.item.kind in MESSAGE_KINDS and result.deleted_before_arrival:
             # Announcing it now would have subscribers answer a message the customer
             # already took back.

@@ -104,6 +104,7 @@ class InboundWriter:
                 result.conversation = conversations.get((r.connection.id, part.id))
         await self._insert_messages(routed, results, marked)
         await self._confirm_echoes(routed, results)
+        await self._own_echoes(routed, results)
         known = await self._known_messages(routed, results)
         await self._apply_changes(routed, results, known)
         await self._fill_conversations(results, known, routed)
@@ -314,6 +315,31 @@ class InboundWriter:
         for r, result in zip(routed, results, strict=True):
             if r.item.kind == EventKind.MESSAGE_ECHOED and result.duplicate:
                 result.confirmed = by_key.pop((r.connection.id, r.item.external_id), None)
+
+    async def _own_echoes(self, routed: Sequence[RoutedItem], results: list[IngestResult]) -> None:
+        """Meta may echo a message before answering the Send API call that sent it, or
+        before that answer is recorded: the echo's message id is then unknown and it is
+        stored as a new message. When its conversation has a message of the same text still
+        to send through the gateway, it is taken for that message's echo and not announced
+        as one sent from another app; recording the send's outcome folds it into ours."""
+        fresh = [
+            result
+            for r, result in zip(routed, results, strict=True)
+            if r.item.kind == EventKind.MESSAGE_ECHOED
+            and not result.duplicate
+            and result.message is not None
+        ]
+        if not fresh:
+            return
+        pending = await OutboundWriter(self._ex, self._codec).pending_texts(
+            [result.message.conversation_id for result in fresh if result.message is not None]
+        )
+        if not pending:
+            return
+        for result in fresh:
+            message = result.message
+            if message is not None and (message.conversation_id, message.text or "") in pending:
+                result.own_echo = True
 
     async def _known_messages(
         self, routed: Sequence[RoutedItem], results: list[IngestResult]

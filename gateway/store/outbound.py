@@ -452,6 +452,22 @@ class OutboundWriter:
         )
         return int(found[0]["n"])
 
+    async def pending_texts(self, conversation_ids: Sequence[str]) -> set[tuple[str, str]]:
+        """(conversation id, text) of the messages these conversations have still to send
+        (a first attempt under way included): what an echo of ours may be seen as before
+        its outcome is recorded."""
+        if not conversation_ids:
+            return set()
+        where, params = any_of(
+            "conversation_id", "v", sorted(set(conversation_ids)), arrays=self._arrays
+        )
+        found = await self._ex.fetch(
+            f"SELECT conversation_id, text FROM messages w WHERE {where} AND {_pending('w')}",  # noqa: S608
+            params,
+            replan=True,
+        )
+        return {(r["conversation_id"], r["text"] or "") for r in found}
+
     async def confirm(self, echoes: Sequence[tuple[str, str, datetime]]) -> list[Message]:
         """Marks our sent messages that these (connection, external id, time) echoes name
         as confirmed; returns those it changed (a repeated echo changes nothing)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import aiohttp
+from switchboard.v1 import common_pb2
 
 from gateway.domain.connect import AccessToken
 from gateway.domain.events import EventKind
@@ -58,3 +59,26 @@ async def test_an_echo_of_another_app_is_still_a_message_echoed(out: Out) -> Non
     await out.control.drain_echoes()
     echoed = await out.events(EventKind.MESSAGE_ECHOED)
     assert [e.payload["message"]["text"] for e in echoed] == ["From another app"]
+
+
+async def test_an_echo_that_overtakes_metas_answer_still_only_confirms(out: Out) -> None:
+    """Meta's echo may arrive before its answer to the Send API call is recorded: the echo's
+    message id is unknown then, and it must still not surface as a message sent from another
+    app. The sandbox delivers it (and the gateway commits it) before answering."""
+    await subscribe(out)
+    await out.control.update_settings(echo_timing="before")
+    reply = await out.send(text="Overtaken", idempotency_key="echo-race")
+    assert reply.message.status == common_pb2.MESSAGE_STATUS_SENT
+    [delivery] = [d for d in await out.control.deliveries() if d["kind"] == "echo"]
+    assert delivery["status"] == 200  # stored before the answer came back
+    got = await out.get(reply.message.id)
+    assert got.HasField("confirmed_at")
+    updates = await out.events(EventKind.DELIVERY_UPDATE, 3)
+    assert [u.payload["status"] for u in updates] == ["MESSAGE_STATUS_QUEUED"] + [
+        "MESSAGE_STATUS_SENT"
+    ] * 2
+    assert "confirmed_at" in updates[-1].payload
+    assert await out.events(EventKind.MESSAGE_ECHOED, timeout_s=0.5) == []
+    async with out.gateway.gateway.store.transaction() as tx:
+        page = await tx.list_messages(out.conversation.id, page_size=50)
+    assert [m.id for m in page.items if m.direction.value == "OUTBOUND"] == [reply.message.id]

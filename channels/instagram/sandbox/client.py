@@ -71,9 +71,17 @@ class SandboxClient:
         return result
 
     async def update_settings(
-        self, *, latency_ms: float | None = None, instagram_exchange_shape: str | None = None
+        self,
+        *,
+        latency_ms: float | None = None,
+        instagram_exchange_shape: str | None = None,
+        echo_timing: str | None = None,
     ) -> dict[str, Any]:
-        body = self._clean(latency_ms=latency_ms, instagram_exchange_shape=instagram_exchange_shape)
+        body = self._clean(
+            latency_ms=latency_ms,
+            instagram_exchange_shape=instagram_exchange_shape,
+            echo_timing=echo_timing,
+        )
         result: dict[str, Any] = await self._call("POST", "/settings", body)
         return result
 

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from . import ids
 from .common import SENDER, sandbox_base_urls, state_of
-from .settings import EXCHANGE_SHAPES
+from .settings import ECHO_TIMINGS, EXCHANGE_SHAPES
 from .state import (
     ENDPOINTS,
     USAGE_APP_FIELDS,
@@ -103,6 +103,7 @@ async def get_config(request: web.Request) -> web.Response:
             "webhook_url": state.webhook_url,
             "latency_ms": state.latency_ms,
             "instagram_exchange_shape": state.instagram_exchange_shape,
+            "echo_timing": state.echo_timing,
         }
     )
 
@@ -119,8 +120,16 @@ async def update_settings(request: web.Request) -> web.Response:
         if body["instagram_exchange_shape"] not in EXCHANGE_SHAPES:
             raise ControlError(400, f"'instagram_exchange_shape' must be one of {EXCHANGE_SHAPES}")
         state.instagram_exchange_shape = body["instagram_exchange_shape"]
+    if "echo_timing" in body:
+        if body["echo_timing"] not in ECHO_TIMINGS:
+            raise ControlError(400, f"'echo_timing' must be one of {ECHO_TIMINGS}")
+        state.echo_timing = body["echo_timing"]
     return web.json_response(
-        {"latency_ms": state.latency_ms, "instagram_exchange_shape": state.instagram_exchange_shape}
+        {
+            "latency_ms": state.latency_ms,
+            "instagram_exchange_shape": state.instagram_exchange_shape,
+            "echo_timing": state.echo_timing,
+        }
     )
 
 

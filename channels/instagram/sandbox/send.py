@@ -274,7 +274,10 @@ async def send_message(request: web.Request) -> web.StreamResponse:
                 "message": _echo_message(body, mid),
             }
             payload = envelope([entry(account.ig_id, state.clock.now_ms(), [item])])
-            request.app[SENDER].echo(payload, secret=secret_for(state, account))
+            if state.echo_timing == "before":
+                await request.app[SENDER].echo_first(payload, secret=secret_for(state, account))
+            else:
+                request.app[SENDER].echo(payload, secret=secret_for(state, account))
     record.status, record.response = 200, result
     usage = state.take_usage(account.ig_id)
     return web.json_response(result, headers=usage_headers(state, account.ig_id, usage=usage))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from . import ids
 
 EXCHANGE_SHAPES = ("data", "flat")
+ECHO_TIMINGS = ("after", "before")
 
 
 class SandboxSettingsError(ValueError):

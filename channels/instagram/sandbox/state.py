@@ -305,6 +305,9 @@ class SandboxState:
         self.webhook_url = settings.webhook_url
         self.latency_ms = settings.latency_ms
         self.instagram_exchange_shape = settings.instagram_exchange_shape
+        # When the echo of a sent message goes out: "after" the Send API answered (usual),
+        # or "before" it answers, as Meta's echo sometimes overtakes its own answer.
+        self.echo_timing = "after"
         self.accounts: dict[str, Account] = {}
         self.pages: dict[str, Page] = {}
         self.facebook_users: dict[str, FacebookUser] = {}

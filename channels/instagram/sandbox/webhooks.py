@@ -8,6 +8,7 @@ import hmac
 import json
 import logging
 import secrets
+from collections.abc import Coroutine
 from typing import Any
 
 import aiohttp
@@ -118,12 +119,26 @@ class WebhookSender:
         """Deliver in the background, after the Send API has answered, retrying like Meta."""
         if not self._state.webhook_url:
             return
-        task = asyncio.create_task(self._echo(payload, secret))
+        self._background(self._echo(payload, secret))
+
+    async def echo_first(self, payload: Any, *, secret: str) -> None:
+        """Deliver before the Send API answers, as Meta's echo sometimes overtakes its own
+        answer; should that delivery fail, it is retried in the background as usual."""
+        if not self._state.webhook_url:
+            return
+        delivery = await self.deliver(payload, secret=secret, kind="echo")
+        if delivery.status is None or not 200 <= delivery.status < 300:
+            self._background(self._retry(delivery))
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _echo(self, payload: Any, secret: str) -> None:
-        delivery = await self.deliver(payload, secret=secret, kind="echo")
+        await self._retry(await self.deliver(payload, secret=secret, kind="echo"))
+
+    async def _retry(self, delivery: Delivery) -> None:
         for delay in self._state.settings.echo_retry_delays_s:
             if delivery.status is not None and 200 <= delivery.status < 300:
                 return
