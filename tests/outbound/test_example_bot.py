@@ -11,24 +11,26 @@ from clients.examples.echo_bot import answer, run_bot
 from tests.outbound.conftest import Out
 
 
-async def answered(out: Out, text: str) -> list[str | None]:
-    """The texts the account sent, once ``text`` is among them (or after 10 s)."""
+async def answered(out: Out, *wanted: str) -> list[str | None]:
+    """The texts the account sent, once all of ``wanted`` are among them (or after 10 s)."""
     for _ in range(200):
         texts = [
             s["body"]["message"].get("text")
             for s in await out.control.sent(out.account["ig_id"])
             if "message" in s.get("body", {})
         ]
-        if text in texts:
+        if all(text in texts for text in wanted):
             break
         await asyncio.sleep(0.05)
     return texts
 
 
 async def serve_until_answered(
-    out: Out, text: str, reply: Callable[[str], str] = answer
+    out: Out, *texts: str, reply: Callable[[str], str] = answer
 ) -> list[str | None]:
-    """Runs a bot of group ``bot-test`` until it has answered ``text``, checking it is alive."""
+    """Runs a bot of group ``bot-test`` until it has answered every one of ``texts`` (the
+    customers' messages of different conversations may be answered in any order), checking
+    it stays alive."""
     stop = asyncio.Event()
     async with SwitchboardClient(out.gateway.grpc_target, out.gateway.token) as client:
         bot = asyncio.create_task(
@@ -41,9 +43,9 @@ async def serve_until_answered(
             )
         )
         try:
-            texts = await answered(out, answer(text))
+            sent = await answered(out, *(answer(text) for text in texts))
             assert not bot.done(), bot.exception()
-            return texts
+            return sent
         finally:
             stop.set()
             with contextlib.suppress(asyncio.CancelledError):
@@ -52,8 +54,8 @@ async def serve_until_answered(
 
 async def test_the_echo_bot_answers_each_customer_message_once(out: Out) -> None:
     await out.control.send_dm(out.account["ig_id"], "Do you ship to Lyon?")
-    texts = await serve_until_answered(out, "Do you ship to Lyon?")
     # The first message (written by the fixture) is answered too, each exactly once.
+    texts = await serve_until_answered(out, "Hi", "Do you ship to Lyon?")
     assert texts.count("You said: Do you ship to Lyon?") == 1
     assert texts.count("You said: Hi") == 1
 
@@ -70,11 +72,11 @@ async def test_a_refused_reply_is_acked_and_the_bot_answers_the_next_message(out
     await out.control.send_dm(out.account["ig_id"], long)
     await out.control.send_dm(out.account["ig_id"], "Do you ship to Lyon?")
     # One conversation: the second message is only delivered once the first is settled.
-    texts = await serve_until_answered(out, "Do you ship to Lyon?", reply)
+    texts = await serve_until_answered(out, "Hi", "Do you ship to Lyon?", reply=reply)
     assert answer(long) not in texts
     # A new bot of the group would get a delivery left unacked first, in conversation order.
     await out.control.send_dm(out.account["ig_id"], "Still there?")
-    texts = await serve_until_answered(out, "Still there?", reply)
+    texts = await serve_until_answered(out, "Still there?", reply=reply)
     assert seen.count(long) == 1
     for text in ("Hi", "Do you ship to Lyon?", "Still there?"):
         assert texts.count(answer(text)) == 1, text
