@@ -59,6 +59,14 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def _local_url(addr: Address) -> str:
+    """The sidecar's URL on this machine, the public URL's default: moving the sidecar to
+    another port must not leave OAuth redirects and webhooks pointing at the old one."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(addr.host, addr.host)
+    port = addr.port or 8080  # port 0 (tests): known only once bound, so set PUBLIC_URL
+    return f"http://{Address(host, port)}"
+
+
 def parse_address(value: str) -> Address:
     """``host:port`` or ``[v6]:port``; port 0 lets the OS pick (tests)."""
     value = value.strip()
@@ -149,7 +157,8 @@ class Config:
             if redis_problem:
                 problems.append(f"{PREFIX}REDIS_URL: {redis_problem}")
 
-        public_url = reader.text("PUBLIC_URL", "http://127.0.0.1:8080").rstrip("/")
+        http_addr = reader.address("HTTP_ADDR", "127.0.0.1:8080")
+        public_url = reader.text("PUBLIC_URL", _local_url(http_addr)).rstrip("/")
         pub = urlsplit(public_url)
         if pub.scheme not in ("http", "https") or not pub.netloc:
             problems.append(f"{PREFIX}PUBLIC_URL: must be an absolute http(s) URL")
@@ -185,7 +194,7 @@ class Config:
             redis_url=Secret(redis_url),
             redis_key_prefix=reader.text("REDIS_KEY_PREFIX", "switchboard:"),
             grpc_addr=reader.address("GRPC_ADDR", "127.0.0.1:50051"),
-            http_addr=reader.address("HTTP_ADDR", "127.0.0.1:8080"),
+            http_addr=http_addr,
             metrics_addr=reader.address("METRICS_ADDR", "127.0.0.1:9464"),
             public_url=public_url,
             encryption_keys=Secret(reader.text("ENCRYPTION_KEYS", "")),

@@ -140,3 +140,15 @@ def test_meta_credentials_need_the_webhook_verify_token() -> None:
     assert given.webhook_verify_token.reveal() == "vt"
     # The sandbox needs no setup: its token is generated.
     assert InstagramSettings.from_environ({}, public).webhook_verify_token.reveal()
+
+
+def test_the_public_url_follows_the_sidecars_address_unless_set() -> None:
+    """Moving the sidecar to another port must not leave OAuth redirects and webhooks
+    pointing at the old one."""
+    assert Config.from_environ({}).public_url == "http://127.0.0.1:8080"
+    moved = Config.from_environ({"SWITCHBOARD_HTTP_ADDR": "127.0.0.1:9090"})
+    assert moved.public_url == "http://127.0.0.1:9090"
+    everywhere = Config.from_environ({"SWITCHBOARD_HTTP_ADDR": "0.0.0.0:8081"})
+    assert everywhere.public_url == "http://127.0.0.1:8081"
+    given = {"SWITCHBOARD_HTTP_ADDR": "0.0.0.0:8081", "SWITCHBOARD_PUBLIC_URL": "https://x.test"}
+    assert Config.from_environ(given).public_url == "https://x.test"
