@@ -184,7 +184,10 @@ class Gateway:
         listening = Listening()
         async with AsyncExitStack() as stack:
             metrics_runner = await _start_site(
-                create_metrics_app(), cfg.metrics_addr, access_log=False
+                create_metrics_app(),
+                cfg.metrics_addr,
+                access_log=False,
+                setting="SWITCHBOARD_METRICS_ADDR",
             )
             stack.push_async_callback(metrics_runner.cleanup)
             listening.metrics = _bound(metrics_runner, cfg.metrics_addr)
@@ -223,7 +226,13 @@ class Gateway:
                     authority=self.authority,
                     probe=self.ready,
                 )
-                port = await grpc_server.start()
+                try:
+                    port = await grpc_server.start()
+                except OSError as exc:
+                    raise CannotListen(f"SWITCHBOARD_GRPC_ADDR: {exc}") from None
+                # Stopped below on a normal shutdown, before what it uses; this covers a
+                # failure to start what comes next (the sidecar's port taken, say).
+                stack.push_async_callback(grpc_server.stop, 0)
                 listening.grpc = Address(cfg.grpc_addr.host, port)
 
             if role in (Role.ALL, Role.HTTP):
@@ -240,7 +249,9 @@ class Gateway:
                         inbound=self.inbound,
                     )
                 )
-                http_runner = await _start_site(web_app, cfg.http_addr, access_log=True)
+                http_runner = await _start_site(
+                    web_app, cfg.http_addr, access_log=True, setting="SWITCHBOARD_HTTP_ADDR"
+                )
                 stack.push_async_callback(http_runner.cleanup)
                 listening.http = _bound(http_runner, cfg.http_addr)
 
@@ -303,7 +314,14 @@ class Gateway:
         return service
 
 
-async def _start_site(app: web.Application, address: Address, *, access_log: bool) -> web.AppRunner:
+class CannotListen(Exception):
+    """An address the process cannot bind (taken, or not this machine's), named by the
+    variable that sets it."""
+
+
+async def _start_site(
+    app: web.Application, address: Address, *, access_log: bool, setting: str
+) -> web.AppRunner:
     runner = web.AppRunner(
         app,
         access_log_class=PathOnlyAccessLogger,
@@ -313,7 +331,13 @@ async def _start_site(app: web.Application, address: Address, *, access_log: boo
     )
     await runner.setup()
     site = web.TCPSite(runner, address.host, address.port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise CannotListen(
+            f"{setting}: cannot listen on {address}: {exc.strerror or exc}"
+        ) from None
     return runner
 
 

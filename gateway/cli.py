@@ -68,7 +68,7 @@ async def _ensure_dev_token(gateway: Any, data_dir: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.app import Gateway, Listening, Role, install_signal_handlers
+    from gateway.app import CannotListen, Gateway, Listening, Role, install_signal_handlers
 
     config = _load_config()
     role = Role(args.role)
@@ -105,7 +105,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
 
     tune_gc_for_serving()
-    return _run(main, fast_loop=True)
+    try:
+        return _run(main, fast_loop=True)
+    except CannotListen as exc:
+        print(f"switchboard: {exc}", file=sys.stderr)
+        return 1
 
 
 def _print_banner(where: Any, token: str, sandboxes: dict[str, str]) -> None:

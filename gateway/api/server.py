@@ -75,12 +75,16 @@ class GrpcServer:
             self._server,
         )
         self._probe_task: asyncio.Task[None] | None = None
+        self._stopped = False
         self.port = 0
 
     async def start(self) -> int:
-        self.port = self._server.add_insecure_port(str(self._address))
+        try:
+            self.port = self._server.add_insecure_port(str(self._address))
+        except RuntimeError:  # newer grpcio raises where older ones answered port 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen for gRPC on {self._address}")
+            raise OSError(f"cannot listen on {self._address} (taken, or not this machine's)")
         await self._server.start()
         await self._check_once()
         self._probe_task = asyncio.create_task(self._probe_loop(), name="grpc-health-probe")
@@ -111,7 +115,11 @@ class GrpcServer:
             await self._check_once()
 
     async def stop(self, grace_s: float) -> None:
-        """Graceful: NOT_SERVING first, then stop accepting and let in-flight calls finish."""
+        """Graceful: NOT_SERVING first, then stop accepting and let in-flight calls finish.
+        Once only: later calls do nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self._probe_task is not None:
             self._probe_task.cancel()
             await asyncio.gather(self._probe_task, return_exceptions=True)
