@@ -80,6 +80,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         install_signal_handlers(stop)
         async with Gateway(config) as gateway:
             await gateway.ensure_schema()
+            if role is not Role.ALL:
+                for name, plugin in gateway.channels.items():
+                    if getattr(plugin, "embedded_sandbox", False):
+                        # The other role's process starts a sandbox of its own, with other
+                        # credentials: its OAuth states and webhooks would not match ours.
+                        log.warning(
+                            "this process runs its own built-in sandbox, which the other"
+                            " role's process cannot share: run `switchboard sandbox` and"
+                            " give both processes its URL (INSTAGRAM_SANDBOX_URL)",
+                            extra={"channel": name, "role": role.value},
+                        )
             dev_token = await _ensure_dev_token(gateway, config.data_dir) if args.dev else ""
 
             def announce(where: Listening) -> None:

@@ -9,7 +9,12 @@ from channels.instagram.connect import InstagramConnector
 from channels.instagram.graph_client import GraphClient
 from channels.instagram.inbound import InstagramInbound
 from channels.instagram.profiles import InstagramProfiles
-from channels.instagram.sandbox import RunningSandbox, SandboxSettings, start_sandbox
+from channels.instagram.sandbox import (
+    RunningSandbox,
+    SandboxClient,
+    SandboxSettings,
+    start_sandbox,
+)
 from channels.instagram.send import InstagramOutbound
 from channels.instagram.settings import (
     FACEBOOK_SCOPES,
@@ -109,6 +114,52 @@ class InstagramChannel:
                 "instagram: every Meta host points at the sandbox",
                 extra={"sandbox_url": self.settings.sandbox_url},
             )
+            s = self.settings
+            if not (s.instagram_flow_configured or s.facebook_flow_configured):
+                await self._adopt_sandbox_credentials()
+
+    async def _adopt_sandbox_credentials(self) -> None:
+        """A sandbox URL alone: take the credentials the sandbox generated (it shows only
+        those), so that pointing every process at one ``switchboard sandbox`` is the whole
+        setup; and give the sandbox this gateway's webhook URL if it has none yet."""
+        url = self.settings.sandbox_url
+        try:
+            async with SandboxClient(url) as control:
+                config = await control.config()
+                if not config.get("webhook_url"):
+                    await control.set_webhook(self._context.webhook_url(self.name))
+        except Exception as exc:  # unreachable, or not a sandbox: say so, keep serving
+            log.warning(
+                "instagram: the sandbox did not give its credentials; set INSTAGRAM_APP_ID"
+                " and INSTAGRAM_APP_SECRET as it has them",
+                extra={"sandbox_url": url, "error": type(exc).__name__},
+            )
+            return
+        adopted: dict[str, str] = {}
+        for prefix, key in (("INSTAGRAM", "instagram"), ("FACEBOOK", "facebook")):
+            # A pair the sandbox was given shows no secret: only a whole pair is taken.
+            app_id, secret = config.get(f"{key}_app_id"), config.get(f"{key}_app_secret")
+            if app_id and secret:
+                adopted |= {f"{prefix}_APP_ID": str(app_id), f"{prefix}_APP_SECRET": str(secret)}
+        if config.get("webhook_verify_token"):
+            adopted["INSTAGRAM_WEBHOOK_VERIFY_TOKEN"] = str(config["webhook_verify_token"])
+        environ = {**adopted, **{k: v for k, v in self._context.environ.items() if v.strip()}}
+        self.settings = InstagramSettings.from_environ(environ, self._context.public_url)
+        log.info(
+            "instagram: using the credentials the sandbox generated",
+            extra={"sandbox_url": url, "flows": sorted(self._flows_configured())},
+        )
+
+    def _flows_configured(self) -> set[str]:
+        s = self.settings
+        return {
+            flow
+            for flow, configured in (
+                (FLOW_INSTAGRAM, s.instagram_flow_configured),
+                (FLOW_FACEBOOK, s.facebook_flow_configured),
+            )
+            if configured
+        }
 
     async def _start_embedded_sandbox(self) -> None:
         sandbox_settings = SandboxSettings.generate(
