@@ -298,10 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switchboard", description="Multi-channel messaging gateway."
     )
+    parser.add_argument("--version", action="version", version=f"switchboard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("role", nargs="?", default="all", choices=["all", "grpc", "http"])
+    serve.add_argument(
+        "role",
+        nargs="?",
+        default="all",
+        choices=["all", "grpc", "http"],
+        help="what this process serves (default all; a pod runs grpc and http apart)",
+    )
     serve.add_argument(
         "--dev",
         action="store_true",

@@ -19,4 +19,6 @@ async def main(target: str, token: str) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m clients.examples.list_channels TARGET TOKEN")
     asyncio.run(main(sys.argv[1], sys.argv[2]))

@@ -320,6 +320,11 @@ class AuthInterceptor(_AroundInterceptor):
         try:
             header = _metadata(context, "authorization")
             scheme, _, token = header.partition(" ")
+            if header.strip() and (scheme.lower() != "bearer" or not token.strip()):
+                raise Unauthenticated(
+                    "the authorization metadata must be 'Bearer <token>'",
+                    reason="MALFORMED_TOKEN",
+                )
             if scheme.lower() != "bearer" or not token.strip():
                 raise Unauthenticated(
                     "missing 'authorization: Bearer <token>' metadata", reason="MISSING_TOKEN"

@@ -70,6 +70,19 @@ async def test_missing_token_is_unauthenticated_with_a_reason(channel: grpc.aio.
     assert len(str(trailers["x-request-id"])) >= 8
 
 
+async def test_a_token_without_its_scheme_is_told_apart_from_a_missing_one(
+    embedded: RunningGateway, channel: grpc.aio.Channel
+) -> None:
+    stub = connect_pb2_grpc.ChannelConnectStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.ListChannels(
+            connect_pb2.ListChannelsRequest(), metadata=(("authorization", embedded.token),)
+        )
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_info(caught.value).reason == "MALFORMED_TOKEN"
+    assert "Bearer <token>" in (caught.value.details() or "")
+
+
 async def test_unknown_and_revoked_tokens_are_unauthenticated(
     embedded: RunningGateway, channel: grpc.aio.Channel
 ) -> None:
