@@ -200,8 +200,13 @@ class Deliverer:
         except Unavailable:
             log.warning("send postponed", extra={"message_id": message.id}, exc_info=True)
             return await self._hold(message, self.clock.now() + _UNAVAILABLE_RETRY)
-        except DecryptionError:
-            error = DeliveryError("NEEDS_REAUTH", "the connection's credential does not open")
+        except DecryptionError as exc:
+            # Names the key, never its material: most often a key ring that lost a key.
+            error = DeliveryError(
+                "NEEDS_REAUTH",
+                f"the connection's credential does not open ({exc.message});"
+                " check SWITCHBOARD_ENCRYPTION_KEYS",
+            )
             await mark_needs_reauth(self._store, conn.id, error.message, notify=self.outbox.notify)
             return await self.record_failure(message, error)
         return await self._send(message, conn, sender, content, token, fail_fast=fail_fast)

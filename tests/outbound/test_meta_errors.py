@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from switchboard.v1 import common_pb2
 
+from gateway.config import Secret
+from gateway.domain.connect import AccessToken
 from gateway.domain.events import EventKind
+from gateway.security.keyring import KeyRing, generate_key_spec
+from gateway.services.credentials import seal
 from tests.outbound.conftest import Out
 
 
@@ -50,3 +56,23 @@ async def test_permanent_errors_fail_at_once_with_metas_code(
     got = await out.get(reply.message.id)
     assert len(got.attempts) == 1
     assert len(await out.bodies()) == 1
+
+
+async def test_a_credential_the_key_ring_cannot_open_names_the_key_and_the_variable(
+    out: Out,
+) -> None:
+    """A key ring that lost the credential's key (a rotation rolled out the wrong way)."""
+    foreign = KeyRing.from_spec(generate_key_spec("k-elsewhere"))
+    sealed = seal(
+        foreign,
+        out.connection.id,
+        AccessToken(value=Secret("IGAA-unreadable"), issued_at=datetime.now(UTC)),
+    )
+    async with out.gateway.gateway.store.transaction() as tx:
+        await tx.put_credential(sealed)
+    reply = await out.send(text="Hello?")
+    error = reply.message.error
+    assert reply.message.status == common_pb2.MESSAGE_STATUS_FAILED
+    assert error.reason == "NEEDS_REAUTH"
+    assert "k-elsewhere" in error.message
+    assert "SWITCHBOARD_ENCRYPTION_KEYS" in error.message
