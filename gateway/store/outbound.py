@@ -309,7 +309,9 @@ class OutboundWriter:
             for m in sent:
                 at = firsts.get((m.connection_id, m.external_id))
                 if at is not None and m.confirmed_at is None:
-                    m.confirmed_at = self._codec.ts_in(at)
+                    echoed_at = self._codec.ts_in(at)
+                    sent_at = m.sent_at or echoed_at
+                    m.confirmed_at = max(echoed_at, sent_at)
         codec = self._codec
         lease = rows.opt_ts(codec, lease_until)
         updates: list[Params] = []
@@ -475,7 +477,8 @@ class OutboundWriter:
             # Every message Meta sends is echoed: one statement per batch of echoes.
             ordered = sorted(echoes)
             found = await self._ex.fetch(
-                "UPDATE messages SET confirmed_at = u.a"
+                # Meta's echo time (milliseconds, its clock) can precede our sent_at.
+                "UPDATE messages SET confirmed_at = GREATEST(u.a, messages.sent_at)"
                 " FROM unnest(:c::text[], :e::text[], :a::timestamptz[]) AS u(c, e, a)"
                 " WHERE messages.connection_id = u.c AND messages.external_id = u.e"
                 " AND messages.external_id <> '' AND direction = 'OUTBOUND'"
@@ -491,7 +494,7 @@ class OutboundWriter:
         confirmed: list[Message] = []
         for connection_id, external_id, at in sorted(echoes):
             found = await self._ex.fetch(
-                "UPDATE messages SET confirmed_at = :at WHERE connection_id = :conn"
+                "UPDATE messages SET confirmed_at = MAX(:at, sent_at) WHERE connection_id = :conn"
                 " AND external_id = :ext AND direction = 'OUTBOUND'"
                 " AND sent_at IS NOT NULL AND confirmed_at IS NULL RETURNING *",
                 {"at": self._codec.ts(rows.utc(at)), "conn": connection_id, "ext": external_id},

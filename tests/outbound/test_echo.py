@@ -39,6 +39,8 @@ async def test_our_echo_confirms_the_message(out: Out) -> None:
     assert confirmed.payload["external_id"] == reply.message.external_id
     got = await out.get(reply.message.id)
     assert got.HasField("confirmed_at")
+    # The echo carries Meta's clock, to the millisecond: never shown before sent_at.
+    assert got.confirmed_at.ToDatetime() >= got.sent_at.ToDatetime()
     assert got.status == reply.message.status
     assert await out.events(EventKind.MESSAGE_ECHOED, timeout_s=0.3) == []
     async with out.gateway.gateway.store.transaction() as tx:
@@ -73,6 +75,7 @@ async def test_an_echo_that_overtakes_metas_answer_still_only_confirms(out: Out)
     assert delivery["status"] == 200  # stored before the answer came back
     got = await out.get(reply.message.id)
     assert got.HasField("confirmed_at")
+    assert got.confirmed_at.ToDatetime() >= got.sent_at.ToDatetime()
     updates = await out.events(EventKind.DELIVERY_UPDATE, 3)
     assert [u.payload["status"] for u in updates] == ["MESSAGE_STATUS_QUEUED"] + [
         "MESSAGE_STATUS_SENT"
