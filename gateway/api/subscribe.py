@@ -4,13 +4,25 @@ The first client message is a ``start`` (group, consumer, filters, limits); deli
 then flow to the client while its acks and nacks are read concurrently. When the client
 cancels or the connection breaks, the consumer closes and its unacked deliveries are
 delivered again to the group.
+
+Consumer groups and filters: the bus acks an event outside a consumer's filters for the
+consumer's whole bus group, so consumers with different filters must never share one.
+The bus group a stream joins is therefore the group name *and* the effective filters
+(including the tenants a restricted token imposes): an unfiltered subscription joins the
+plain name (so existing deployments keep their positions), a filtered one joins
+``<name>~<digest of the filters>`` (:func:`bus_group`). Consumers with identical filters
+still share the load; a token limited to some tenants can never join, and ack away the
+events of, a group that sees other tenants. The derived name is what the bus, its metrics
+and its storage show.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import hashlib
+import json
+from collections.abc import AsyncIterator, Collection
 from datetime import UTC, datetime
 
 import grpc
@@ -18,9 +30,10 @@ from google.protobuf import timestamp_pb2
 from switchboard.v1 import messaging_pb2
 
 from gateway.api.convert_events import event_to_proto, kinds_from_proto
-from gateway.api.errors import status_code_for
+from gateway.api.errors import to_status
 from gateway.domain.bus import Bus, Consumer, Delivery, Subscription
 from gateway.domain.errors import InvalidArgument, PermissionDenied, SwitchboardError
+from gateway.domain.events import EventKind
 from gateway.domain.models import ApiToken
 from gateway.observability.inbound_metrics import EVENT_DELIVERY_SECONDS
 
@@ -29,6 +42,9 @@ DEFAULT_ACK_DEADLINE_S, MIN_ACK_DEADLINE_S, MAX_ACK_DEADLINE_S = 30.0, 1.0, 600.
 DEFAULT_MAX_BATCH, MAX_BATCH = 1, 500
 # How long one receive waits before checking whether the client went away.
 _POLL_S = 0.5
+# 64 bits: a tenant's token must not find, by brute force, filters of its own whose digest
+# names another tenant's filtered group (48 bits would take a GPU hours, this takes years).
+_FILTER_DIGEST_HEX = 16
 
 
 def _observe_latency(deliveries: list[Delivery]) -> None:
@@ -45,6 +61,29 @@ def _bounded(value: float, low: float, high: float) -> float:
     return min(max(value, low), high)
 
 
+def bus_group(
+    name: str,
+    *,
+    tenant_ids: Collection[str] = (),
+    channels: Collection[str] = (),
+    kinds: Collection[EventKind] = (),
+) -> str:
+    """The bus-level group of a subscription named ``name`` with these effective filters."""
+    if not (tenant_ids or channels or kinds):
+        return name
+    canonical = json.dumps(
+        {
+            "channels": sorted(set(channels)),
+            "kinds": sorted({kind.value for kind in kinds}),
+            "tenant_ids": sorted(set(tenant_ids)),
+        },
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(canonical.encode()).hexdigest()[:_FILTER_DIGEST_HEX]
+    return f"{name}~{digest}"
+
+
 def subscription_from_start(start: messaging_pb2.SubscribeStart, token: ApiToken) -> Subscription:
     if not start.group:
         raise InvalidArgument("start.group", "required")
@@ -54,19 +93,23 @@ def subscription_from_start(start: messaging_pb2.SubscribeStart, token: ApiToken
     outside = sorted(t for t in tenants if not token.allows_tenant(t))
     if outside:
         raise PermissionDenied(
-            f"start.tenant_ids: not allowed for this token: {', '.join(outside)}"
+            f"start.tenant_ids: not allowed for this token: {', '.join(outside)}",
+            reason="TENANT_NOT_ALLOWED",
+            metadata={"tenant_ids": ",".join(outside)},
         )
     if not tenants and not token.all_tenants:
         tenants = frozenset(token.tenants)
+    channels = frozenset(start.channels)
+    kinds = kinds_from_proto(list(start.kinds))
     deadline = DEFAULT_ACK_DEADLINE_S
     if start.HasField("ack_deadline"):
         deadline = start.ack_deadline.ToTimedelta().total_seconds()
     return Subscription(
-        group=start.group,
+        group=bus_group(start.group, tenant_ids=tenants, channels=channels, kinds=kinds),
         consumer=start.consumer,
         tenant_ids=tenants,
-        channels=frozenset(start.channels),
-        kinds=kinds_from_proto(list(start.kinds)),
+        channels=channels,
+        kinds=kinds,
         max_in_flight=int(_bounded(start.max_in_flight or DEFAULT_MAX_IN_FLIGHT, 1, MAX_IN_FLIGHT)),
         ack_deadline_s=_bounded(deadline, MIN_ACK_DEADLINE_S, MAX_ACK_DEADLINE_S),
     )
@@ -94,13 +137,10 @@ async def run_subscribe(
     token: ApiToken,
 ) -> AsyncIterator[messaging_pb2.SubscribeResponse]:
     stream = aiter(requests)
-    first = await anext(stream, None)
-    if first is None or first.WhichOneof("kind") != "start":
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, "start: the first message must be a start"
-        )
-        return
     try:
+        first = await anext(stream, None)
+        if first is None or first.WhichOneof("kind") != "start":
+            raise InvalidArgument("start", "the first message must be a start")
         subscription = subscription_from_start(first.start, token)
         max_batch = int(_bounded(first.start.max_batch or DEFAULT_MAX_BATCH, 1, MAX_BATCH))
         async with bus.subscribe(subscription) as consumer:
@@ -134,4 +174,6 @@ async def run_subscribe(
                 with contextlib.suppress(asyncio.CancelledError):
                     await reader
     except SwitchboardError as exc:
-        await context.abort(status_code_for(exc), exc.message)
+        # The same rich status (ErrorInfo, request id) as every unary RPC gets from the
+        # error interceptor, which this stream's own handling would otherwise bypass.
+        await context.abort_with_status(to_status(exc))

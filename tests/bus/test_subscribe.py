@@ -13,7 +13,7 @@ from google.protobuf import duration_pb2
 from switchboard.v1 import events_pb2, messaging_pb2, messaging_pb2_grpc
 
 from gateway.api.convert_events import event_to_proto
-from gateway.api.subscribe import run_subscribe
+from gateway.api.subscribe import bus_group, run_subscribe
 from gateway.domain.bus import Bus
 from gateway.domain.events import EventKind
 from gateway.domain.models import ApiToken, Scope
@@ -110,7 +110,7 @@ async def test_deliveries_flow_in_batches_and_acks_are_honoured(
     assert got[0].event.WhichOneof("payload") == "message_received"
     assert got[0].event.message_received.message.text.startswith("conv")
     await asyncio.sleep(0.1)  # the acks reach the bus
-    assert await harness.bus.group_lag("g") == 0
+    assert await harness.bus.group_lag(bus_group("g", tenant_ids={"t1"})) == 0
     call.cancel()
 
 

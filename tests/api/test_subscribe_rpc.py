@@ -1,0 +1,283 @@
+"""Messaging.Subscribe through a whole gateway (auth and error interceptors included), on
+the embedded default and on postgres+redis: consumer groups under filters, and errors
+carrying google.rpc.ErrorInfo like every other RPC."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from switchboard.v1 import messaging_pb2, messaging_pb2_grpc
+
+from gateway.api.subscribe import bus_group, subscription_from_start
+from gateway.domain.events import Event, EventKind
+from gateway.domain.models import ApiToken, Scope
+from gateway.security.tokens import create_token
+from tests.bus.conftest import make_event
+from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
+from tests.helpers import bearer, fresh_database
+
+BACKENDS = ["embedded", pytest.param("postgres+redis", marks=[pytest.mark.postgres])]
+
+
+@pytest.fixture(params=BACKENDS)
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "embedded":
+        yield f"sqlite:///{tmp_path}/sb.db"
+        return
+    request.getfixturevalue("postgres_url")  # fails the run at once when PostgreSQL is down
+    with fresh_database(str(request.getfixturevalue("postgres_admin_url")), "subscribe") as url:
+        yield url
+
+
+@pytest.fixture
+async def running(
+    database: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[RunningGateway]:
+    extra: dict[str, str] = {}
+    if database.startswith("postgresql"):
+        prefix = str(request.getfixturevalue("redis_prefix"))
+        extra["SWITCHBOARD_REDIS_URL"] = str(request.getfixturevalue("redis_url"))
+        extra["SWITCHBOARD_REDIS_KEY_PREFIX"] = f"{prefix}{secrets.token_hex(3)}:"
+    async with run_gateway(gateway_environ(database, str(tmp_path), **extra)) as gateway:
+        yield gateway
+
+
+@pytest.fixture
+async def stub(running: RunningGateway) -> AsyncIterator[messaging_pb2_grpc.MessagingStub]:
+    async with grpc.aio.insecure_channel(running.grpc_target) as channel:
+        yield messaging_pb2_grpc.MessagingStub(channel)
+
+
+async def publish(running: RunningGateway, events: Sequence[Event]) -> None:
+    """Commits the events to the outbox, as ingestion does, and wakes the gateway's relay."""
+    async with running.gateway.store.transaction() as tx:
+        await tx.add_events(events)
+    assert running.gateway.relay is not None
+    running.gateway.relay.notify()
+
+
+def start(group: str, consumer: str, **kwargs: Any) -> messaging_pb2.SubscribeRequest:
+    return messaging_pb2.SubscribeRequest(
+        start=messaging_pb2.SubscribeStart(
+            group=group, consumer=consumer, max_in_flight=100, max_batch=50, **kwargs
+        )
+    )
+
+
+def ack(*delivery_ids: str) -> messaging_pb2.SubscribeRequest:
+    return messaging_pb2.SubscribeRequest(ack=messaging_pb2.Ack(delivery_ids=delivery_ids))
+
+
+class Inbox:
+    """Deliveries received by one or more streams, and a way to wait for them."""
+
+    def __init__(self) -> None:
+        self.got: list[messaging_pb2.Delivery] = []
+        self._arrived = asyncio.Event()
+
+    def add(self, deliveries: Sequence[messaging_pb2.Delivery]) -> None:
+        self.got.extend(deliveries)
+        self._arrived.set()
+
+    async def wait(self, count: int, timeout_s: float = 20.0) -> list[messaging_pb2.Delivery]:
+        """What was received once ``count`` deliveries are in, or after ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout_s
+        while len(self.got) < count and loop.time() < give_up:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), give_up - loop.time())
+            self._arrived.clear()
+        return self.got
+
+
+class Client:
+    """One Subscribe stream that acks whatever it receives and puts it in an inbox.
+
+    A background task reads: cancelling a pending ``read`` (a timeout) cancels the call.
+    """
+
+    def __init__(
+        self, stub: messaging_pb2_grpc.MessagingStub, token: str, inbox: Inbox | None = None
+    ) -> None:
+        self._stub = stub
+        self._token = token
+        self._requests: asyncio.Queue[messaging_pb2.SubscribeRequest | None] = asyncio.Queue()
+        self._call: Any = None
+        self._reader: asyncio.Task[None] | None = None
+        self.inbox = inbox or Inbox()
+
+    async def _stream(self) -> AsyncIterator[messaging_pb2.SubscribeRequest]:
+        while (request := await self._requests.get()) is not None:
+            yield request
+
+    async def _read(self) -> None:
+        while (response := await self._call.read()) is not grpc.aio.EOF:
+            self.inbox.add(response.deliveries)
+            self._requests.put_nowait(ack(*(d.delivery_id for d in response.deliveries)))
+
+    async def open(self, group: str, consumer: str, **kwargs: Any) -> Client:
+        self._requests.put_nowait(start(group, consumer, **kwargs))
+        subscribe: Any = self._stub.Subscribe  # typed for sync iterators only
+        self._call = subscribe(self._stream(), metadata=bearer(self._token))
+        await asyncio.wait_for(self._call.initial_metadata(), 10.0)
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def close(self) -> None:
+        """Ends the stream; raises what ended it earlier, if anything did."""
+        self._requests.put_nowait(None)
+        if self._call is not None:
+            self._call.cancel()
+        if self._reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+
+
+async def test_a_tenant_token_in_the_same_group_takes_nothing_from_an_unfiltered_consumer(
+    running: RunningGateway, stub: messaging_pb2_grpc.MessagingStub
+) -> None:
+    """A token limited to t1 subscribes under the group name of the AI backend (whose
+    token sees every tenant) while the backend restarts: it gets its own tenant's events,
+    and the backend still gets every event of every tenant."""
+    store = running.gateway.store
+    tenant_token, _ = await create_token(store, name="t1", tenants=["t1"], scopes=["subscribe"])
+    backend = await Client(stub, running.token).open("ai", "backend-1")
+    await backend.close()  # the group exists and now waits for its consumer to come back
+
+    intruder = await Client(stub, tenant_token).open("ai", "intruder")
+    others = [make_event(f"t2-conv{i}", tenant="t2") for i in range(5)]
+    mine = [make_event(f"t1-conv{i}") for i in range(5)]
+    await publish(running, [*others, *mine])
+    taken = await intruder.inbox.wait(len(mine))
+    assert sorted(d.event.event_id for d in taken) == sorted(e.event_id for e in mine)
+    await asyncio.sleep(1.0)  # what the intruder read is acked, and would be lost by now
+    await intruder.close()
+
+    back = await Client(stub, running.token).open("ai", "backend-2")
+    got = await back.inbox.wait(len(others) + len(mine))
+    await back.close()
+    # A set: on Redis the first backend session may still have read some before it left,
+    # and those come back as redeliveries, which at-least-once allows.
+    assert {d.event.event_id for d in got} == {e.event_id for e in [*others, *mine]}
+
+
+async def test_consumers_with_the_same_filters_share_one_group(
+    running: RunningGateway, stub: messaging_pb2_grpc.MessagingStub
+) -> None:
+    store = running.gateway.store
+    tenant_token, _ = await create_token(store, name="t1", tenants=["t1"], scopes=["subscribe"])
+    # The same effective filters, one imposed by the token, one asked for explicitly.
+    inbox = Inbox()
+    first = await Client(stub, tenant_token, inbox).open("ai", "c1")
+    second = await Client(stub, running.token, inbox).open("ai", "c2", tenant_ids=["t1"])
+    events = [make_event(f"conv{i}") for i in range(20)]
+    await publish(running, [*events, make_event("elsewhere", tenant="t2")])
+    await inbox.wait(len(events))
+    # Anything more would be a second first delivery: a group of its own per consumer.
+    await inbox.wait(len(events) + 1, timeout_s=1.0)
+    await first.close()
+    await second.close()
+
+    got = inbox.got
+    assert sorted(d.event.event_id for d in got) == sorted(e.event_id for e in events)
+    assert all(d.attempt == 1 for d in got)
+
+
+TOKEN_T1 = ApiToken(id="tok_1", name="t1", tenants=("t1",), scopes=frozenset({Scope.SUBSCRIBE}))
+TOKEN_ALL = ApiToken(id="tok_2", name="all", tenants=("*",), scopes=frozenset({Scope.SUBSCRIBE}))
+
+
+def test_an_unfiltered_subscription_keeps_the_plain_group_name() -> None:
+    assert subscription_from_start(start("ai", "c").start, TOKEN_ALL).group == "ai"
+    assert bus_group("ai") == "ai"
+
+
+def test_the_bus_group_follows_the_effective_filters() -> None:
+    scoped = subscription_from_start(start("ai", "c").start, TOKEN_T1).group
+    explicit = subscription_from_start(start("ai", "c", tenant_ids=["t1"]).start, TOKEN_ALL)
+    assert scoped == explicit.group == bus_group("ai", tenant_ids={"t1"})
+    assert scoped.startswith("ai~")
+    assert bus_group("ai", channels=["b", "a"]) == bus_group("ai", channels=["a", "b"])
+    distinct = {
+        bus_group("ai", tenant_ids={"t1"}),
+        bus_group("ai", tenant_ids={"t2"}),
+        bus_group("ai", tenant_ids={"t1", "t2"}),
+        bus_group("ai", channels={"t1"}),
+        bus_group("ai", kinds={EventKind.MESSAGE_RECEIVED}),
+        bus_group("bot", tenant_ids={"t1"}),
+    }
+    assert len(distinct) == 6
+
+
+# ---- errors ----
+
+
+def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    status = rpc_status.from_call(exc)
+    assert status is not None, "no google.rpc.Status in the trailers"
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info
+
+
+async def refused(
+    stub: messaging_pb2_grpc.MessagingStub, token: str, *requests: messaging_pb2.SubscribeRequest
+) -> grpc.aio.AioRpcError:
+    call: Any = stub.Subscribe(metadata=bearer(token))  # type: ignore[call-arg]
+    for request in requests:
+        await call.write(request)
+
+    async def read_to_the_end() -> None:
+        while await call.read() is not grpc.aio.EOF:
+            pass
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(read_to_the_end(), 10.0)
+    return caught.value
+
+
+async def test_a_first_message_other_than_start_is_invalid_with_error_info(
+    running: RunningGateway, stub: messaging_pb2_grpc.MessagingStub
+) -> None:
+    error = await refused(stub, running.token, ack("x"))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    info = error_info(error)
+    assert (info.reason, info.domain) == ("INVALID_ARGUMENT", "switchboard.dev")
+    assert info.metadata["field"] == "start"
+    assert "x-request-id" in dict(error.trailing_metadata() or ())
+
+
+async def test_a_tenant_outside_the_token_is_denied_with_error_info(
+    running: RunningGateway, stub: messaging_pb2_grpc.MessagingStub
+) -> None:
+    token, _ = await create_token(
+        running.gateway.store, name="t1", tenants=["t1"], scopes=["subscribe"]
+    )
+    error = await refused(stub, token, start("ai", "c1", tenant_ids=["t1", "t2"]))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    info = error_info(error)
+    assert info.reason == "TENANT_NOT_ALLOWED"
+    assert info.metadata["tenant_ids"] == "t2"
+
+
+async def test_bad_requests_on_a_live_stream_name_the_field(
+    running: RunningGateway, stub: messaging_pb2_grpc.MessagingStub
+) -> None:
+    missing = await refused(stub, running.token, start("", "c1"))
+    assert error_info(missing).metadata["field"] == "start.group"
+    twice = await refused(stub, running.token, start("ai", "c1"), start("ai", "c1"))
+    assert twice.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(twice).metadata["field"] == "start"
+    bad_ack = await refused(stub, running.token, start("ai", "c1"), ack("not-an-id"))
+    assert bad_ack.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(bad_ack).metadata["field"] == "delivery_id"
