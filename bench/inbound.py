@@ -421,6 +421,7 @@ async def measure(backend: str, batch: int, duration_s: float) -> dict[str, floa
             "SWITCHBOARD_LOG_FORMAT": "json",
             "INSTAGRAM_APP_ID": "1234567890",
             "INSTAGRAM_APP_SECRET": SECRET.decode(),
+            "INSTAGRAM_WEBHOOK_VERIFY_TOKEN": "bench-verify-token",
         }
         database = await bench_database(backend, tmp)
         env["SWITCHBOARD_DATABASE_URL"] = database
