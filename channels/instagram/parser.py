@@ -75,7 +75,7 @@ def parse_delivery(body: bytes, *, now: datetime | None = None) -> ParsedDeliver
         if entry_id == TEST_ACCOUNT_ID:
             test_items += _count_items(entry)
             continue
-        entry_time = _ms(entry.get("time"))
+        entry_time = _entry_ms(entry.get("time"))
         for key in _ENTRY_LISTS:
             found = entry.get(key)
             if found is None:
@@ -120,21 +120,25 @@ def _item(
     ts = _ms(raw.get("timestamp")) or entry_time or 0
     message = raw.get("message")
     if isinstance(message, dict):
-        if _true(message.get("is_echo")) or _true(message.get("is_self")):
-            # The business sent it: sender and recipient swap.
-            return _message(
-                raw, message, EventKind.MESSAGE_ECHOED, (sender, entry_id), recipient, ts, occurred
-            )
+        echo = _true(message.get("is_echo")) or _true(message.get("is_self"))
         if _true(message.get("is_deleted")):
+            # Checked first: an unsend of the business's own message (an echo that says
+            # is_deleted) would otherwise read as its echo again and be dropped as a repeat.
             mid = _str(message.get("mid"))
+            account, customer = (sender, recipient) if echo else (recipient, sender)
             return InboundItem(
                 source=raw,
                 kind=EventKind.MESSAGE_DELETED,
-                account_ids=_ids(recipient, entry_id),
-                customer_id=sender,
+                account_ids=_ids(account, entry_id),
+                customer_id=customer,
                 occurred_at=occurred,
                 dedupe_key=f"del:{mid or ts}:{sender}",
                 external_id=mid,
+            )
+        if echo:
+            # The business sent it: sender and recipient swap.
+            return _message(
+                raw, message, EventKind.MESSAGE_ECHOED, (sender, entry_id), recipient, ts, occurred
             )
         return _message(
             raw, message, EventKind.MESSAGE_RECEIVED, (recipient, entry_id), sender, ts, occurred
@@ -358,6 +362,15 @@ def _ms(value: Any) -> int | None:
     if isinstance(value, int) and _MIN_MS < value <= _MAX_MS:
         return value
     return None
+
+
+def _entry_ms(value: Any) -> int | None:
+    """An entry's ``time``: milliseconds for messaging, but seconds for ``changes``
+    (comments, mentions). No real event is from before 1973, the first 10^11 ms."""
+    ms = _ms(value)
+    if ms is not None and ms < 100_000_000_000:
+        ms *= 1000
+    return ms if ms is None or ms <= _MAX_MS else None
 
 
 def _time(value: Any, fallback_ms: int | None, received: datetime) -> datetime:

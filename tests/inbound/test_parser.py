@@ -125,6 +125,30 @@ def test_standby_and_changes_are_kept_and_page_ids_route() -> None:
     assert comment.raw_kind == "comments"
 
 
+def test_changes_entries_give_their_time_in_seconds() -> None:
+    seconds = TS // 1000
+    body = {
+        "object": "instagram",
+        "entry": [{"id": IG_ID, "time": seconds, "changes": [{"field": "comments", "value": {}}]}],
+    }
+    (comment,) = parse_delivery(orjson.dumps(body)).items
+    assert comment.occurred_at == datetime.fromtimestamp(seconds, UTC)
+
+
+def test_an_unsend_of_the_businesss_own_message_is_a_deletion_not_an_echo() -> None:
+    raw = {
+        "sender": {"id": IG_ID},
+        "recipient": {"id": IGSID},
+        "timestamp": TS,
+        "message": {"mid": "m-own", "is_echo": True, "is_deleted": True},
+    }
+    item = parse_one(raw)
+    assert item.kind == EventKind.MESSAGE_DELETED
+    assert item.external_id == "m-own"
+    assert item.account_ids == (IG_ID,)
+    assert item.customer_id == IGSID
+
+
 def test_dashboard_test_payloads_are_counted_not_delivered() -> None:
     body = {"object": "instagram", "entry": [{"id": "0", "time": TS, "changes": [{}]}]}
     parsed = parse_delivery(orjson.dumps(body))
