@@ -152,3 +152,15 @@ def test_the_public_url_follows_the_sidecars_address_unless_set() -> None:
     assert everywhere.public_url == "http://127.0.0.1:8081"
     given = {"SWITCHBOARD_HTTP_ADDR": "0.0.0.0:8081", "SWITCHBOARD_PUBLIC_URL": "https://x.test"}
     assert Config.from_environ(given).public_url == "https://x.test"
+
+
+def test_facebook_login_may_ask_for_more_permissions() -> None:
+    public = "https://sb.example.com"
+    plain = InstagramSettings.from_environ({}, public)
+    assert "business_management" not in plain.facebook_scopes
+    more = InstagramSettings.from_environ(
+        {"FACEBOOK_LOGIN_EXTRA_SCOPES": " business_management, pages_show_list ,"}, public
+    )
+    assert more.facebook_scopes == (*plain.facebook_scopes, "business_management")
+    with pytest.raises(ConfigError, match="FACEBOOK_LOGIN_EXTRA_SCOPES"):
+        InstagramSettings.from_environ({"FACEBOOK_LOGIN_EXTRA_SCOPES": "all please"}, public)

@@ -14,7 +14,6 @@ from urllib.parse import urlencode
 
 from channels.instagram.graph_client import GraphClient
 from channels.instagram.settings import (
-    FACEBOOK_SCOPES,
     FLOW_FACEBOOK,
     FLOW_INSTAGRAM,
     INSTAGRAM_SCOPES,
@@ -120,7 +119,7 @@ class InstagramConnector:
                 "client_id": s.facebook_app_id,
                 "redirect_uri": s.redirect_uri,
                 "response_type": "code",
-                "scope": ",".join(FACEBOOK_SCOPES),
+                "scope": ",".join(s.facebook_scopes),
                 "state": state,
             }
             return f"{s.base_urls[FB_WWW]}/{s.graph_version}/dialog/oauth?{urlencode(query)}"
@@ -221,7 +220,8 @@ class InstagramConnector:
             )
             for account, page_token in await self._pages(user_token)
         ]
-        return Grant(login_flow=FLOW_FACEBOOK, scopes=FACEBOOK_SCOPES, accounts=tuple(accounts))
+        scopes = self._settings().facebook_scopes
+        return Grant(login_flow=FLOW_FACEBOOK, scopes=scopes, accounts=tuple(accounts))
 
     async def _pages(self, user_token: Secret) -> list[tuple[Account, Secret]]:
         """Every granted page linked to an Instagram professional account, with its token."""

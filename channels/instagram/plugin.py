@@ -17,7 +17,6 @@ from channels.instagram.sandbox import (
 )
 from channels.instagram.send import InstagramOutbound
 from channels.instagram.settings import (
-    FACEBOOK_SCOPES,
     FLOW_FACEBOOK,
     FLOW_INSTAGRAM,
     INSTAGRAM_SCOPES,
@@ -91,7 +90,7 @@ class InstagramChannel:
             LoginFlowInfo(
                 name=FLOW_FACEBOOK,
                 display_name="Facebook Login",
-                scopes=FACEBOOK_SCOPES,
+                scopes=s.facebook_scopes,
                 configured=s.facebook_flow_configured or self.embedded_sandbox,
             ),
         )

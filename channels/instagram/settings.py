@@ -33,6 +33,7 @@ META_HOSTS: dict[str, str] = {
 }
 DEFAULT_GRAPH_VERSION = "v21.0"
 _VERSION = re.compile(r"^v\d+\.\d+$")
+_SCOPE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,9 @@ class InstagramSettings:
     graph_version: str
     base_urls: Mapping[str, str]
     sandbox_url: str
+    # Facebook Login's scopes: ours, and FACEBOOK_LOGIN_EXTRA_SCOPES (business_management
+    # when the businesses' Pages sit in a business portfolio, INSTAGRAM.md §1).
+    facebook_scopes: tuple[str, ...] = FACEBOOK_SCOPES
 
     @property
     def instagram_flow_configured(self) -> bool:
@@ -116,6 +120,14 @@ class InstagramSettings:
                 " (the value given to Meta's webhook settings)"
             )
 
+        extra_scopes = tuple(
+            dict.fromkeys(s.strip() for s in get("FACEBOOK_LOGIN_EXTRA_SCOPES").split(","))
+        )
+        extra_scopes = tuple(s for s in extra_scopes if s and s not in FACEBOOK_SCOPES)
+        for scope in extra_scopes:
+            if not _SCOPE.match(scope):
+                problems.append(f"FACEBOOK_LOGIN_EXTRA_SCOPES: {scope!r} is not a permission name")
+
         redirect_uri = get("INSTAGRAM_REDIRECT_URI") or (
             f"{public_url.rstrip('/')}/oauth/instagram/callback"
         )
@@ -133,4 +145,5 @@ class InstagramSettings:
             graph_version=version,
             base_urls=base_urls,
             sandbox_url=sandbox_url,
+            facebook_scopes=FACEBOOK_SCOPES + extra_scopes,
         )

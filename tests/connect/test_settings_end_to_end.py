@@ -1,9 +1,11 @@
-"""A gateway given only INSTAGRAM_SANDBOX_URL takes the credentials the sandbox generated:
-pointing every process at one `switchboard sandbox` is the whole setup."""
+"""Instagram settings a deployment gives as variables, end to end: a sandbox URL alone (the
+gateway takes the credentials the sandbox generated, so pointing every process at one
+`switchboard sandbox` is the whole setup), and extra Facebook Login permissions."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import grpc.aio
@@ -54,3 +56,32 @@ async def test_split_processes_share_one_sandbox_given_by_its_url_alone(tmp_path
             (conn,) = await api.list("acme")
             sent = await control.send_dm(conn.account.external_id, "hello")
             assert sent["status"] == 200
+
+
+async def test_facebook_login_asks_for_the_extra_permissions_configured(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    async with await start_sandbox(SandboxSettings.generate()) as sandbox:
+        environ = gateway_environ(
+            f"sqlite:///{tmp_path}/sb.db",
+            str(tmp_path),
+            **sandbox.settings.credentials(),
+            SWITCHBOARD_HTTP_ADDR=f"127.0.0.1:{port}",
+            SWITCHBOARD_PUBLIC_URL=f"http://127.0.0.1:{port}",
+            INSTAGRAM_SANDBOX_URL=sandbox.url,
+            FACEBOOK_LOGIN_EXTRA_SCOPES="business_management",
+        )
+        async with (
+            run_gateway(environ) as gw,
+            grpc.aio.insecure_channel(gw.grpc_target) as channel,
+            aiohttp.ClientSession() as session,
+        ):
+            api = Api(connect_pb2_grpc.ChannelConnectStub(channel), gw.token)
+            started = await api.start("acme", "facebook", return_url="")
+            scope = parse_qs(urlsplit(started.authorization_url).query)["scope"][0]
+            assert scope.split(",")[-1] == "business_management"
+            landing = await Browser(session).connect(started.authorization_url)
+            assert landing.status == 200, landing.text
+            (conn,) = await api.list("acme")
+            assert "business_management" in conn.scopes
