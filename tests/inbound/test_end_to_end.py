@@ -17,6 +17,7 @@ import pytest
 from switchboard.v1 import messaging_pb2, messaging_pb2_grpc
 
 from channels.instagram.signature import sign
+from tests.gateway_harness import store_connection
 from tests.helpers import bearer
 from tests.inbound.conftest import Stack
 from tests.inbound.subscriber import kinds
@@ -123,6 +124,32 @@ async def test_a_token_meta_rejects_on_a_profile_lookup_turns_the_connection_nee
         conn = await tx.get_connection(stack.connection.id)
     assert conn is not None
     assert conn.status.value == "NEEDS_REAUTH"
+
+
+async def test_a_delivery_that_names_only_the_page_is_routed_by_the_page(
+    stack: Stack,
+) -> None:
+    """Some of Meta's deliveries for a Facebook Login account name its Page (entry id and
+    recipient PAGE_ID, object "page"), and a thread another app controls comes in
+    standby[]: routed by the Page, stored and delivered all the same."""
+    account = await stack.control.create_account(flow="facebook", username="paged")
+    conn = await store_connection(
+        stack.gateway, stack.control, account, tenant="t1", flow="facebook"
+    )
+    async with stack.subscriber() as sub:
+        for text, standby in (("via the page", False), ("in standby", True)):
+            sent = await stack.control.send_dm(
+                account["ig_id"], text, via_page=True, standby=standby
+            )
+            assert sent["status"] == 200
+            assert sent["payload"]["object"] == "page"
+            [entry] = sent["payload"]["entry"]
+            assert entry["id"] == account["page_id"]
+            assert "standby" in entry if standby else "messaging" in entry
+        received = await sub.take(2)
+    assert [e.payload["message"]["text"] for e in received] == ["via the page", "in standby"]
+    assert {e.connection_id for e in received} == {conn.id}
+    assert await quarantine(stack) == []
 
 
 async def test_every_kind_arrives_typed_and_updates_the_stored_message(stack: Stack) -> None:
