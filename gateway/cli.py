@@ -27,9 +27,26 @@ DEV_TOKEN_FILE = "dev-token"  # noqa: S105 - a file name, not a secret
 
 
 def _load_config() -> Config:
-    config = Config.from_environ()
+    try:
+        config = Config.from_environ()
+    except ConfigError as exc:
+        # Every problem at once: the channels' variables too, not only after a second run.
+        raise ConfigError([*exc.problems, *_channel_problems()]) from None
     configure_logging(config.log_level, config.log_format)
     return config
+
+
+def _channel_problems() -> list[str]:
+    from gateway.domain.channel import ChannelContext
+    from gateway.plugins import load_channels
+
+    env = dict(os.environ)
+    public_url = env.get("SWITCHBOARD_PUBLIC_URL", "").strip() or "http://127.0.0.1:8080"
+    try:
+        load_channels(ChannelContext(environ=env, public_url=public_url))
+    except ConfigError as exc:
+        return list(exc.problems)
+    return []
 
 
 def _run(coro_fn: Callable[[], Coroutine[Any, Any, int]], *, fast_loop: bool = False) -> int:

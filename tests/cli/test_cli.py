@@ -43,6 +43,15 @@ def test_bad_configuration_exits_2_with_one_line_per_problem(env: dict[str, str]
     assert any("SWITCHBOARD_LOG_LEVEL" in line for line in lines)
 
 
+def test_the_channels_problems_are_reported_with_the_gateways(env: dict[str, str]) -> None:
+    env |= {"SWITCHBOARD_LOG_LEVEL": "loud", "INSTAGRAM_APP_ID": "not-a-number"}
+    result = switchboard("config", "check", env=env)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert any("SWITCHBOARD_LOG_LEVEL" in line for line in lines)
+    assert any("INSTAGRAM_APP_ID" in line for line in lines)
+
+
 def test_config_check_prints_the_effective_configuration_masked(env: dict[str, str]) -> None:
     env["SWITCHBOARD_REDIS_URL"] = "redis://:sekritpass@127.0.0.1:6379/0"
     result = switchboard("config", "check", env=env)
