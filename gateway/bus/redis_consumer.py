@@ -144,6 +144,7 @@ class RedisConsumer:
         # Our pending entries stay in the group's PEL; releasing the leases and leaving
         # the member set lets the next owner claim them at its next heartbeat.
         try:
+            await self._unread({shard: self._give_up(shard) for shard in self._held})
             pipe = self._r.pipeline(transaction=False)
             for shard in self._held:
                 pipe.eval(RELEASE_LUA, 1, self._keys.lease(self._group, shard), self.name)
@@ -476,9 +477,11 @@ class RedisConsumer:
         share = {
             s for s in range(keys.shards) if members and members[s % len(members)] == self.name
         }
+        dropped: dict[int, list[str]] = {}
         for shard in self._active - share:
-            self._give_up(shard)
+            dropped[shard] = self._give_up(shard)
             self._draining[shard] = time.monotonic() + self._sub.ack_deadline_s
+        await self._unread(dropped)
         await self._release_drained()
         wanted = sorted(share - self._held)
         if wanted:
@@ -491,9 +494,42 @@ class RedisConsumer:
                     self._held.add(shard)
                     await self._take_over(shard)
 
-    def _give_up(self, shard: int) -> None:
+    def _give_up(self, shard: int) -> list[str]:
+        """Stops handing out the shard's entries; returns the ids of those read but never
+        handed out."""
         self._active.discard(shard)
-        self._buffer.remove_if(lambda item: item.shard == shard)
+        dropped: list[str] = []
+
+        def of_shard(item: _Item) -> bool:
+            if item.shard != shard:
+                return False
+            dropped.append(item.entry_id)
+            return True
+
+        self._buffer.remove_if(of_shard)
+        return dropped
+
+    async def _unread(self, dropped: dict[int, list[str]]) -> None:
+        """Resets Redis's delivery count of entries read into the buffer but never handed
+        out, while we still hold their shards: the next owner's claim then counts their
+        first delivery as attempt 1, not as a redelivery. (Not after a lease was lost: the
+        new owner may have claimed them already, and a claim of ours would take them back.)"""
+        dropped = {shard: ids for shard, ids in dropped.items() if ids}
+        if not dropped:
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for shard, ids in dropped.items():
+            entry_ids: list[Any] = list(ids)
+            pipe.xclaim(
+                self._keys.stream(shard),
+                self._group,
+                self.name,
+                0,
+                entry_ids,
+                retrycount=0,
+                justid=True,
+            )
+        await pipe.execute()
 
     async def _release_drained(self) -> None:
         now = time.monotonic()

@@ -232,3 +232,21 @@ async def test_unacked_events_survive_a_restart(harness: Harness) -> None:
         assert await c.receive(10, 0.2) == []
     want = {e.event_id for e in events} - {d.event.event_id for d in heads[:2]}
     assert sorted(d.event.event_id for d in again) == sorted(want)
+
+
+async def test_entries_never_handed_out_come_first_as_attempt_one(harness: Harness) -> None:
+    """A consumer that leaves with one delivery unacked and the rest of the conversation
+    still held back: only the unacked one is a redelivery for the next consumer."""
+    bus = harness.bus
+    events = [make_event("conv1", n) for n in range(4)]
+    await harness.publish(events)
+    async with bus.subscribe(sub("g", "a", ack_deadline_s=30.0)) as a:
+        [first] = await drain(a, 1, ack=False)
+        await asyncio.sleep(0.2)  # the rest is read, held back behind the first
+    async with bus.subscribe(sub("g", "b", ack_deadline_s=30.0)) as b:
+        got = await drain(b, 4, timeout=5.0)
+    assert first.event.event_id == events[0].event_id
+    assert [(d.event.event_id, d.attempt) for d in got] == [
+        (events[0].event_id, 2),
+        *((e.event_id, 1) for e in events[1:]),
+    ]
