@@ -18,8 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from gateway.security.keyring import generate_key_spec
 
 
-def test_serve_comes_up_and_drains_on_sigterm(tmp_path: Path) -> None:
-    env = {
+def serve_environ(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """An embedded gateway in ``tmp_path``, every address on a port the system picks."""
+    return {
         "PATH": os.environ.get("PATH", ""),
         "SWITCHBOARD_DATABASE_URL": f"sqlite:///{tmp_path}/serve.db",
         "SWITCHBOARD_DATA_DIR": str(tmp_path),
@@ -28,8 +29,12 @@ def test_serve_comes_up_and_drains_on_sigterm(tmp_path: Path) -> None:
         "SWITCHBOARD_HTTP_ADDR": "127.0.0.1:0",
         "SWITCHBOARD_METRICS_ADDR": "127.0.0.1:0",
         "SWITCHBOARD_LOG_FORMAT": "json",
-        "SWITCHBOARD_SHUTDOWN_GRACE_SECONDS": "2",
+        **extra,
     }
+
+
+def test_serve_comes_up_and_drains_on_sigterm(tmp_path: Path) -> None:
+    env = serve_environ(tmp_path, SWITCHBOARD_SHUTDOWN_GRACE_SECONDS="2")
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "serve", "all"],
         env=env,
@@ -75,17 +80,7 @@ def test_an_address_in_use_is_one_line_naming_its_variable(tmp_path: Path, setti
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {
-            "PATH": os.environ.get("PATH", ""),
-            "SWITCHBOARD_DATABASE_URL": f"sqlite:///{tmp_path}/serve.db",
-            "SWITCHBOARD_DATA_DIR": str(tmp_path),
-            "SWITCHBOARD_ENCRYPTION_KEYS": generate_key_spec("k1"),
-            "SWITCHBOARD_GRPC_ADDR": "127.0.0.1:0",
-            "SWITCHBOARD_HTTP_ADDR": "127.0.0.1:0",
-            "SWITCHBOARD_METRICS_ADDR": "127.0.0.1:0",
-            "SWITCHBOARD_LOG_FORMAT": "json",
-            setting: f"127.0.0.1:{port}",
-        }
+        env = serve_environ(tmp_path, **{setting: f"127.0.0.1:{port}"})
         done = subprocess.run(
             [sys.executable, "-m", "gateway.cli", "serve", "all"],
             env=env,
