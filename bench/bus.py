@@ -8,8 +8,9 @@ For each backend (``redis``: the Redis Streams bus on a redis-server started her
   from the first publish until the group lag is 0; Redis consumers run in separate
   processes (one each), the in-process bus's in its own process by definition;
 - ``p50_ms`` / ``p99_ms``: publish-to-delivery latency at a steady ``offered_per_s``;
-- for Redis, the ceilings measured in the same run with bare redis-py (pipelined XADD;
-  XREADGROUP COUNT 100 + XACK) and the ratios to them.
+- the ceilings measured in the same run and the ratios to them: for Redis, bare redis-py
+  (pipelined XADD; XREADGROUP COUNT 100 + XACK); for the in-process bus, a bare
+  ``asyncio.Queue`` carrying the same events to one consumer taking 100 at a time.
 
 Every figure is the median of ``runs`` runs (3 with ``--quick``, 5 otherwise).
 """
@@ -306,6 +307,44 @@ async def _ceiling_deliver(url: str, n: int) -> float:
         await client.aclose()
 
 
+# ---- ceilings of the in-process bus: a bare asyncio.Queue, same events ----
+
+
+async def _ceiling_memory_publish(n: int) -> float:
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+    events = [_event(i) for i in range(n)]
+    start = time.perf_counter()
+    for i in range(0, n, 100):
+        for event in events[i : i + 100]:
+            queue.put_nowait(event)
+        await asyncio.sleep(0)
+    return n / (time.perf_counter() - start)
+
+
+async def _ceiling_memory_deliver(n: int) -> float:
+    """One consumer taking up to 100 at a time, as the bus's consumers do."""
+    queue: asyncio.Queue[Event] = asyncio.Queue()
+    events = [_event(i) for i in range(n)]
+    done = 0
+
+    async def consume() -> None:
+        nonlocal done
+        while done < n:
+            batch = [await queue.get()]
+            while len(batch) < 100 and not queue.empty():
+                batch.append(queue.get_nowait())
+            done += len(batch)
+
+    consumer = asyncio.create_task(consume())
+    start = time.perf_counter()
+    for i in range(0, n, 100):
+        for event in events[i : i + 100]:
+            queue.put_nowait(event)
+        await asyncio.sleep(0)
+    await consumer
+    return n / (time.perf_counter() - start)
+
+
 # ---- driver ----
 
 
@@ -347,7 +386,7 @@ async def _bench_redis(url: str, runs: int, n: int, offered: int, seconds: float
 
 
 async def _bench_memory(runs: int, n: int, offered: int, seconds: float) -> None:
-    published = []
+    published, ceiling_pub, ceiling_del = [], [], []
     delivered: dict[int, list[float]] = {1: [], 4: []}
     p50, p99 = [], []
     for _ in range(runs):
@@ -355,6 +394,8 @@ async def _bench_memory(runs: int, n: int, offered: int, seconds: float) -> None
         await bus.start()
         published.append(await _publish_rate(bus, n))
         await bus.aclose()
+        ceiling_pub.append(await _ceiling_memory_publish(n))
+        ceiling_del.append(await _ceiling_memory_deliver(n))
         for consumers in delivered:
             delivered[consumers].append(await _delivery_rate_memory(consumers, n))
         latencies = await _latency_memory(offered, seconds)
@@ -363,10 +404,19 @@ async def _bench_memory(runs: int, n: int, offered: int, seconds: float) -> None
     # One process by design: no store behind it here, so the figures are the bus alone.
     common = {"runs": runs, "events": n, "process": "single", "store": "none"}
     emit(BENCH, "memory", "published_per_s", median(published), "events/s", **common)
+    emit(BENCH, "memory", "ceiling_published_per_s", median(ceiling_pub), "events/s", **common)
+    ratio = median(published) / median(ceiling_pub)
+    emit(BENCH, "memory", "ratio_to_ceiling", ratio, "ratio", of="published_per_s", **common)
+    emit(BENCH, "memory", "ceiling_delivered_per_s", median(ceiling_del), "events/s", **common)
     for consumers, rates in delivered.items():
         emit(
             BENCH, "memory", "delivered_per_s", median(rates), "events/s",
             consumers=consumers, **common,
+        )  # fmt: skip
+        ratio = median(rates) / median(ceiling_del)
+        emit(
+            BENCH, "memory", "ratio_to_ceiling", ratio, "ratio",
+            of="delivered_per_s", consumers=consumers, **common,
         )  # fmt: skip
     lat = {"runs": runs, "offered_per_s": offered, "seconds": seconds, "process": "single"}
     emit(BENCH, "memory", "p50_ms", median(p50), "ms", **lat)
