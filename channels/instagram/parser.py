@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -87,7 +88,8 @@ def parse_delivery(body: bytes, *, now: datetime | None = None) -> ParsedDeliver
                 if not isinstance(raw, dict):
                     leftovers.append(Leftover("MALFORMED_ITEM", _dumps(raw), entry_id))
                     continue
-                items.append(_safe_item(raw, entry_id, entry_time, received))
+                item = _safe_item(raw, entry_id, entry_time, received)
+                items.append(replace(item, standby=True) if key == "standby" else item)
         changes = entry.get("changes")
         if isinstance(changes, list):
             items.extend(_change(c, entry_id, entry_time, received) for c in changes)

@@ -96,6 +96,9 @@ class InboundItem:
     # raw events: the channel's name for the kind and the original JSON
     raw_kind: str = ""
     raw_json: str = ""
+    # Delivered for a thread another app controls (Meta's standby[], the handover
+    # protocol): the consumer learns it must not answer into it unasked.
+    standby: bool = False
     # The channel's original item, serialized only if it must be quarantined.
     source: Any = field(default=None, compare=False, repr=False)
 

@@ -118,6 +118,7 @@ def payload(r: RoutedItem, result: IngestResult) -> dict[str, Any]:
                 "sender": customer,
                 "window_expires_at": ts(window) if window else "",
                 "referral": referral_to_dict(item.referral) if item.referral else {},
+                "standby": item.standby,
             }
         )
     ids = {"message_id": result.message_id, "external_id": item.external_id}

@@ -148,6 +148,8 @@ async def test_a_delivery_that_names_only_the_page_is_routed_by_the_page(
             assert "standby" in entry if standby else "messaging" in entry
         received = await sub.take(2)
     assert [e.payload["message"]["text"] for e in received] == ["via the page", "in standby"]
+    # Another app controls the standby thread: the consumer is told so.
+    assert [e.payload.get("standby", False) for e in received] == [False, True]
     assert {e.connection_id for e in received} == {conn.id}
     assert await quarantine(stack) == []
 

@@ -121,6 +121,8 @@ def test_standby_and_changes_are_kept_and_page_ids_route() -> None:
     parsed = parse_delivery(orjson.dumps(body))
     standby, comment = parsed.items
     assert standby.account_ids == (IG_ID, PAGE_ID)
+    assert standby.standby
+    assert not parse_one(samples()["text"]).standby
     assert comment.kind == EventKind.RAW
     assert comment.raw_kind == "comments"
 
