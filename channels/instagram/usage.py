@@ -2,8 +2,10 @@
 
 ``x-app-usage`` gives the app's usage as percentages; ``x-business-use-case-usage`` gives,
 per business id, a list of buckets with the same percentages and
-``estimated_time_to_regain_access`` in minutes. Both are read here, once, for a successful
-send (:func:`resume_at`) and for a throttling error (:func:`regain_at`).
+``estimated_time_to_regain_access`` in minutes; ``x-page-usage`` (calls made with a Page
+token, the Facebook Login flow) gives the Page's, flat like the app's, with the estimate
+when Meta sends one. All are read here, once, for a successful send (:func:`resume_at`)
+and for a throttling error (:func:`regain_at`).
 
 Meta does not promise the headers' shape, so anything unexpected counts as "nothing known":
 a malformed header never fails a send that Meta accepted.
@@ -21,6 +23,7 @@ import orjson
 
 APP_USAGE = "x-app-usage"
 BUSINESS_USAGE = "x-business-use-case-usage"
+PAGE_USAGE = "x-page-usage"
 PERCENT_FIELDS = ("call_count", "total_time", "total_cputime")
 REGAIN_FIELD = "estimated_time_to_regain_access"
 LIMIT_PERCENT = 100.0
@@ -34,7 +37,7 @@ MAX_REGAIN = timedelta(days=1)
 
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """What the usage headers say: the highest percentage of any limit in either header,
+    """What the usage headers say: the highest percentage of any limit in any header,
     and the longest ``estimated_time_to_regain_access`` (0 when neither says anything)."""
 
     percent: float = 0.0
@@ -68,11 +71,15 @@ def _percent(entry: Mapping[str, Any]) -> float:
 
 
 def parse_usage(headers: Mapping[str, str]) -> Usage:
-    """Both usage headers, tolerant of a missing, non-JSON or oddly shaped value."""
+    """The usage headers, tolerant of a missing, non-JSON or oddly shaped value."""
     percent = regain = 0.0
     app = _load(headers, APP_USAGE)
     if isinstance(app, dict):
         percent = _percent(app)
+    page = _load(headers, PAGE_USAGE)
+    if isinstance(page, dict):
+        percent = max(percent, _percent(page))
+        regain = max(regain, _number(page.get(REGAIN_FIELD)))
     business = _load(headers, BUSINESS_USAGE)
     if isinstance(business, dict):
         for entries in business.values():

@@ -1,4 +1,4 @@
-"""Meta's two usage headers (INSTAGRAM.md §6) and the pause they put on an account."""
+"""Meta's usage headers (INSTAGRAM.md §6) and the pause they put on an account."""
 
 from __future__ import annotations
 
@@ -41,6 +41,16 @@ def headers(app_usage: str | None = None, business_usage: str | None = None) -> 
     if business_usage is not None:
         out["x-business-use-case-usage"] = business_usage
     return out
+
+
+def test_a_pages_usage_header_counts_too() -> None:
+    """Facebook Login sends with a Page token, whose limit Meta reports in x-page-usage."""
+    at_limit = {"x-page-usage": app(call_count=100, total_time=40, total_cputime=30)}
+    assert parse_usage(at_limit) == Usage(percent=100.0)
+    assert resume_at(parse_usage(at_limit), NOW) == NOW + DEFAULT_THROTTLE
+    estimated = {"x-page-usage": app(call_count=97, estimated_time_to_regain_access=30)}
+    assert resume_at(parse_usage(estimated), NOW) == NOW + timedelta(minutes=30)
+    assert parse_usage({"x-page-usage": "not json"}) == Usage()
 
 
 def test_metas_documented_example_is_read_from_both_headers() -> None:
