@@ -6,7 +6,7 @@ from switchboard.v1 import common_pb2, connect_pb2, connect_pb2_grpc
 
 from gateway.api import convert
 from gateway.api.context import Ctx
-from gateway.api.interceptors import require_tenant
+from gateway.api.interceptors import require_owner, require_tenant
 from gateway.domain.errors import Unimplemented
 from gateway.domain.models import ConnectionStatus
 from gateway.plugins import ChannelRegistry
@@ -71,7 +71,7 @@ class ChannelConnectServicer(connect_pb2_grpc.ChannelConnectServicer):
         self, request: connect_pb2.GetConnectionRequest, context: Ctx
     ) -> common_pb2.Connection:
         conn = await self._history.get_connection(request.connection_id)
-        require_tenant(conn.tenant_id)
+        require_owner(conn.tenant_id, "connection", request.connection_id)
         return convert.connection(conn)
 
     async def ListConnections(
@@ -102,5 +102,8 @@ class ChannelConnectServicer(connect_pb2_grpc.ChannelConnectServicer):
     async def Disconnect(
         self, request: connect_pb2.DisconnectRequest, context: Ctx
     ) -> common_pb2.Connection:
-        conn = await self._connect.disconnect(request.connection_id, authorize=require_tenant)
+        conn = await self._connect.disconnect(
+            request.connection_id,
+            authorize=lambda tenant: require_owner(tenant, "connection", request.connection_id),
+        )
         return convert.connection(conn)

@@ -26,6 +26,7 @@ import grpc.aio
 from gateway.api.context import Ctx, Handler
 from gateway.api.errors import to_status
 from gateway.domain.errors import (
+    NotFound,
     PermissionDenied,
     SwitchboardError,
     Unauthenticated,
@@ -67,6 +68,14 @@ def current_token() -> ApiToken:
     if token is None:
         raise Unauthenticated("no authenticated caller")
     return token
+
+
+def require_owner(tenant_id: str, kind: str, ident: str) -> None:
+    """For a resource named by its id: one of a tenant the token may not act for is
+    NOT_FOUND, word for word as if it did not exist, so that the answer tells neither that
+    it exists nor whose it is (ids cannot be probed across tenants)."""
+    if not current_token().allows_tenant(tenant_id):
+        raise NotFound(f"no {kind} {ident!r}", metadata={f"{kind}_id": ident})
 
 
 def require_tenant(tenant_id: str) -> None:

@@ -8,7 +8,7 @@ from switchboard.v1 import common_pb2, messaging_pb2, messaging_pb2_grpc
 
 from gateway.api import convert, convert_send
 from gateway.api.context import Ctx
-from gateway.api.interceptors import current_token, require_tenant
+from gateway.api.interceptors import current_token, require_owner, require_tenant
 from gateway.domain.bus import Bus
 from gateway.domain.errors import Unimplemented
 from gateway.domain.models import Direction
@@ -42,7 +42,7 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServicer):
         self, request: messaging_pb2.GetMessageRequest, context: Ctx
     ) -> common_pb2.Message:
         message = await self._history.get_message(request.message_id)
-        require_tenant(message.tenant_id)
+        require_owner(message.tenant_id, "message", request.message_id)
         reply = convert.message(message)
         if message.direction is Direction.OUTBOUND and self._outbound is not None:
             reply.attempts.extend(convert_send.attempts(await self._outbound.attempts(message.id)))
@@ -67,14 +67,14 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServicer):
         self, request: messaging_pb2.GetConversationRequest, context: Ctx
     ) -> common_pb2.Conversation:
         conversation = await self._history.get_conversation(request.conversation_id)
-        require_tenant(conversation.tenant_id)
+        require_owner(conversation.tenant_id, "conversation", request.conversation_id)
         return convert.conversation(conversation)
 
     async def ListMessages(
         self, request: messaging_pb2.ListMessagesRequest, context: Ctx
     ) -> messaging_pb2.ListMessagesResponse:
         conversation = await self._history.get_conversation(request.conversation_id)
-        require_tenant(conversation.tenant_id)
+        require_owner(conversation.tenant_id, "conversation", request.conversation_id)
         _, page = await self._history.list_messages(
             conversation.id, size=request.page_size, token=request.page_token
         )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 import grpc
@@ -15,6 +16,7 @@ from switchboard.v1 import connect_pb2, connect_pb2_grpc, messaging_pb2, messagi
 from gateway.security.tokens import create_token
 from tests.gateway_harness import RunningGateway
 from tests.helpers import bearer
+from tests.store import factories
 
 
 def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
@@ -124,6 +126,54 @@ async def test_a_token_is_limited_to_its_tenants(
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_info(caught.value).reason == "TENANT_NOT_ALLOWED"
+
+
+async def test_another_tenants_resources_named_by_id_are_not_found(
+    embedded: RunningGateway, channel: grpc.aio.Channel
+) -> None:
+    """As if they did not exist: neither their existence nor their tenant is revealed."""
+    store = embedded.gateway.store
+    conn = factories.connection("globex")
+    async with store.transaction() as tx:
+        await tx.save_connection(conn)
+        part = await tx.upsert_participant(factories.participant(conn))
+        conv = await tx.upsert_conversation(factories.conversation(conn, part))
+        message, _ = await tx.insert_message(factories.message(conv))
+    token, _ = await create_token(store, name="acme", tenants=["acme"], scopes=[])
+    auth = bearer(token)
+    connect = connect_pb2_grpc.ChannelConnectStub(channel)
+    messaging = messaging_pb2_grpc.MessagingStub(channel)
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: connect.GetConnection(
+            connect_pb2.GetConnectionRequest(connection_id=conn.id), metadata=auth
+        ),
+        lambda: connect.Disconnect(
+            connect_pb2.DisconnectRequest(connection_id=conn.id), metadata=auth
+        ),
+        lambda: messaging.GetConversation(
+            messaging_pb2.GetConversationRequest(conversation_id=conv.id), metadata=auth
+        ),
+        lambda: messaging.ListMessages(
+            messaging_pb2.ListMessagesRequest(conversation_id=conv.id), metadata=auth
+        ),
+        lambda: messaging.GetMessage(
+            messaging_pb2.GetMessageRequest(message_id=message.id), metadata=auth
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call()
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "globex" not in (caught.value.details() or "")
+    # The connection is untouched, and its own tenant still sees it.
+    async with store.transaction() as tx:
+        stored = await tx.get_connection(conn.id)
+    assert stored is not None
+    assert stored.status == conn.status
+    own = await connect.GetConnection(
+        connect_pb2.GetConnectionRequest(connection_id=conn.id), metadata=bearer(embedded.token)
+    )
+    assert own.tenant_id == "globex"
 
 
 async def test_bad_arguments_name_the_field(
