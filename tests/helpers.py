@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import grpc.aio
 import psycopg
 import redis
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 
 def free_port() -> int:
@@ -260,3 +263,12 @@ def shared_redis_cluster() -> contextlib.AbstractContextManager[str]:
     """:func:`redis_cluster`, started by its first user and stopped after its last, so
     that the session fixtures of several test packages share one cluster."""
     return _SHARED_CLUSTER.use()
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
+    """The google.rpc.ErrorInfo every Switchboard error carries in its trailers."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "no google.rpc.Status in the trailers"
+    info = error_details_pb2.ErrorInfo()
+    assert status.details[0].Unpack(info)
+    return info

@@ -7,24 +7,14 @@ import aiohttp
 import grpc
 import grpc.aio
 import pytest
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 from switchboard.v1 import connect_pb2, connect_pb2_grpc, messaging_pb2, messaging_pb2_grpc
 
 from gateway.security.tokens import create_token
 from tests.gateway_harness import RunningGateway
-from tests.helpers import bearer
+from tests.helpers import bearer, error_info
 from tests.store import factories
-
-
-def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, "no google.rpc.Status in the trailers"
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    return info
 
 
 async def test_health_is_serving_for_the_server_and_both_services(

@@ -14,8 +14,6 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from switchboard.v1 import messaging_pb2, messaging_pb2_grpc
 
 from gateway.api.subscribe import bus_group, subscription_from_start
@@ -24,7 +22,7 @@ from gateway.domain.models import ApiToken, Scope
 from gateway.security.tokens import create_token
 from tests.bus.conftest import make_event
 from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
-from tests.helpers import bearer, fresh_database
+from tests.helpers import bearer, error_info, fresh_database
 
 BACKENDS = ["embedded", pytest.param("postgres+redis", marks=[pytest.mark.postgres])]
 
@@ -220,14 +218,6 @@ def test_the_bus_group_follows_the_effective_filters() -> None:
 
 
 # ---- errors ----
-
-
-def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(exc)
-    assert status is not None, "no google.rpc.Status in the trailers"
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    return info
 
 
 async def refused(

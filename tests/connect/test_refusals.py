@@ -9,23 +9,13 @@ from datetime import timedelta
 import grpc
 import grpc.aio
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from switchboard.v1 import connect_pb2
 
 from channels.instagram.sandbox import SandboxClient
 from gateway.security.tokens import create_token
 from tests.connect.conftest import BACKENDS, RETURN_URL, Api, Browser, code_and_state
 from tests.gateway_harness import RunningGateway
-from tests.helpers import bearer
-
-
-def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    return info
+from tests.helpers import bearer, error_info
 
 
 async def assert_nothing_stored(gw: RunningGateway, api: Api, tenant: str) -> None:

@@ -8,8 +8,8 @@ import grpc
 import pytest
 from switchboard.v1 import common_pb2
 
+from tests.helpers import error_info
 from tests.outbound.conftest import Out, customer_writes
-from tests.outbound.test_refusals import error_info
 from tests.outbound.test_send_order import accepted
 
 QUEUED = common_pb2.MESSAGE_STATUS_QUEUED

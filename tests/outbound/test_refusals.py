@@ -7,20 +7,12 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from switchboard.v1 import common_pb2, messaging_pb2
 
 from gateway.domain.models import ConnectionStatus
 from tests.gateway_harness import store_connection
+from tests.helpers import error_info
 from tests.outbound.conftest import Out, customer_writes
-
-
-def error_info(exc: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
-    status = rpc_status.from_call(exc)  # type: ignore[arg-type]
-    assert status is not None
-    info = error_details_pb2.ErrorInfo()
-    status.details[0].Unpack(info)
-    return info
 
 
 async def refused(out: Out, **fields: Any) -> tuple[grpc.StatusCode, error_details_pb2.ErrorInfo]:

@@ -7,8 +7,8 @@ import grpc
 import pytest
 from switchboard.v1 import common_pb2
 
+from tests.helpers import error_info
 from tests.outbound.conftest import Out
-from tests.outbound.test_refusals import error_info
 
 
 async def test_throttling_pauses_the_account_until_meta_allows_then_resumes(out: Out) -> None:

@@ -16,8 +16,8 @@ from switchboard.v1 import common_pb2
 from channels.instagram.usage import DEFAULT_THROTTLE
 from gateway.domain.errors import Unavailable
 from tests.gateway_harness import store_connection
+from tests.helpers import error_info
 from tests.outbound.conftest import Out, customer_writes
-from tests.outbound.test_refusals import error_info
 
 AT_THE_LIMIT = {"call_count": 100, "total_time": 100, "total_cputime": 100}
 

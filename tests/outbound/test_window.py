@@ -9,8 +9,8 @@ import grpc
 import pytest
 from switchboard.v1 import common_pb2
 
+from tests.helpers import error_info
 from tests.outbound.conftest import Out
-from tests.outbound.test_refusals import error_info
 
 DAY = 86400.0
 
