@@ -544,8 +544,9 @@ def _delivery_result(delivery: dict[str, Any]) -> dict[str, Any]:
 
 
 def _via_page(account: Account, target: dict[str, Any], *, standby: bool) -> dict[str, Any]:
-    """The same items as Meta sometimes shapes them for a Facebook Login account: named by
-    its Page (entry id and recipient PAGE_ID, object "page") rather than its IG_ID."""
+    """The entry as Meta sometimes shapes it for a Facebook Login account: named by its
+    Page (entry id and recipient PAGE_ID; the envelope's object is "page") rather than its
+    IG_ID."""
     if not account.page_id:
         raise ControlError(400, "'via_page' needs an account with a Page (the facebook flow)")
     items = target.pop("messaging")
@@ -554,17 +555,19 @@ def _via_page(account: Account, target: dict[str, Any], *, standby: bool) -> dic
             item["recipient"] = {"id": account.page_id}
     target["id"] = account.page_id
     target["standby" if standby else "messaging"] = items
-    target["object"] = "page"
     return target
 
 
 async def _send(
-    request: web.Request, body: dict[str, Any], entries: list[dict[str, Any]], account: Account
+    request: web.Request,
+    body: dict[str, Any],
+    entries: list[dict[str, Any]],
+    account: Account,
+    *,
+    object_: str = "instagram",
 ) -> dict[str, Any]:
     state = state_of(request)
-    payload = envelope(entries)
-    if any(e.pop("object", None) == "page" for e in entries):
-        payload["object"] = "page"
+    payload = envelope(entries, object_=object_)
     signer = body.get("secret")
     if signer not in (None, "instagram", "facebook"):
         raise ControlError(400, "'secret' must be 'instagram' or 'facebook'")
@@ -599,11 +602,14 @@ async def customer_event(request: web.Request) -> web.Response:
     _require_webhook(state, body)
     account, customer, item = build_item(state, request.match_info["kind"], body)
     target = entry(account.ig_id, item["timestamp"], [item])
-    if body.get("via_page"):
+    via_page = bool(body.get("via_page"))
+    if via_page:
         target = _via_page(account, target, standby=bool(body.get("standby")))
     elif body.get("standby"):
         target["standby"] = target.pop("messaging")
-    result = await _send(request, body, [target], account)
+    result = await _send(
+        request, body, [target], account, object_="page" if via_page else "instagram"
+    )
     result["customer"] = customer.igsid
     for key in ("message", "reaction", "read", "message_edit", "postback"):
         if isinstance(item.get(key), dict) and "mid" in item[key]:

@@ -34,8 +34,8 @@ def serialize(payload: Any) -> bytes:
     return text.replace("/", "\\/").encode()
 
 
-def envelope(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"object": "instagram", "entry": entries}
+def envelope(entries: list[dict[str, Any]], *, object_: str = "instagram") -> dict[str, Any]:
+    return {"object": object_, "entry": entries}
 
 
 def entry(ig_id: str, time_ms: int, messaging: list[dict[str, Any]]) -> dict[str, Any]:
@@ -126,9 +126,7 @@ class WebhookSender:
         answer; should that delivery fail, it is retried in the background as usual."""
         if not self._state.webhook_url:
             return
-        delivery = await self.deliver(payload, secret=secret, kind="echo")
-        if delivery.status is None or not 200 <= delivery.status < 300:
-            self._background(self._retry(delivery))
+        self._background(self._retry(await self.deliver(payload, secret=secret, kind="echo")))
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
