@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
@@ -46,6 +48,8 @@ REFUSED = frozenset(
 MAX_ATTEMPTS = 10
 # A hung call must not stall the stream: past this, DEADLINE_EXCEEDED and a retry.
 SEND_TIMEOUT_S = 30.0
+# How long a stop waits for the server to take the last acks and close the stream.
+CLOSE_TIMEOUT_S = 5.0
 
 
 def answer(text: str) -> str:
@@ -62,7 +66,8 @@ async def run_bot(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serves until ``stop`` is set (or forever)."""
-    outgoing: asyncio.Queue[messaging_pb2.SubscribeRequest] = asyncio.Queue()
+    # Acks and nacks to send; None ends the requests, which asks the server to close.
+    outgoing: asyncio.Queue[messaging_pb2.SubscribeRequest | None] = asyncio.Queue()
     stop = stop or asyncio.Event()
 
     async def requests() -> AsyncIterator[messaging_pb2.SubscribeRequest]:
@@ -76,23 +81,32 @@ async def run_bot(
                 max_batch=16,
             )
         )
-        while True:
-            yield await outgoing.get()
+        while (request := await outgoing.get()) is not None:
+            yield request
 
     stream = client.messaging.Subscribe(requests())
     stopping = asyncio.create_task(stop.wait())
+    read: asyncio.Future[Any] | None = None
     try:
-        while not stop.is_set():
-            read = asyncio.ensure_future(stream.read())
+        while True:
+            read = read or asyncio.ensure_future(stream.read())
             await asyncio.wait({read, stopping}, return_when=asyncio.FIRST_COMPLETED)
             if not read.done():
-                read.cancel()
-                break
-            response = read.result()
+                break  # asked to stop, with this read still pending
+            response, read = read.result(), None
             if not isinstance(response, messaging_pb2.SubscribeResponse):
-                break  # the server ended the stream
+                return  # the server ended the stream
             for delivery in response.deliveries:
                 await outgoing.put(await _handle(client, delivery, reply))
+        # A clean stop: the acks still queued go out, then the end of the requests, and the
+        # server closes the stream once it has applied them. (Cancelling at once could lose
+        # the last acks, and their events would come back to whoever runs next.) What
+        # arrives meanwhile is left unacked, for redelivery.
+        await outgoing.put(None)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                while read is not None and isinstance(await read, messaging_pb2.SubscribeResponse):
+                    read = asyncio.ensure_future(stream.read())
     finally:
         stopping.cancel()
         stream.cancel()

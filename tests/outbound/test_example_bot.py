@@ -69,13 +69,14 @@ async def test_a_refused_reply_is_acked_and_the_bot_answers_the_next_message(out
         seen.append(text)
         return answer(text)
 
-    await out.control.send_dm(out.account["ig_id"], long)
-    await out.control.send_dm(out.account["ig_id"], "Do you ship to Lyon?")
-    # One conversation: the second message is only delivered once the first is settled.
+    customer = (await out.control.send_dm(out.account["ig_id"], long))["customer"]
+    await out.control.send_dm(out.account["ig_id"], "Do you ship to Lyon?", customer=customer)
+    # One conversation: the second message is only delivered once the first is settled, so
+    # this bot has handled the long one when it answers the second.
     texts = await serve_until_answered(out, "Hi", "Do you ship to Lyon?", reply=reply)
     assert answer(long) not in texts
     # A new bot of the group would get a delivery left unacked first, in conversation order.
-    await out.control.send_dm(out.account["ig_id"], "Still there?")
+    await out.control.send_dm(out.account["ig_id"], "Still there?", customer=customer)
     texts = await serve_until_answered(out, "Still there?", reply=reply)
     assert seen.count(long) == 1
     for text in ("Hi", "Do you ship to Lyon?", "Still there?"):
