@@ -10,13 +10,12 @@ Meta retries, or sends twice, yields the same event id and the outbox keeps it o
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway.domain.events import Event, EventKind
+from gateway.domain.ids import derived_id
 from gateway.domain.inbound import (
     MESSAGE_KINDS,
     IngestResult,
@@ -46,13 +45,6 @@ _ATTACHMENT_TYPES = frozenset(
 )
 
 
-def event_id(connection_id: str, dedupe_key: str) -> str:
-    digest = hashlib.blake2b(
-        f"{connection_id}\x00{dedupe_key}".encode("utf-8", "surrogatepass"), digest_size=16
-    ).digest()
-    return "evt_" + base64.b32encode(digest).decode().rstrip("=").lower()
-
-
 def ts(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
@@ -76,7 +68,7 @@ def build_events(routed: Sequence[RoutedItem], results: Sequence[IngestResult]) 
         conversation = result.conversation
         events.append(
             Event(
-                event_id=event_id(r.connection.id, r.item.dedupe_key),
+                event_id=derived_id("evt", r.connection.id, r.item.dedupe_key),
                 tenant_id=r.connection.tenant_id,
                 connection_id=r.connection.id,
                 channel=r.connection.channel,
