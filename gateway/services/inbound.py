@@ -11,7 +11,6 @@ not authentic (nothing stored).
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -139,9 +138,9 @@ class InboundService:
         try:
             # Meta gives up on a slow answer; a 503 in time makes it retry sooner. Should
             # the commit still land afterwards, the retry is deduplicated.
-            # (A timeout scope rather than wait_for, which runs the wait as a task of its own.)
-            async with asyncio.timeout(self._ack_timeout_s):
-                await self._committer.submit(_Job(channel, parsed, received_at))
+            await self._committer.submit(
+                _Job(channel, parsed, received_at), timeout_s=self._ack_timeout_s
+            )
         except (Unavailable, TimeoutError) as exc:
             _deliveries(channel, "unavailable").inc()
             log.warning(

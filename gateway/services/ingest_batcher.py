@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from gateway.domain.errors import Unavailable
 
@@ -76,13 +76,26 @@ class GroupCommitter(Generic[J, R]):
             if not pending.future.done():
                 pending.future.set_exception(Closed("shutting down"))
 
-    async def submit(self, job: J) -> R:
-        """The job's result once its batch committed; the flush's error otherwise."""
+    async def submit(self, job: J, *, timeout_s: float | None = None) -> R:
+        """The job's result once its batch committed; the flush's error otherwise.
+
+        After ``timeout_s`` the wait ends with TimeoutError, but the job stays queued (or
+        in its batch) and may still commit: callers must make a retry of it harmless.
+        """
         if self._closed or not self._tasks:
             raise Closed("not accepting work")
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
         self._queue.put_nowait(_Pending(job, future))
-        return await future
+        if timeout_s is None:
+            return await future
+        # One timer on the future rather than asyncio.timeout(), whose scope costs several
+        # times as much on a path taken once per webhook request.
+        timer = loop.call_later(timeout_s, _expire, future)
+        try:
+            return await future
+        finally:
+            timer.cancel()
 
     async def _run(self) -> None:
         while True:
@@ -129,6 +142,11 @@ class GroupCommitter(Generic[J, R]):
         for p, result in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(result)
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 def _fail(pending: _Pending[J, R], exc: BaseException) -> None:

@@ -1,0 +1,69 @@
+"""The group committer: concurrent jobs share one flush; a wait may end before its commit."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from gateway.services.ingest_batcher import GroupCommitter
+
+
+async def test_jobs_submitted_together_share_one_flush() -> None:
+    flushed: list[list[int]] = []
+
+    async def flush(jobs: Sequence[int]) -> list[int]:
+        flushed.append(list(jobs))
+        return [j * 10 for j in jobs]
+
+    committer: GroupCommitter[int, int] = GroupCommitter(flush, max_wait_s=0.01)
+    await committer.start()
+    try:
+        results = await asyncio.gather(*(committer.submit(j) for j in range(5)))
+    finally:
+        await committer.aclose()
+    assert results == [0, 10, 20, 30, 40]
+    assert flushed == [[0, 1, 2, 3, 4]]
+
+
+async def test_a_wait_that_times_out_leaves_its_job_to_commit() -> None:
+    release = asyncio.Event()
+    committed: list[str] = []
+
+    async def flush(jobs: Sequence[str]) -> list[None]:
+        await release.wait()
+        committed.extend(jobs)
+        return [None] * len(jobs)
+
+    committer: GroupCommitter[str, None] = GroupCommitter(flush, max_wait_s=0.0)
+    await committer.start()
+    try:
+        with pytest.raises(TimeoutError):
+            await committer.submit("slow", timeout_s=0.05)
+        assert committed == []
+        release.set()
+        # A later job commits after the one whose caller stopped waiting.
+        await committer.submit("next", timeout_s=5)
+    finally:
+        await committer.aclose()
+    assert committed == ["slow", "next"]
+
+
+async def test_one_job_the_flush_cannot_take_fails_alone() -> None:
+    async def flush(jobs: Sequence[int]) -> list[int]:
+        if any(j < 0 for j in jobs):
+            raise ValueError("negative")
+        return list(jobs)
+
+    committer: GroupCommitter[int, int] = GroupCommitter(flush, max_wait_s=0.01)
+    await committer.start()
+    try:
+        results = await asyncio.gather(
+            *(committer.submit(j) for j in (1, -1, 2)), return_exceptions=True
+        )
+    finally:
+        await committer.aclose()
+    assert results[0] == 1
+    assert results[2] == 2
+    assert isinstance(results[1], ValueError)
