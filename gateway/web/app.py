@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -46,6 +48,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 class PathOnlyAccessLogger(AbstractAccessLogger):
     """Access log without query strings: OAuth codes and states travel there."""
 
+    @property
+    def enabled(self) -> bool:
+        # Asked once per connection: below INFO, requests skip building the line at all.
+        return self.logger.isEnabledFor(logging.INFO)
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
             "http request",
@@ -63,7 +70,7 @@ class PathOnlyAccessLogger(AbstractAccessLogger):
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id for log lines, and request metrics labelled by route (not raw path)."""
     given = request.headers.get("X-Request-Id", "")
-    request_id = given if 0 < len(given) <= 64 and given.isascii() else secrets.token_hex(8)
+    request_id = given if 0 < len(given) <= 64 and given.isascii() else _request_ids.next()
     request_id_var.set(request_id)
     route = (
         request.match_info.route.resource.canonical
@@ -84,6 +91,25 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         method = request.method if request.method in _METHODS else "OTHER"
         _requests(route, method, status).inc()
         _request_seconds(route, method).observe(time.perf_counter() - start)
+
+
+class _RequestIds:
+    """Request ids unique across processes without a system call each: a random part per
+    process (drawn again in a forked child) and a counter."""
+
+    def __init__(self) -> None:
+        self._start()
+        os.register_at_fork(after_in_child=self._start)
+
+    def _start(self) -> None:
+        self._prefix = secrets.token_hex(4)
+        self._count = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._count) & 0xFFFFFFFF:08x}"
+
+
+_request_ids = _RequestIds()
 
 
 # The parser takes some thirty methods (WebDAV's and others): the label keeps to these.

@@ -135,3 +135,17 @@ async def test_request_metrics_label_odd_methods_as_other(
     assert count("/healthz", "GET", "200") == before_get + 1
     assert count("unmatched", "OTHER", "405") == before_other + 2
     assert count("unmatched", "PROPFIND", "405") == 0
+
+
+async def test_each_request_gets_its_own_request_id_unless_it_brings_one(
+    sidecar: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    made = set()
+    for _ in range(3):
+        async with http.get(sidecar.http_url + "/healthz") as reply:
+            made.add(reply.headers["X-Request-Id"])
+    assert len(made) == 3
+    assert all(len(r) == 16 and int(r, 16) >= 0 for r in made)
+    given = {"X-Request-Id": "from-the-caller-1"}
+    async with http.get(sidecar.http_url + "/healthz", headers=given) as reply:
+        assert reply.headers["X-Request-Id"] == "from-the-caller-1"
