@@ -50,6 +50,9 @@ class OutboxEntry:
     seq: int
     event: Event
     attempts: int = 0
+    # The event as the outbox holds it (gateway.domain.codec.encode_event), when the writer
+    # has it at hand: the bus publishes these bytes rather than encoding the event again.
+    wire: bytes = b""
 
 
 class Tx(Protocol):
