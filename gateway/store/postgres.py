@@ -20,7 +20,7 @@ import orjson
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb, set_json_loads
+from psycopg.types.json import Json, Jsonb, set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
 from gateway.domain.codec import event_to_dict
@@ -45,6 +45,10 @@ def to_psycopg(sql: str) -> str:
     return _PARAM.sub(r"%(\1)b", sql.replace("%", "%%"))
 
 
+def _as_is(encoded: bytes) -> bytes:
+    return encoded
+
+
 class PgCodec:
     """timestamptz and JSONB travel natively (binary where psycopg can)."""
 
@@ -58,6 +62,12 @@ class PgCodec:
 
     def json(self, value: Any) -> Any:
         return Jsonb(value, dumps=orjson.dumps)
+
+    def json_encoded(self, raw: bytes) -> Any:
+        return Jsonb(raw, dumps=_as_is)
+
+    def json_document(self, raw: bytes) -> Any:
+        return Json(raw, dumps=_as_is)
 
     def json_in(self, value: Any) -> Any:
         return value
@@ -90,6 +100,14 @@ class PgExecutor:
                 else:
                     # Unprepared, PostgreSQL plans the statement for this very call.
                     await cur.execute(to_psycopg(sql), params, prepare=False if replan else None)
+                return list(await cur.fetchall())
+
+    async def fetch_tuples(self, sql: str, params: Params) -> list[tuple[Any, ...]]:
+        """The rows as tuples, in the statement's column order: for hot statements whose
+        rows are read once, where a dict per row costs more than the row itself."""
+        with translate_errors():
+            async with self._conn.cursor() as cur:
+                await cur.execute(to_psycopg(sql), params)
                 return list(await cur.fetchall())
 
     async def execute(self, sql: str, params: Params | None = None) -> int:

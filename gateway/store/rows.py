@@ -41,6 +41,13 @@ class Codec(Protocol):
     def ts(self, value: datetime) -> Any: ...
     def ts_in(self, value: Any) -> datetime: ...
     def json(self, value: Any) -> Any: ...
+    def json_encoded(self, raw: bytes) -> Any:
+        """A value already encoded as JSON (UTF-8 bytes), bound without encoding it again."""
+
+    def json_document(self, raw: bytes) -> Any:
+        """Encoded JSON bound as ``json`` rather than ``jsonb``: a document a statement only
+        reads (``json_to_recordset``), not worth converting to ``jsonb`` first."""
+
     def json_in(self, value: Any) -> Any: ...
 
 
@@ -291,6 +298,36 @@ def message_params(codec: Codec, m: Message, now: datetime) -> Params:
         "created_at": codec.ts(utc(m.created_at or now)),
         "sent_at": opt_ts(codec, m.sent_at),
         "confirmed_at": opt_ts(codec, m.confirmed_at),
+        "deleted": bool(m.deleted),
+        "edit_count": m.edit_count,
+    }
+
+
+# The columns a received or echoed message sets; the others (the send queue's) keep their
+# defaults. Kept beside message_params, which sets every column.
+RECEIVED_MESSAGE_COLUMNS = (
+    "id, tenant_id, connection_id, conversation_id, channel, direction, status, external_id,"
+    " sender_id, text, attachments, content, created_at, deleted, edit_count"
+)
+
+
+def received_message_json(m: Message, now: datetime) -> dict[str, Any]:
+    """The RECEIVED_MESSAGE_COLUMNS of ``m`` as one JSON object (a row for
+    ``json_populate_recordset``): values JSON can carry as they are, times as RFC 3339."""
+    return {
+        "id": m.id,
+        "tenant_id": m.tenant_id,
+        "connection_id": m.connection_id,
+        "conversation_id": m.conversation_id,
+        "channel": m.channel,
+        "direction": m.direction.value,
+        "status": m.status.value,
+        "external_id": m.external_id,
+        "sender_id": m.sender_id,
+        "text": m.text,
+        "attachments": [_attachment_to_json(a) for a in m.attachments],
+        "content": m.content,
+        "created_at": utc(m.created_at or now),
         "deleted": bool(m.deleted),
         "edit_count": m.edit_count,
     }

@@ -42,6 +42,12 @@ class SqliteCodec:
     def json(self, value: Any) -> Any:
         return orjson.dumps(value).decode()
 
+    def json_encoded(self, raw: bytes) -> Any:
+        return raw.decode()
+
+    def json_document(self, raw: bytes) -> Any:
+        return raw.decode()
+
     def json_in(self, value: Any) -> Any:
         return orjson.loads(value)
 

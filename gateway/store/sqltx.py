@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 from gateway.domain.errors import AlreadyExists, NotFound
 from gateway.domain.events import Event
@@ -67,6 +67,20 @@ def in_list(name: str, values: Sequence[Any]) -> tuple[str, Params]:
     """``(:name0, :name1, ...)`` and its parameters: portable across both drivers."""
     params = {f"{name}{i}": v for i, v in enumerate(values)}
     return "(" + ", ".join(f":{key}" for key in params) + ")", params
+
+
+class NativeExecutor(Executor, Protocol):
+    """PostgreSQL's executor: what only it offers, for the statements hot paths run."""
+
+    async def fetch_tuples(self, sql: str, params: Params) -> list[tuple[Any, ...]]:
+        """The rows as tuples in the statement's column order."""
+
+    async def execute_native(self, sql: str, params: Params) -> int: ...
+
+
+def native(executor: Executor) -> NativeExecutor | None:
+    """The executor as a :class:`NativeExecutor`, when it is one (PostgreSQL's)."""
+    return cast(NativeExecutor, executor) if takes_arrays(executor) else None
 
 
 def takes_arrays(executor: Executor) -> bool:

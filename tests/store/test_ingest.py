@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -174,6 +176,28 @@ async def test_a_large_batch_spans_several_statements(store: AnyStore) -> None:
     results = await ingest(store, conn, *items)
     assert not any(r.duplicate for r in results)
     assert len({r.conversation.id for r in results}) == 300
+
+
+async def test_a_new_customer_another_transaction_adds_meanwhile_is_found(
+    store: AnyStore, store_factory: Callable[[], Awaitable[AnyStore]]
+) -> None:
+    """Two replicas take the first messages of one new customer at once: the second waits
+    for the first's participant, finds it once committed, and shares its conversation."""
+    conn = await saved_connection(store)
+    other = await store_factory()
+    async with store.transaction() as tx:
+        (first,) = await tx.ingest_inbound([RoutedItem(conn, text("999", "m1"), T0)])
+        second = asyncio.create_task(ingest(other, conn, text("999", "m2")))
+        await asyncio.sleep(0.3)
+        assert not second.done()  # waiting for this transaction's participant
+    (late,) = await second
+    assert late.conversation is not None
+    assert late.conversation.id == first.conversation.id
+    assert late.conversation.participant.id == first.conversation.participant.id
+    assert not late.duplicate
+    async with store.transaction() as tx:
+        page = await tx.list_messages(first.conversation.id, page_size=10)
+    assert sorted(m.external_id for m in page.items) == ["m1", "m2"]
 
 
 async def test_nothing_stays_when_the_transaction_fails(store: AnyStore) -> None:
