@@ -226,5 +226,7 @@ def message_json(m: Message, sender: dict[str, Any], reply_to_message_id: str) -
 
 
 def _compact(fields: dict[str, Any]) -> dict[str, Any]:
-    """Leaves out empty values, as the protobuf JSON mapping does for defaults."""
-    return {k: v for k, v in fields.items() if v not in ("", 0, False, None, {}, [])}
+    """Leaves out empty values, as the protobuf JSON mapping does for defaults: "", 0,
+    False, None, {} and [], the values of these types that test false (a truth test costs
+    a fraction of comparing each value with each of them)."""
+    return {k: v for k, v in fields.items() if v}
