@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import psycopg
+from psycopg import AsyncPipeline
 from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
 from psycopg.types.json import Json, Jsonb, set_json_loads
@@ -87,8 +88,18 @@ def translate_errors() -> Iterator[None]:
 
 
 class PgExecutor:
-    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    def __init__(
+        self, conn: psycopg.AsyncConnection[Any], pipeline: AsyncPipeline | None = None
+    ) -> None:
         self._conn = conn
+        self._pipeline = pipeline
+
+    async def _settled(self) -> None:
+        """In pipeline mode, syncs what was sent: a statement's rows, row count or error
+        are known when the call that ran it returns, as without a pipeline, and a failed
+        statement leaves no aborted pipeline behind (guard() goes on after one)."""
+        if self._pipeline is not None:
+            await self._pipeline.sync()
 
     async def fetch(
         self, sql: str, params: Params | None = None, *, replan: bool = False
@@ -100,6 +111,7 @@ class PgExecutor:
                 else:
                     # Unprepared, PostgreSQL plans the statement for this very call.
                     await cur.execute(to_psycopg(sql), params, prepare=False if replan else None)
+                await self._settled()
                 return list(await cur.fetchall())
 
     async def fetch_tuples(self, sql: str, params: Params) -> list[tuple[Any, ...]]:
@@ -108,6 +120,7 @@ class PgExecutor:
         with translate_errors():
             async with self._conn.cursor() as cur:
                 await cur.execute(to_psycopg(sql), params)
+                await self._settled()
                 return list(await cur.fetchall())
 
     async def execute(self, sql: str, params: Params | None = None) -> int:
@@ -116,18 +129,21 @@ class PgExecutor:
                 cur = await self._conn.execute(sql)
             else:
                 cur = await self._conn.execute(to_psycopg(sql), params)
+            await self._settled()
             return cur.rowcount
 
     async def execute_native(self, sql: str, params: Params) -> int:
         """Runs psycopg-specific SQL (``%(name)b`` binary parameters and the like)."""
         with translate_errors():
             cur = await self._conn.execute(sql, params)
+            await self._settled()
             return cur.rowcount
 
     async def executemany(self, sql: str, params: Sequence[Params]) -> None:
         with translate_errors():
             async with self._conn.cursor() as cur:
                 await cur.executemany(to_psycopg(sql), params)
+                await self._settled()
 
     @asynccontextmanager
     async def guard(self) -> AsyncIterator[None]:
@@ -239,6 +255,21 @@ class PostgresStore(SqlStore):
 
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[Executor]:
+        # Pipeline mode: BEGIN goes out with the transaction's first statement and COMMIT
+        # is read back when the pipeline closes, a round trip fewer per transaction than
+        # waiting for each. Every statement still waits for its own result (PgExecutor),
+        # so errors surface where they did. A failed COMMIT raises here, before the
+        # caller takes the transaction for done.
+        with translate_errors():
+            async with self._pool.connection() as conn:
+                async with conn.pipeline() as pipeline, conn.transaction():
+                    yield PgExecutor(conn, pipeline)
+                self._recent.used(conn)
+
+    @asynccontextmanager
+    async def _migration_session(self) -> AsyncIterator[Executor]:
+        # A migration is a script of several statements: the simple query protocol, which
+        # pipeline mode does not allow.
         with translate_errors():
             async with self._pool.connection() as conn:
                 async with conn.transaction():

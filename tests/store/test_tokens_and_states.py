@@ -41,6 +41,21 @@ async def test_api_token_with_a_used_hash_already_exists(store: AnyStore) -> Non
             await tx.create_api_token(token(), "hash-1")
 
 
+async def test_a_refused_write_leaves_its_transaction_usable(store: AnyStore) -> None:
+    """The conflict is scoped to its statement: what the transaction did before and does
+    after it still commits."""
+    before, after = token("before"), token("after")
+    async with store.transaction() as tx:
+        await tx.create_api_token(before, "h1")
+        with pytest.raises(AlreadyExists):
+            await tx.create_api_token(token("twin"), "h1")
+        await tx.create_api_token(after, "h2")
+        assert await tx.revoke_api_token("after", now()) == 1
+    async with store.transaction() as tx:
+        listed = await tx.list_api_tokens()
+    assert sorted(t.name for t in listed) == ["after", "before"]
+
+
 async def test_revoked_api_token_is_no_longer_found_but_still_listed(store: AnyStore) -> None:
     first, second = token("ci", (ALL_TENANTS,)), token("other")
     t = now()
