@@ -200,6 +200,38 @@ async def test_a_new_customer_another_transaction_adds_meanwhile_is_found(
     assert sorted(m.external_id for m in page.items) == ["m1", "m2"]
 
 
+@pytest.mark.parametrize("backend", [pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_storing_messages_does_not_lock_their_connection(
+    store: AnyStore, store_factory: Callable[[], Awaitable[AnyStore]]
+) -> None:
+    """A busy account's connection stays claimable (token refresh claims with FOR UPDATE
+    SKIP LOCKED) while a batch of its known customers' messages is being stored."""
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    conn = f.connection(token_expires_at=soon)
+    async with store.transaction() as tx:
+        await tx.save_connection(conn)
+    await ingest(store, conn, text("111", "m0"))
+    other = await store_factory()
+    now = datetime.now(UTC)
+    async with store.transaction() as tx:
+        await tx.ingest_inbound([RoutedItem(conn, text("111", "m1"), T0)])
+        async with other.transaction() as claim:
+            claimed = await claim.claim_connections_due(
+                due_before=soon + timedelta(minutes=1), now=now, lease_until=now, limit=10
+            )
+    assert [c.id for c in claimed] == [conn.id]
+
+
+async def test_deleting_a_connection_deletes_its_messages(store: AnyStore) -> None:
+    conn = await saved_connection(store)
+    (result,) = await ingest(store, conn, text("111", "m1"))
+    async with store.transaction() as tx:
+        await tx._ex.execute("DELETE FROM connections WHERE id = :id", {"id": conn.id})  # type: ignore[attr-defined]
+    async with store.transaction() as tx:
+        assert await tx.find_message_by_external_id(conn.id, "m1") is None
+        assert await tx.get_message(result.message_id) is None
+
+
 async def test_nothing_stays_when_the_transaction_fails(store: AnyStore) -> None:
     conn = await saved_connection(store)
 

@@ -1,0 +1,4 @@
+-- Switchboard schema, version 0007 (SQLite): nothing to change.
+-- PostgreSQL drops the foreign key from messages.connection_id (see its 0007). SQLite keeps
+-- it: a check is a B-tree lookup there, not a row lock, and dropping a constraint would mean
+-- rebuilding the messages table.
