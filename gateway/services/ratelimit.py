@@ -108,33 +108,52 @@ class RateLimitKeys:
         return f"{self._tag(account)}:pause"
 
 
-# KEYS: bucket, pause. ARGV: now (ms), rate (tokens/s), take (1: take a token, 0: only
-# look). Returns {ok, wait_ms, paused_until_ms}.
+# KEYS: bucket, pause. ARGV: rate (tokens/s), then a (now (ms), take) pair per decision,
+# take 1 to take a token, 0 only to look. The decisions are made one after the other, as
+# separate calls would make them: a take leaves the bucket as the next one finds it. One
+# call for every decision a batch asks of one bucket: a command to encode, run and parse
+# per batch and bucket, not per send. Returns {ok, wait_ms, paused_until_ms} per
+# decision, flattened.
 _ACQUIRE = """
-local now = tonumber(ARGV[1])
-local rate = tonumber(ARGV[2])
-local take = ARGV[3] == '1'
+local rate = tonumber(ARGV[1])
 local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
-if paused > now then return {0, paused - now, paused} end
 local b = redis.call('HMGET', KEYS[1], 't', 'ts')
 local tokens = tonumber(b[1]) or rate
-local ts = tonumber(b[2]) or now
-if now > ts then
-  tokens = math.min(rate, tokens + (now - ts) * rate / 1000)
-  ts = now
+local ts = tonumber(b[2])
+local taken = false
+local out = {}
+for i = 2, #ARGV, 2 do
+  local now = tonumber(ARGV[i])
+  if paused > now then
+    out[#out + 1] = 0
+    out[#out + 1] = paused - now
+    out[#out + 1] = paused
+  else
+    local t, at = tokens, ts or now
+    if now > at then
+      t = math.min(rate, t + (now - at) * rate / 1000)
+      at = now
+    end
+    local ok, wait = 0, 0
+    if t >= 1 then
+      t = t - 1
+      ok = 1
+    else
+      wait = math.ceil((1 - t) * 1000 / rate)
+    end
+    if ARGV[i + 1] == '1' then
+      tokens, ts, taken = t, at, true
+    end
+    out[#out + 1] = ok
+    out[#out + 1] = wait
+    out[#out + 1] = 0
+  end
 end
-local ok, wait = 0, 0
-if tokens >= 1 then
-  tokens = tokens - 1
-  ok = 1
-else
-  wait = math.ceil((1 - tokens) * 1000 / rate)
-end
-if take then
+if taken then
   redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(ts))
   redis.call('PEXPIRE', KEYS[1], 2000)
 end
-return {ok, wait, 0}
+return out
 """
 
 # KEYS: pause. ARGV: until (ms), now (ms). Keeps the later of the two pauses.
@@ -159,7 +178,7 @@ class RedisRateLimiter:
         self._acquire: Any = self._client.register_script(_ACQUIRE)
         self._pause: Any = self._client.register_script(_PAUSE)
         # The decisions asked while the previous pipeline was out travel in one: a round
-        # trip per batch of sends, not per send. Each is still its own atomic script.
+        # trip per batch of sends, not per send, and one script call per bucket.
         self._decisions: GroupCommitter[_Decision, Any] = GroupCommitter(
             self._decide, max_items=100, max_wait_s=0.0, name="rate-limit"
         )
@@ -178,47 +197,63 @@ class RedisRateLimiter:
         return Admission(False, int(wait_ms) / 1000, paused)
 
     async def _decide(self, decisions: Sequence[_Decision]) -> list[Any]:
+        buckets: dict[tuple[str, RateCategory], list[int]] = {}
+        for i, (account, category, _, _) in enumerate(decisions):
+            buckets.setdefault((account, category), []).append(i)
+        batches = list(buckets.items())
         try:
-            results = await self._run_decisions(decisions)
-            missing = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+            answers = await self._run_decisions(decisions, batches)
+            missing = [n for n, answer in enumerate(answers) if isinstance(answer, NoScriptError)]
             if missing:
                 # Redis restarted or was flushed, or (on a cluster) a node joined or took
                 # over: load the script (on every primary), then ask again for those
-                # decisions only. The others already took their token.
+                # buckets only. The others already took their tokens.
                 await self._client.script_load(_ACQUIRE)
-                again = await self._run_decisions([decisions[i] for i in missing])
-                for i, result in zip(missing, again, strict=True):
-                    results[i] = result
-            for result in results:
-                if isinstance(result, Exception):
-                    raise result
+                again = await self._run_decisions(decisions, [batches[n] for n in missing])
+                for n, answer in zip(missing, again, strict=True):
+                    answers[n] = answer
+            for answer in answers:
+                if isinstance(answer, Exception):
+                    raise answer
         except REDIS_ERRORS as exc:
             raise Unavailable(
                 f"Redis cannot decide the rate limit ({type(exc).__name__})",
                 reason="RATE_LIMITER_UNAVAILABLE",
             ) from None
+        results: list[Any] = [None] * len(decisions)
+        for (_, indexes), answer in zip(batches, answers, strict=True):
+            for k, i in enumerate(indexes):
+                results[i] = answer[3 * k : 3 * k + 3]
         return results
 
-    async def _run_decisions(self, decisions: Sequence[_Decision]) -> list[Any]:
+    async def _run_decisions(
+        self,
+        decisions: Sequence[_Decision],
+        batches: Sequence[tuple[tuple[str, RateCategory], list[int]]],
+    ) -> list[Any]:
+        """One script call per bucket, all in one pipeline; each call's answer (or error)
+        in the order of ``batches``."""
         # EVALSHA straight into the pipeline: a registered script would make every
         # execute ask SCRIPT EXISTS first, a second round trip. Through execute_command
         # because redis-py refuses pipe.evalsha on a cluster (for fear of NOSCRIPT, which
         # _decide handles). Errors come back in place, so that a script missing on one
-        # cluster node fails only the decisions sent there.
+        # cluster node fails only the buckets it holds.
         pipe = self._client.pipeline(transaction=False)
-        for account, category, now, take in decisions:
+        for (account, category), indexes in batches:
+            args: list[float] = [self._rates[category]]
+            for i in indexes:
+                _, _, now, take = decisions[i]
+                args += (_ms(now), 1 if take else 0)
             pipe.execute_command(
                 "EVALSHA",
                 self._acquire.sha,
                 2,
                 self.keys.bucket(account, category),
                 self.keys.pause(account),
-                _ms(now),
-                self._rates[category],
-                1 if take else 0,
+                *args,
             )
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
+        answers: list[Any] = await pipe.execute(raise_on_error=False)
+        return answers
 
     async def pause(self, account: str, until: datetime) -> None:
         now = datetime.now(UTC)
