@@ -17,12 +17,18 @@ calls' order decides. ``fail_fast`` still refuses when the account is rate limit
 only looks at the bucket: the worker takes the token when it sends.
 
 An ``idempotency_key`` already used by the tenant returns the first message as it is now
-and sends nothing. Two identical calls that race both pass the lookup, but only one
-insert wins the unique (tenant, key) index; the other answers the winner's message.
+and sends nothing. The unique (tenant, key) index decides, not a read before the write: the
+batch inserts its new messages and looks up only the keys that conflicted, whether an
+earlier call holds them or a racing one (another replica's, or another call of the batch)
+won. A call refused after its content was checked (the connection cannot send, the window
+closed, ``fail_fast`` rate limits) is also answered with the first message when its key
+names one: a repeat gets the first answer, not a refusal it did not get then.
 
 Calls that arrive together share one transaction (a group commit): their lookups are a
 few statements for the whole batch, and each call is answered from its own share of it,
-refusals included. PERFORMANCE.md: per-call transactions are what caps a path here.
+refusals included. PERFORMANCE.md: per-call transactions are what caps a path here. That
+transaction is the Deliverer's, which records the outcomes of the attempts that ended
+meanwhile in it too (:meth:`Deliverer.share_commits`): one commit, one outbox insert.
 """
 
 from __future__ import annotations
@@ -65,14 +71,13 @@ from gateway.domain.outbound import (
 from gateway.domain.store import Store, Tx
 from gateway.observability import outbound_metrics as m
 from gateway.services.delivery_events import delivery_update
-from gateway.services.ingest_batcher import GroupCommitter
+from gateway.services.ingest_batcher import Closed
 from gateway.services.outbound_delivery import (
-    BATCH_MAX,
     Deliverer,
     RateLimitedNow,
+    Written,
     account_key,
 )
-from gateway.services.outbox import Handed
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +126,6 @@ class _Found:
     conversations: dict[str, Conversation]
     connections: dict[str, Connection]
     by_recipient: dict[tuple[str, str], Conversation]
-    by_key: dict[tuple[str, str], Message]
     # Conversation id -> created_at of its latest pending message that keeps order.
     pending_at: dict[str, datetime] = field(default_factory=dict)
 
@@ -136,10 +140,8 @@ class OutboundService:
         self.deliverer = deliverer
         self._wait_s = wait_s
         self._inflight: set[asyncio.Task[Message]] = set()
-        self._enqueues = GroupCommitter(
-            self._commit_enqueues, max_items=BATCH_MAX, max_wait_s=0.0, name="send-enqueue"
-        )
-        self._started = False
+        self._enqueue = deliverer.share_commits(self._write_enqueues)
+        self._closed = False
 
     @property
     def clock(self) -> Callable[[], datetime]:
@@ -148,7 +150,7 @@ class OutboundService:
     async def aclose(self, grace_s: float = 5.0) -> None:
         """Lets first attempts under way finish (a cut-off attempt is retried by a worker
         once its lease lapses)."""
-        await self._enqueues.aclose()
+        self._closed = True
         if self._inflight:
             _, late = await asyncio.wait(list(self._inflight), timeout=grace_s)
             for task in late:
@@ -162,10 +164,9 @@ class OutboundService:
             return await tx.list_attempts(message_id)
 
     async def send(self, request: SendRequest) -> SendOutcome:
-        if not self._started:
-            self._started = True
-            await self._enqueues.start()
-        result = await self._enqueues.submit(_Enqueue(request, self.clock()))
+        if self._closed:
+            raise Closed("shutting down")
+        result = await self._enqueue(_Enqueue(request, self.clock()))
         if isinstance(result, SwitchboardError):
             raise result
         if isinstance(result, SendOutcome):
@@ -205,56 +206,83 @@ class OutboundService:
             )
         return SendOutcome(sent)
 
-    async def _commit_enqueues(self, jobs: Sequence[_Enqueue]) -> list[_Result]:
-        """One transaction for the calls that queued together; a call refused is
-        answered with its error, without failing the others."""
+    async def _write_enqueues(self, tx: Tx, jobs: Sequence[_Enqueue]) -> Written[_Result]:
+        """The enqueues of the calls that queued together, in the Deliverer's transaction
+        (see :meth:`Deliverer.share_commits`); a call refused is answered with its error,
+        without failing the others, in the order a caller sees the reasons.
+
+        A repeat is only known as one once its insert finds the key taken, so it goes
+        through the send-order and ``fail_fast`` steps as a new call would: it may leave a
+        later call of its conversation in the same batch to the worker, and a ``fail_fast``
+        repeat may take a token. Both are rare; a read of every key before every insert
+        is not."""
         lease = timedelta(seconds=self.deliverer.policy.lease_s)
         results: list[_Result | None] = []
         queued: list[tuple[int, Message, _Checked]] = []
-        handed: Handed = ()
-        async with self._store.transaction() as tx:
-            found = await self._lookup(tx, [j.request for j in jobs])
-            for job in jobs:
-                try:
-                    outcome = await self._admissible(tx, job, found)
-                except StoreUnavailable:
-                    raise
-                except SwitchboardError as exc:
-                    results.append(exc)
-                    continue
-                if isinstance(outcome, SendOutcome):
-                    results.append(outcome)
-                    continue
-                queued.append((len(results), *outcome))
-                results.append(None)
-            behind: set[str] = set()
-            if queued:
-                behind = _queue_in_order([(m, c) for _, m, c in queued], found.pending_at)
-                queued = await self._admit_fail_fast(jobs, queued, behind, results)
-            if queued:
-                latest = max(j.now for j in jobs)
-                stored = await tx.enqueue_outbound_in_order(
-                    [message for _, message, _ in queued], latest + lease, behind=list(behind)
-                )
-                events = []
-                for (index, _, checked), (message, inserted) in zip(queued, stored, strict=True):
-                    if inserted:
-                        events.append(delivery_update(message, jobs[index].now))
-                        results[index] = _Enqueued(
-                            message, checked.connection, checked.content, message.id in behind
-                        )
-                    else:
-                        results[index] = SendOutcome(message, duplicate=True)
-                handed = await self.deliverer.outbox.add(tx, events)
-        self.deliverer.outbox.committed(handed)
-        if behind:
-            # The message ahead may have settled after our lookup but before this commit,
-            # when the Deliverer could not see these yet: have the worker look now.
-            self.deliverer.wake()
-        return [r for r in results if r is not None]
+        # Calls refused after their checks whose key may name a first message.
+        keyed_refusals: list[int] = []
+        found = await self._lookup(tx, [j.request for j in jobs])
+        for job in jobs:
+            try:
+                checked = await self._check(tx, job.request, found)
+            except StoreUnavailable:
+                raise
+            except SwitchboardError as exc:
+                results.append(exc)
+                continue
+            try:
+                _require_sendable(checked.connection)
+                _require_window(checked.conversation, checked.content, checked.sender, job.now)
+            except SwitchboardError as exc:
+                if job.request.idempotency_key:
+                    keyed_refusals.append(len(results))
+                results.append(exc)
+                continue
+            queued.append((len(results), _new_message(job.request, checked, job.now), checked))
+            results.append(None)
+        behind: set[str] = set()
+        if queued:
+            behind = _queue_in_order([(m, c) for _, m, c in queued], found.pending_at)
+            admitted = await self._admit_fail_fast(jobs, queued, behind, results)
+            keyed_refusals += [
+                i
+                for i, _, _ in queued
+                if isinstance(results[i], SwitchboardError) and jobs[i].request.idempotency_key
+            ]
+            queued = admitted
+        events = []
+        if queued:
+            latest = max(j.now for j in jobs)
+            stored = await tx.enqueue_outbound_in_order(
+                [message for _, message, _ in queued], latest + lease, behind=list(behind)
+            )
+            for (index, _, checked), (message, inserted) in zip(queued, stored, strict=True):
+                if inserted:
+                    events.append(delivery_update(message, jobs[index].now))
+                    results[index] = _Enqueued(
+                        message, checked.connection, checked.content, message.id in behind
+                    )
+                else:
+                    results[index] = SendOutcome(message, duplicate=True)
+        if keyed_refusals:
+            firsts = await tx.find_messages_by_idempotency_keys(
+                [
+                    (jobs[i].request.tenant_id, jobs[i].request.idempotency_key)
+                    for i in keyed_refusals
+                ]
+            )
+            for i in keyed_refusals:
+                request = jobs[i].request
+                first = firsts.get((request.tenant_id, request.idempotency_key))
+                if first is not None:
+                    results[i] = SendOutcome(first, duplicate=True)
+        # A message ahead may settle after our lookup but before this commit, when the
+        # Deliverer could not see these yet: have the worker look once committed.
+        return Written([r for r in results if r is not None], events, wake=bool(behind))
 
     async def _lookup(self, tx: Tx, requests: Sequence[SendRequest]) -> _Found:
-        """Every row the batch's checks read, a statement per kind of row."""
+        """Every row the batch's checks read, a statement per kind of row (the keys are
+        not read: see the module's docstring)."""
         targets = await tx.get_send_targets(
             [r.conversation_id for r in requests if r.conversation_id]
         )
@@ -274,32 +302,12 @@ class OutboundService:
             ]
         )
         by_recipient = {k: t.conversation for k, t in recipient_targets.items()}
-        by_key = await tx.find_messages_by_idempotency_keys(
-            [(r.tenant_id, r.idempotency_key) for r in requests if r.idempotency_key]
-        )
         pending_at = {
             t.conversation.id: t.pending_at
             for t in (*targets.values(), *recipient_targets.values())
             if t.pending_at is not None
         }
-        return _Found(conversations, connections, by_recipient, by_key, pending_at)
-
-    async def _admissible(
-        self, tx: Tx, job: _Enqueue, found: _Found
-    ) -> tuple[Message, _Checked] | SendOutcome:
-        """The message to store for this call, or the first one its key names; raises
-        what refuses it, in the order a caller sees the reasons."""
-        request = job.request
-        checked = await self._check(tx, request, found)
-        if request.idempotency_key:
-            existing = found.by_key.get((request.tenant_id, request.idempotency_key))
-            if existing is not None:
-                return SendOutcome(existing, duplicate=True)
-        _require_sendable(checked.connection)
-        _require_window(checked.conversation, checked.content, checked.sender, job.now)
-        # fail_fast's rate check comes last, once the batch knows which calls queue behind
-        # another (_admit_fail_fast).
-        return _new_message(request, checked, job.now), checked
+        return _Found(conversations, connections, by_recipient, pending_at)
 
     async def _check(self, tx: Tx, request: SendRequest, found: _Found) -> _Checked:
         conn = self._connection(request, found)
@@ -388,7 +396,7 @@ class OutboundService:
                 except StoreUnavailable:
                     raise
                 except SwitchboardError as exc:
-                    # Refused alone, as in _admissible. A call queued behind this one in
+                    # Refused alone, as in _write_enqueues. A call queued behind this one in
                     # the batch is then sent by the worker.
                     results[index] = exc
                     continue

@@ -4,7 +4,9 @@ Both the SendMessage call (the first attempt) and the retry worker go through
 :meth:`Deliverer.attempt`, for a message they hold the lease of. It takes a rate-limit token
 (waiting briefly, or holding the message until later), opens the connection's token, hands
 the message to the channel once and records the outcome, its attempt and its
-``DeliveryUpdate`` event in one transaction, releasing the lease:
+``DeliveryUpdate`` event in one transaction, releasing the lease (a transaction shared with
+the outcomes of other attempts that ended meanwhile and with SendMessage's enqueues, see
+:meth:`Deliverer.share_commits`):
 
 - accepted: SENT with the channel's message id;
 - throttled (Meta 4, 17, 32, 613, 80002, 80006, 368): the account is paused until the time
@@ -26,9 +28,10 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any, Generic, TypeVar, cast
 
 from prometheus_client import Counter, Histogram
 
@@ -42,6 +45,7 @@ from gateway.domain.errors import (
     ChannelTransientError,
     Unavailable,
 )
+from gateway.domain.events import Event
 from gateway.domain.models import (
     Connection,
     ConnectionStatus,
@@ -56,7 +60,7 @@ from gateway.domain.outbound import (
     from_json,
     outbound_of,
 )
-from gateway.domain.store import Store
+from gateway.domain.store import Store, Tx
 from gateway.observability import outbound_metrics as m
 from gateway.security.keyring import DecryptionError, KeyRing
 from gateway.services.connection_status import mark_needs_reauth
@@ -120,6 +124,20 @@ def account_key(conn: Connection) -> str:
 # lingering: nothing on the send path sleeps waiting for company.
 BATCH_MAX = 100
 
+J = TypeVar("J")
+R = TypeVar("R")
+
+
+@dataclass(slots=True)
+class Written(Generic[R]):
+    """What a share of a send-path transaction wrote: a result per job, in order; the
+    events to add to the outbox with them; whether the worker should look for messages
+    that may have become next in their conversation, once committed."""
+
+    results: list[R]
+    events: list[Event]
+    wake: bool = False
+
 
 @dataclass(frozen=True, slots=True)
 class _Outcome:
@@ -127,6 +145,12 @@ class _Outcome:
     attempt: DeliveryAttempt | None
     # A hold changes no status: no DeliveryUpdate.
     event: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Job:
+    share: int
+    payload: Any
 
 
 class Deliverer:
@@ -149,13 +173,33 @@ class Deliverer:
         self.clock = clock
         self.outbox = outbox or OutboxWriter(None)
         self._tokens: dict[str, tuple[Secret, float, datetime | None]] = {}
-        # One transaction for the outcomes of the attempts that end together.
-        self._outcomes = GroupCommitter(
-            self._commit_outcomes, max_items=BATCH_MAX, max_wait_s=0.0, name="send-outcomes"
+        # One transaction for the outcomes of the attempts that end together, and for
+        # the work of whoever shares it (share_commits).
+        self._shares: list[Callable[[Tx, Sequence[Any]], Awaitable[Written[Any]]]] = [
+            self._write_outcomes
+        ]
+        self._commits: GroupCommitter[_Job, Any] = GroupCommitter(
+            self._commit, max_items=BATCH_MAX, max_wait_s=0.0, name="send-commits"
         )
         self._started = False
         self._children: dict[str, tuple[Histogram, Counter]] = {}
         self._wakers: list[Callable[[], None]] = []
+
+    def share_commits(
+        self, write: Callable[[Tx, Sequence[J]], Awaitable[Written[R]]]
+    ) -> Callable[[J], Awaitable[R]]:
+        """Has ``write`` run, for the jobs submitted through the function returned, in the
+        transactions that record outcomes: the send path's writes that come together
+        (SendMessage's enqueues, the outcomes of attempts that ended) then cost one
+        transaction and one outbox insert, not one each. Outcomes are written first, so
+        that a message they settle no longer holds up one enqueued in the same batch."""
+        share = len(self._shares)
+        self._shares.append(write)
+
+        async def submit(job: J) -> R:
+            return cast(R, await self._submit(_Job(share, job)))
+
+        return submit
 
     def on_next_due(self, waker: Callable[[], None]) -> None:
         """Calls ``waker`` whenever a message may have become next in its conversation."""
@@ -168,7 +212,7 @@ class Deliverer:
     async def aclose(self) -> None:
         """After the attempts under way ended: an outcome cut off is retried by a worker
         once the message's lease lapses."""
-        await self._outcomes.aclose()
+        await self._commits.aclose()
 
     def sender_of(self, channel: str) -> OutboundChannel | None:
         plugin = self._channels.get(channel)
@@ -371,32 +415,47 @@ class Deliverer:
     async def _hold(self, message: Message, until: datetime) -> Message:
         """Back to the queue until ``until``: no attempt, no status change, no event."""
         message.next_attempt_at = until
-        return await self._submit(_Outcome(message, None, event=False))
+        return cast(Message, await self._submit(_Job(0, _Outcome(message, None, event=False))))
 
     async def _record(self, message: Message, attempt: DeliveryAttempt | None) -> Message:
-        return await self._submit(_Outcome(message, attempt, event=True))
+        return cast(Message, await self._submit(_Job(0, _Outcome(message, attempt, event=True))))
 
-    async def _submit(self, outcome: _Outcome) -> Message:
+    async def _submit(self, job: _Job) -> Any:
         if not self._started:
             self._started = True
-            await self._outcomes.start()
-        return await self._outcomes.submit(outcome)
+            await self._commits.start()
+        return await self._commits.submit(job)
 
-    async def _commit_outcomes(self, outcomes: Sequence[_Outcome]) -> list[Message]:
-        now = self.clock.now()
-        events = []
+    async def _commit(self, jobs: Sequence[_Job]) -> list[Any]:
+        results: list[Any] = [None] * len(jobs)
+        events: list[Event] = []
+        wake = False
         async with self._store.transaction() as tx:
-            stored, waiting = await tx.record_outbound_and_peek(
-                [(o.message, o.attempt) for o in outcomes], lease_until=None
-            )
-            for outcome, message in zip(outcomes, stored, strict=True):
-                if not outcome.event:
+            for share, write in enumerate(self._shares):
+                mine = [i for i, job in enumerate(jobs) if job.share == share]
+                if not mine:
                     continue
-                events.append(delivery_update(message, now))
-                if message.confirmed_at is not None and message.status is MessageStatus.SENT:
-                    events.append(delivery_update(message, now, confirmed=True))
+                written = await write(tx, [jobs[i].payload for i in mine])
+                for i, result in zip(mine, written.results, strict=True):
+                    results[i] = result
+                events += written.events
+                wake = wake or written.wake
             handed = await self.outbox.add(tx, events)
         self.outbox.committed(handed)
-        if waiting:
+        if wake:
             self.wake()
-        return stored
+        return results
+
+    async def _write_outcomes(self, tx: Tx, outcomes: Sequence[_Outcome]) -> Written[Message]:
+        now = self.clock.now()
+        events = []
+        stored, waiting = await tx.record_outbound_and_peek(
+            [(o.message, o.attempt) for o in outcomes], lease_until=None
+        )
+        for outcome, message in zip(outcomes, stored, strict=True):
+            if not outcome.event:
+                continue
+            events.append(delivery_update(message, now))
+            if message.confirmed_at is not None and message.status is MessageStatus.SENT:
+                events.append(delivery_update(message, now, confirmed=True))
+        return Written(stored, events, wake=waiting)

@@ -1,0 +1,88 @@
+"""A batch of outcomes on both stores (one statement on PostgreSQL): echoes that came
+first folded in, every attempt recorded, and whether a settled message still has another
+of its conversation waiting."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from gateway.domain.models import DeliveryError, Direction, Message, MessageStatus
+from gateway.domain.outbound import DeliveryAttempt
+from tests.store.conftest import BACKENDS, AnyStore, new_store
+from tests.store.factories import connection, conversation, message, now, outbound, participant
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AnyStore]:
+    backend = str(request.param)
+    if backend == "sqlite":
+        database = str(tmp_path / "store.db")
+    else:
+        database = str(request.getfixturevalue("postgres_url"))
+    async with new_store(backend, database) as opened:
+        await opened.migrate()
+        yield opened
+
+
+async def test_a_batch_folds_echoes_records_attempts_and_sees_who_waits(store: AnyStore) -> None:
+    conn = connection()
+    t = now()
+    async with store.transaction() as tx:
+        await tx.save_connection(conn)
+        convs = [
+            await tx.upsert_conversation(conversation(conn, await tx.upsert_participant(p)))
+            for p in (participant(conn), participant(conn))
+        ]
+        # Conversation 0: a, then b behind it. Conversation 1: c alone.
+        a, b = (
+            outbound(convs[0], due=t, attempts=0, error=None, created_at=t + timedelta(seconds=i))
+            for i in range(2)
+        )
+        c = outbound(convs[1], due=t, attempts=0, error=None, created_at=t)
+        stored = await tx.enqueue_outbound_in_order([a, b, c], t + timedelta(seconds=60), behind=[])
+        assert [inserted for _, inserted in stored] == [True, True, True]
+        # Meta's echo of a, stored before its answer.
+        echo = message(
+            convs[0],
+            direction=Direction.OUTBOUND,
+            status=MessageStatus.SENT,
+            external_id="mid.a",
+            created_at=t + timedelta(milliseconds=5),
+        )
+        await tx.insert_message(echo)
+
+    def sent(m: Message, mid: str) -> tuple[Message, DeliveryAttempt]:
+        m.status, m.external_id, m.sent_at, m.attempts = MessageStatus.SENT, mid, t, 1
+        return m, DeliveryAttempt(1, t, t)
+
+    failure = DeliveryError("CHANNEL_TRANSIENT", "try again", channel_code=2, retryable=True)
+    c.status, c.error, c.attempts = MessageStatus.RETRYING, failure, 1
+    c.next_attempt_at = t + timedelta(seconds=5)
+    async with store.transaction() as tx:
+        recorded, waiting = await tx.record_outbound_and_peek(
+            [sent(a, "mid.a"), (c, DeliveryAttempt(1, t, t, failure))], lease_until=None
+        )
+        gone = await tx.get_message(echo.id)
+        got_a, got_c = await tx.get_message(a.id), await tx.get_message(c.id)
+        tries_a, tries_c = await tx.list_attempts(a.id), await tx.list_attempts(c.id)
+    assert waiting  # a settled and b still waits behind it
+    assert [m.id for m in recorded] == [a.id, c.id]
+    assert gone is None
+    assert got_a is not None
+    assert got_a.status is MessageStatus.SENT
+    assert got_a.external_id == "mid.a"
+    assert got_a.confirmed_at == recorded[0].confirmed_at == echo.created_at
+    assert got_c is not None
+    assert got_c.status is MessageStatus.RETRYING
+    assert got_c.error == failure
+    assert got_c.confirmed_at is None
+    assert [x.number for x in tries_a] == [1]
+    assert [(x.number, x.error) for x in tries_c] == [(1, failure)]
+
+    async with store.transaction() as tx:
+        _, waiting = await tx.record_outbound_and_peek([sent(b, "mid.b")], lease_until=None)
+    assert not waiting  # b was the last of its conversation
