@@ -16,6 +16,13 @@ type ParseDict treats specially (Struct, Value, ListValue, Any, wrappers and oth
 ``google/protobuf`` messages), is handed to ParseDict for that one key, so that results
 are identical by construction. Errors are ParseDict's own: when the fast path fails, the
 whole dict is parsed again by ParseDict, which raises its error.
+
+:func:`message_fields` is cheaper still, for a message built from scratch: it turns the
+dict into the constructor's keyword arguments (sub-messages as nested dicts, timestamps as
+``{"seconds", "nanos"}``), so that the message is built in C in one call rather than field
+by field, and a whole Subscribe response in one call too (a third less CPU per event than
+parse_dict and a copy into each Delivery). It takes only the same canonical shapes, and
+gives up (None) on anything else, leaving it to parse_dict.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final, NamedTuple, cast
 
-from google.protobuf import json_format
+from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, FieldDescriptor
 from google.protobuf.message import Message
 
@@ -38,6 +45,9 @@ _MAX_DEPTH: Final = 100
 _Setter = Callable[[Message, Any, int], bool]
 # A scalar in its canonical JSON shape to the value to assign, or _NO.
 _Convert = Callable[[Any], Any]
+# A field's value in its canonical JSON shape to the constructor argument, or _NO. The int
+# is the depth of the message the field belongs to (the top is 1).
+_Build = Callable[[Any, int], Any]
 
 _NO: Final = object()
 
@@ -65,6 +75,7 @@ _INT_TYPES: Final = frozenset(
 
 class _Field(NamedTuple):
     set: _Setter
+    build: _Build
     name: str
     # The (possibly synthetic) oneof: ParseDict rejects two non-null members in one dict.
     oneof: str | None
@@ -79,6 +90,13 @@ class _Plan(NamedTuple):
     # False for well-known types, and for a message with a field key equal to a oneof
     # name (ParseDict's duplicate check then depends on key order): ParseDict takes those.
     ours: bool
+    # message_fields' shortcuts, by proto name, for singular fields outside any oneof.
+    # Those whose canonical value the constructor takes as is, to that value's type:
+    # strings, bools, integers (the constructor checks the range) and enums by name (it
+    # checks the name). Most fields of our payloads are such.
+    direct: dict[str, type]
+    # Those holding a message: its type (None for a Timestamp, which becomes its fields).
+    nested: dict[str, Descriptor | None]
 
 
 _PLANS: dict[Descriptor, _Plan] = {}
@@ -103,6 +121,79 @@ def parse_dict(js: Any, message: Message) -> Message:
     return message
 
 
+def message_fields(js: Any, descriptor: Descriptor) -> dict[str, Any] | None:
+    """Keyword arguments with which ``descriptor``'s message class builds what
+    ``json_format.ParseDict(js, cls(), ignore_unknown_fields=True)`` builds, or None when
+    ``js`` is not in the shapes this takes (malformed input included): parse_dict then.
+
+    The constructor still checks integer ranges, enum names and string encodings: it
+    raises ValueError where ParseDict raises, so a caller that catches it and takes
+    parse_dict ends with ParseDict's outcome either way.
+    """
+    plan = _plan(descriptor)
+    if type(js) is not dict or not plan.ours:
+        return None
+    fields = _fields(plan, js, 1)
+    return None if fields is _NO else cast(dict[str, Any], fields)
+
+
+def _fields(plan: _Plan, js: dict[Any, Any], depth: int) -> Any:
+    """The constructor arguments of ``js``, or _NO."""
+    direct, nested, fields = plan.direct, plan.nested, plan.fields
+    out: dict[str, Any] = {}
+    # Keys that set nothing: unknown, or null.
+    skipped = 0
+    oneofs: set[str] | None = None
+    for key, value in js.items():
+        if direct.get(key) is type(value):
+            out[key] = value
+            continue
+        if key in nested and value is not None:
+            # What the general path below does, without its calls (for speed).
+            message_type = nested[key]
+            if message_type is None:
+                built = _timestamp_value(value, depth)
+            elif type(value) is not dict or depth >= _MAX_DEPTH:
+                return _NO
+            else:
+                sub = _plan(message_type)
+                built = _fields(sub, value, depth + 1) if sub.ours else _NO
+            if built is _NO:
+                return _NO
+            out[key] = built
+            continue
+        field = fields.get(key)
+        if field is None:
+            if type(key) is not str or key.startswith("["):
+                return _NO
+            skipped += 1
+            continue
+        name = field.name
+        if value is None:
+            if not field.null_clears:
+                return _NO
+            # What the other key of the field (proto or json name) set before, it clears.
+            out.pop(name, None)
+            skipped += 1
+            continue
+        if field.oneof is not None:
+            if oneofs is None:
+                oneofs = {field.oneof}
+            elif field.oneof in oneofs:
+                return _NO
+            else:
+                oneofs.add(field.oneof)
+        built = field.build(value, depth)
+        if built is _NO:
+            return _NO
+        out[name] = built
+    if len(out) + skipped != len(js):
+        # A field given under both its names: ParseDict merges the two (or the last one
+        # wins, or a null clears the first); parse_dict has its rules.
+        return _NO
+    return out
+
+
 def _merge(plan: _Plan, js: dict[Any, Any], message: Message, depth: int) -> None:
     fields = plan.fields
     oneofs: set[str] | None = None
@@ -114,7 +205,7 @@ def _merge(plan: _Plan, js: dict[Any, Any], message: Message, depth: int) -> Non
             if type(key) is not str or key.startswith("["):
                 _delegate(key, value, message, depth)
             continue
-        set_value, name, oneof, null_clears, plain_str = field
+        set_value, _, name, oneof, null_clears, plain_str = field
         if plain_str and type(value) is str:
             setattr(message, name, value)
             continue
@@ -159,6 +250,7 @@ def _build_plan(descriptor: Descriptor) -> _Plan:
         oneof = fd.containing_oneof
         field = _Field(
             set=_setter(fd),
+            build=_builder(fd),
             name=fd.name,
             oneof=oneof.name if oneof is not None else None,
             null_clears=not _null_is_a_value(fd),
@@ -171,7 +263,30 @@ def _build_plan(descriptor: Descriptor) -> _Plan:
     # ParseDict looks a key up by json_name first, then by name.
     fields = by_name | by_json_name
     ours = _is_regular(descriptor) and not any(o.name in fields for o in descriptor.oneofs)
-    return _Plan(fields, ours)
+    direct: dict[str, type] = {}
+    nested: dict[str, Descriptor | None] = {}
+    for fd in descriptor.fields:
+        if fields[fd.name].name != fd.name or fd.containing_oneof is not None or fd.is_repeated:
+            continue  # the name is another field's json_name; or left to the general path
+        value_type = _direct_type(fd)
+        if value_type is not None:
+            direct[fd.name] = value_type
+        elif fd.message_type is not None:
+            if fd.message_type.full_name == "google.protobuf.Timestamp":
+                nested[fd.name] = None
+            elif _is_regular(fd.message_type) and not fd.message_type.GetOptions().map_entry:
+                nested[fd.name] = fd.message_type
+    return _Plan(fields, ours, direct, nested)
+
+
+def _direct_type(fd: FieldDescriptor) -> type | None:
+    if fd.type == FieldDescriptor.TYPE_STRING or fd.enum_type is not None:
+        return str
+    if fd.cpp_type == FieldDescriptor.CPPTYPE_BOOL:
+        return bool
+    if fd.cpp_type in _INT_TYPES:
+        return int
+    return None
 
 
 def _null_is_a_value(fd: FieldDescriptor) -> bool:
@@ -353,20 +468,12 @@ def _repeated_message_setter(name: str, message_type: Descriptor) -> _Setter:
 
 def _timestamp_setter(name: str) -> _Setter:
     def set_timestamp(message: Message, value: Any, depth: int) -> bool:
-        if type(value) is not str or depth >= _MAX_DEPTH or not _RFC3339_UTC.fullmatch(value):
-            return False
-        try:
-            # The pattern leaves fromisoformat only the date to check, as strptime would.
-            delta = datetime.fromisoformat(value) - _EPOCH
-        except ValueError:
+        parts = _timestamp_value(value, depth)
+        if parts is _NO:
             return False
         ts = getattr(message, name)
-        ts.seconds = delta.days * 86400 + delta.seconds
-        if len(value) <= _LONGEST_MICROS:
-            ts.nanos = delta.microseconds * 1000
-        else:
-            # fromisoformat truncates beyond microseconds; this is FromJsonString's rounding.
-            ts.nanos = round(float("0." + value[20:-1]) * 1e9)
+        ts.seconds = parts["seconds"]
+        ts.nanos = parts["nanos"]
         return True
 
     return set_timestamp
@@ -382,6 +489,133 @@ def _from_json_string_setter(name: str) -> _Setter:
         return True
 
     return set_from_json_string
+
+
+# ---- constructor arguments (message_fields) ----
+
+
+def _builder(fd: FieldDescriptor) -> _Build:
+    message_type = fd.message_type
+    if message_type is not None and message_type.GetOptions().map_entry:
+        return _give_up
+    if message_type is None:
+        convert = _converter(fd)
+        if fd.is_repeated:
+            return _repeated_scalar_builder(convert)
+        return _scalar_builder(convert)
+    element: _Build
+    if message_type.full_name == "google.protobuf.Timestamp":
+        element = _timestamp_value
+    elif _is_regular(message_type):
+        element = _message_builder(message_type)
+    else:
+        element = _parse_dict_builder(message_type)
+    return _repeated_builder(element) if fd.is_repeated else element
+
+
+def _give_up(value: Any, depth: int) -> Any:
+    return _NO
+
+
+def _scalar_builder(convert: _Convert) -> _Build:
+    def build(value: Any, depth: int) -> Any:
+        try:
+            return convert(value)
+        except ValueError:
+            # Bytes that are not base64: ParseDict's error.
+            return _NO
+
+    return build
+
+
+def _repeated_scalar_builder(convert: _Convert) -> _Build:
+    def build(value: Any, depth: int) -> Any:
+        if type(value) is not list:
+            return _NO
+        items = []
+        for item in value:
+            try:
+                converted = convert(item)
+            except ValueError:
+                return _NO
+            if converted is _NO:
+                return _NO
+            items.append(converted)
+        return items
+
+    return build
+
+
+def _repeated_builder(element: _Build) -> _Build:
+    def build(value: Any, depth: int) -> Any:
+        if type(value) is not list:
+            return _NO
+        items = []
+        for item in value:
+            # null is an element only of a repeated Value; that one is left to ParseDict.
+            built = _NO if item is None else element(item, depth)
+            if built is _NO:
+                return _NO
+            items.append(built)
+        return items
+
+    return build
+
+
+def _message_builder(message_type: Descriptor) -> _Build:
+    # Found on first use: a message type may contain itself.
+    plan: _Plan | None = None
+
+    def build(value: Any, depth: int) -> Any:
+        nonlocal plan
+        if type(value) is not dict or depth >= _MAX_DEPTH:
+            return _NO
+        if plan is None:
+            plan = _plan(message_type)
+        if not plan.ours:
+            return _NO
+        return _fields(plan, value, depth + 1)
+
+    return build
+
+
+def _timestamp_value(value: Any, depth: int) -> Any:
+    """A Timestamp's fields, ``{"seconds", "nanos"}``, from its RFC 3339 string, or _NO."""
+    if type(value) is not str or depth >= _MAX_DEPTH or not _RFC3339_UTC.fullmatch(value):
+        return _NO
+    try:
+        # The pattern leaves fromisoformat only the date to check, as strptime would.
+        delta = datetime.fromisoformat(value) - _EPOCH
+    except ValueError:
+        return _NO
+    if len(value) <= _LONGEST_MICROS:
+        nanos = delta.microseconds * 1000
+    else:
+        # fromisoformat truncates beyond microseconds; this is FromJsonString's rounding.
+        nanos = round(float("0." + value[20:-1]) * 1e9)
+    return {"seconds": delta.days * 86400 + delta.seconds, "nanos": nanos}
+
+
+def _parse_dict_builder(message_type: Descriptor) -> _Build:
+    """A well-known type with a JSON form of its own (Struct, Duration, wrappers...):
+    rare in our payloads, so ParseDict builds the value, which the constructor copies."""
+    message_class = message_factory.GetMessageClass(message_type)
+
+    def build(value: Any, depth: int) -> Any:
+        if depth >= _MAX_DEPTH:
+            return _NO
+        try:
+            return json_format.ParseDict(
+                value,
+                message_class(),
+                ignore_unknown_fields=True,
+                max_recursion_depth=_MAX_DEPTH - depth,
+            )
+        except Exception:
+            # Whatever ParseDict raises, parse_dict raises again on the caller's fallback.
+            return _NO
+
+    return build
 
 
 # ---- maps ----

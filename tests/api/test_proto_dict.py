@@ -1,6 +1,8 @@
-"""proto_dict.parse_dict gives json_format.ParseDict's results (ignore_unknown_fields=True)
-and its errors: for random dicts in the JSON mapping of every Event payload and of a test
-message with every field kind, for the events our code builds, and for malformed input."""
+"""proto_dict.parse_dict, and a message built from proto_dict.message_fields' arguments
+(parse_dict where it gives up), give json_format.ParseDict's results
+(ignore_unknown_fields=True) and its errors: for random dicts in the JSON mapping of every
+Event payload and of a test message with every field kind, for the events our code builds,
+and for malformed input."""
 
 from __future__ import annotations
 
@@ -37,8 +39,8 @@ from hypothesis import strategies as st
 from switchboard.v1 import common_pb2, events_pb2
 
 from channels.instagram.parser import parse_delivery
-from gateway.api.convert_events import event_to_proto
-from gateway.api.proto_dict import parse_dict
+from gateway.api.convert_events import event_fields, event_to_proto
+from gateway.api.proto_dict import message_fields, parse_dict
 from gateway.domain.codec import decode_event, encode_event
 from gateway.domain.events import Event, EventKind
 from gateway.domain.inbound import IngestResult, RoutedItem
@@ -163,10 +165,36 @@ def everything_type() -> type[Message]:
     return message_factory.GetMessageClass(pool.FindMessageTypeByName("proto_dict_test.Everything"))
 
 
-def parse_both(message_type: type[Message], js: Any) -> tuple[Message, Message]:
-    """(parse_dict's message, ParseDict's message); ParseDict must accept ``js``."""
+Parse = Callable[[type[Message], Any], Message]
+
+
+def by_parse_dict(message_type: type[Message], js: Any) -> Message:
+    return parse_dict(js, message_type())
+
+
+def by_message_fields(message_type: type[Message], js: Any) -> Message:
+    """As event_to_proto builds a payload: the constructor on message_fields' arguments,
+    parse_dict where message_fields gives up or the constructor refuses them."""
+    fields = message_fields(js, descriptor_of(message_type))
+    if fields is not None:
+        try:
+            return message_type(**fields)
+        except (ValueError, TypeError):
+            pass
+    return parse_dict(js, message_type())
+
+
+PARSERS = pytest.mark.parametrize(
+    "parse", [by_parse_dict, by_message_fields], ids=["parse_dict", "message_fields"]
+)
+
+
+def parse_both(
+    message_type: type[Message], js: Any, parse: Parse = by_parse_dict
+) -> tuple[Message, Message]:
+    """(``parse``'s message, ParseDict's message); ParseDict must accept ``js``."""
     expected = json_format.ParseDict(js, message_type(), ignore_unknown_fields=True)
-    return parse_dict(js, message_type()), expected
+    return parse(message_type, js), expected
 
 
 def assert_same(got: Message, expected: Message) -> None:
@@ -176,7 +204,7 @@ def assert_same(got: Message, expected: Message) -> None:
     )
 
 
-def assert_same_outcome(message_type: type[Message], js: Any) -> None:
+def assert_same_outcome(message_type: type[Message], js: Any, parse: Parse) -> None:
     """Both parse to the same message, or both raise the same ParseError."""
     expected: Message | json_format.ParseError
     try:
@@ -184,10 +212,10 @@ def assert_same_outcome(message_type: type[Message], js: Any) -> None:
     except json_format.ParseError as error:
         expected = error
     if isinstance(expected, Message):
-        assert_same(parse_dict(js, message_type()), expected)
+        assert_same(parse(message_type, js), expected)
         return
     with pytest.raises(json_format.ParseError) as raised:
-        parse_dict(js, message_type())
+        parse(message_type, js)
     assert str(raised.value) == str(expected)
 
 
@@ -361,22 +389,26 @@ def message_json(draw: st.DrawFn, message_type: Descriptor, depth: int = 0) -> d
 # ---- equivalence on the JSON mapping ----
 
 
+@PARSERS
 @pytest.mark.parametrize("kind", sorted(PAYLOAD_TYPES))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_every_payload_type_parses_like_parse_dict(kind: str, data: st.DataObject) -> None:
+def test_every_payload_type_parses_like_parse_dict(
+    parse: Parse, kind: str, data: st.DataObject
+) -> None:
     message_type = PAYLOAD_TYPES[kind]
     js = data.draw(message_json(message_type))
-    got, expected = parse_both(message_factory.GetMessageClass(message_type), js)
+    got, expected = parse_both(message_factory.GetMessageClass(message_type), js, parse)
     assert_same(got, expected)
 
 
+@PARSERS
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_every_field_kind_parses_like_parse_dict(data: st.DataObject) -> None:
+def test_every_field_kind_parses_like_parse_dict(parse: Parse, data: st.DataObject) -> None:
     everything = everything_type()
     js = data.draw(message_json(descriptor_of(everything)))
-    got, expected = parse_both(everything, js)
+    got, expected = parse_both(everything, js, parse)
     assert_same(got, expected)
 
 
@@ -397,9 +429,12 @@ def test_merging_into_a_filled_message_is_like_parse_dict(data: st.DataObject) -
     assert_same(got, expected)
 
 
+@PARSERS
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_any_value_in_any_field_gives_parse_dicts_result_or_error(data: st.DataObject) -> None:
+def test_any_value_in_any_field_gives_parse_dicts_result_or_error(
+    parse: Parse, data: st.DataObject
+) -> None:
     everything = everything_type()
     fields = descriptor_of(everything).fields
     js = data.draw(
@@ -409,9 +444,10 @@ def test_any_value_in_any_field_gives_parse_dicts_result_or_error(data: st.DataO
             max_size=4,
         )
     )
-    assert_same_outcome(everything, js)
+    assert_same_outcome(everything, js, parse)
 
 
+@PARSERS
 @pytest.mark.parametrize(
     ("message_type", "js"),
     [
@@ -429,12 +465,13 @@ def test_any_value_in_any_field_gives_parse_dicts_result_or_error(data: st.DataO
     ],
 )
 def test_odd_shapes_parse_dict_accepts_give_the_same_message(
-    message_type: type[Message], js: Any
+    parse: Parse, message_type: type[Message], js: Any
 ) -> None:
-    assert_same_outcome(message_type, js)
+    assert_same_outcome(message_type, js, parse)
 
 
-def test_timestamps_match_from_json_string_at_the_edges() -> None:
+@PARSERS
+def test_timestamps_match_from_json_string_at_the_edges(parse: Parse) -> None:
     for value in [
         "1970-01-01T00:00:00Z",
         "0001-01-01T00:00:00Z",
@@ -445,7 +482,7 @@ def test_timestamps_match_from_json_string_at_the_edges() -> None:
         "2024-02-29T12:00:00.5Z",
         "2026-11-25T10:00:00+01:00",
     ]:
-        got, expected = parse_both(events_pb2.MessagesRead, {"watermark": value})
+        got, expected = parse_both(events_pb2.MessagesRead, {"watermark": value}, parse)
         assert_same(got, expected)
         assert got.HasField("watermark")
 
@@ -593,20 +630,23 @@ def test_our_events_convert_as_with_parse_dict(via_bus: bool) -> None:
 
 
 def test_our_payloads_stay_on_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only the referral's Struct is left to ParseDict: anything else means our payloads
-    and the fast path drifted apart."""
-    handed_over: list[dict[str, Any]] = []
+    """Every event we build is built from message_fields' arguments, and only the
+    referral's Struct is left to ParseDict: anything else means our payloads and the fast
+    path drifted apart."""
+    handed_over: list[Message] = []
     parse = json_format.ParseDict
 
     def spy(js: Any, message: Message, *args: Any, **kwargs: Any) -> Message:
-        handed_over.append(js)
+        handed_over.append(message)
         return parse(js, message, *args, **kwargs)
 
     monkeypatch.setattr(json_format, "ParseDict", spy)
     for event in all_events():
-        event_to_proto(decode_event(encode_event(event)))
+        fields = event_fields(decode_event(encode_event(event)))
+        assert fields is not None
+        events_pb2.Event(**fields)
     assert handed_over
-    assert all(list(js) == ["extra"] for js in handed_over)
+    assert all(isinstance(message, struct_pb2.Struct) for message in handed_over)
 
 
 def test_an_empty_payload_still_selects_its_case() -> None:
@@ -704,19 +744,21 @@ MALFORMED: list[tuple[Callable[[], type[Message]], Any]] = [
 ]
 
 
+@PARSERS
 @pytest.mark.parametrize(("message_type", "js"), MALFORMED)
 def test_malformed_input_raises_parse_dicts_error(
-    message_type: Callable[[], type[Message]], js: Any
+    parse: Parse, message_type: Callable[[], type[Message]], js: Any
 ) -> None:
     with pytest.raises(json_format.ParseError) as expected:
         json_format.ParseDict(js, message_type()(), ignore_unknown_fields=True)
     with pytest.raises(json_format.ParseError) as raised:
-        parse_dict(js, message_type()())
+        parse(message_type(), js)
     assert str(raised.value) == str(expected.value)
 
 
-def test_nesting_just_under_the_limit_parses() -> None:
-    got, expected = parse_both(everything_type(), deeply(99))
+@PARSERS
+def test_nesting_just_under_the_limit_parses(parse: Parse) -> None:
+    got, expected = parse_both(everything_type(), deeply(99), parse)
     assert_same(got, expected)
     innermost: Any = got
     for _ in range(98):

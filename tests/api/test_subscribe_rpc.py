@@ -8,18 +8,24 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
+from google.protobuf import json_format
+from prometheus_client import REGISTRY
 from switchboard.v1 import messaging_pb2, messaging_pb2_grpc
 
-from gateway.api.subscribe import bus_group, subscription_from_start
+from gateway.api.subscribe import _observe_latency, _response, bus_group, subscription_from_start
+from gateway.domain.bus import Delivery
+from gateway.domain.codec import decode_event, encode_event
 from gateway.domain.events import Event, EventKind
 from gateway.domain.models import ApiToken, Scope
 from gateway.security.tokens import create_token
+from tests.api.test_proto_dict import all_events, reference_event_to_proto
 from tests.bus.conftest import make_event
 from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
 from tests.helpers import bearer, error_info, fresh_database
@@ -215,6 +221,66 @@ def test_the_bus_group_follows_the_effective_filters() -> None:
         bus_group("bot", tenant_ids={"t1"}),
     }
     assert len(distinct) == 6
+
+
+# ---- a response's deliveries and the delivery latency ----
+
+
+def as_deliveries(events: Sequence[Event]) -> list[Delivery]:
+    return [
+        Delivery(delivery_id=f"{i % 3}/{i}-0/{1 + i % 2}", attempt=1 + i % 2, event=event)
+        for i, event in enumerate(events)
+    ]
+
+
+def test_a_response_carries_each_event_as_parse_dict_would_build_it() -> None:
+    events = [decode_event(encode_event(event)) for event in all_events()]
+    received = next(e for e in events if e.kind is EventKind.MESSAGE_RECEIVED)
+    # A field under both its names: a payload only the slow path takes, in the same batch.
+    both_names = {**received.payload, "windowExpiresAt": "2026-11-27T10:00:00Z"}
+    events.append(replace(received, payload=both_names))
+    batch = as_deliveries(events)
+    response = _response(batch)
+    assert response.HasField("sent_at")
+    assert list(response.deliveries) == [
+        messaging_pb2.Delivery(
+            delivery_id=d.delivery_id, attempt=d.attempt, event=reference_event_to_proto(d.event)
+        )
+        for d in batch
+    ]
+
+
+def test_a_payload_parse_dict_refuses_fails_the_batch_with_its_error() -> None:
+    edited = make_event("conv2", kind=EventKind.MESSAGE_EDITED)
+    refused = replace(edited, payload={"edit_count": 2**31})
+    with pytest.raises(json_format.ParseError) as expected:
+        reference_event_to_proto(refused)
+    with pytest.raises(json_format.ParseError) as raised:
+        _response(as_deliveries([make_event("conv1"), refused]))
+    assert str(raised.value) == str(expected.value)
+
+
+def test_delivery_latency_is_observed_once_per_first_attempt_by_channel() -> None:
+    def count(channel: str) -> float:
+        labels = {"channel": channel}
+        return REGISTRY.get_sample_value("switchboard_event_delivery_seconds_count", labels) or 0
+
+    before = {channel: count(channel) for channel in ("instagram", "messenger")}
+    first, second, third = (
+        make_event("conv1", channel="instagram"),
+        make_event("conv2", channel="messenger"),
+        make_event("conv3", channel="instagram"),
+    )
+    _observe_latency(
+        [
+            Delivery(delivery_id="0/1-0/1", attempt=1, event=first),
+            Delivery(delivery_id="0/2-0/1", attempt=1, event=second),
+            # A redelivery would measure its deadline, not the delivery.
+            Delivery(delivery_id="0/3-0/2", attempt=2, event=third),
+        ]
+    )
+    assert count("instagram") == before["instagram"] + 1
+    assert count("messenger") == before["messenger"] + 1
 
 
 # ---- errors ----
