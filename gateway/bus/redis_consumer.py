@@ -14,18 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import heapq
 import itertools
 import logging
 import secrets
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+import hiredis
+from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ResponseError
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.bus import metrics
 from gateway.bus.holdback import HoldbackQueue
@@ -56,6 +61,23 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# XACKs on several streams in one call. KEYS: streams (one may come more than once);
+# ARGV[1]: the group, then for each key the number of its ids followed by the ids.
+XACK_LUA = """
+local at, acked = 2, 0
+for i = 1, #KEYS do
+  local n = tonumber(ARGV[at])
+  acked = acked + redis.call('xack', KEYS[i], ARGV[1], unpack(ARGV, at + 1, at + n))
+  at = at + n + 1
+end
+return acked
+"""
+# Ids per XACK in XACK_LUA: Lua's unpack takes a few thousand values at most.
+_XACK_CHUNK = 1000
+# Empty reads of the other streams in a row after which they are mostly skipped.
+_EMPTY_FOLLOW_UPS = 4
+# Redis names a script by its SHA-1 (an identifier here, not a security measure).
+_XACK_SHA = hashlib.sha1(XACK_LUA.encode(), usedforsecurity=False).hexdigest()
 
 
 @dataclass(slots=True, eq=False)
@@ -70,7 +92,6 @@ class _Item:
 class _Flight:
     item: _Item
     delivery_id: str
-    deadline: float
 
 
 def _delivery_id(item: _Item) -> str:
@@ -89,19 +110,92 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _payload(fields: Any) -> Any:
+    """An entry's encoded event, from redis-py's dict of its fields or a raw reply's flat
+    list of them; None for an entry trimmed while pending."""
+    if not fields:
+        return None
+    if type(fields) is dict:
+        return fields[FIELD]
+    if fields[0] == FIELD:
+        return fields[1]
+    return dict(zip(fields[::2], fields[1::2], strict=True))[FIELD]
+
+
+class _Link:
+    """A connection of the consumer's own for one kind of hot command: its reads, or its
+    acks.
+
+    redis-py's command path (pool checkout, retry wrapper, argument encoding one by one,
+    reply callbacks, observability hooks) costs this process more CPU than a round trip
+    on a bare connection: twice as much for an XREADGROUP. On one node, the consumer's
+    XREADGROUP and XACK go out packed by hiredis in one call and their replies come back
+    as hiredis parses them. One timeout covers the call, in place of the connection's
+    own, which would cost a task per send (asyncio.wait_for) and a timer per read. The
+    connection reconnects on its own after an error (redis-py closes it on any error but
+    an error reply); calls take turns.
+    """
+
+    def __init__(self, client: Redis, *, slack_s: float = 0.0) -> None:
+        self._pool = client.connection_pool
+        self._conn: AbstractConnection | None = None
+        self._socket_timeout: float | None = None
+        # How long a call may take beyond the socket timeout (a blocking read's block).
+        self._slack_s = slack_s
+        self._turn = asyncio.Lock()
+
+    async def call(self, *args: str | bytes | int) -> Any:
+        async with self._turn:
+            conn = self._conn
+            if conn is None:
+                # redis-py leaves this one unannotated.
+                conn = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+                self._socket_timeout, conn.socket_timeout = conn.socket_timeout, None
+                self._conn = conn
+            # hiredis's stub types the argument as a 1-tuple; it takes any length.
+            packed = hiredis.pack_command(cast(tuple[str | bytes | int], args))
+            limit = self._socket_timeout
+            try:
+                # On expiry the read is cut off, and redis-py closes the connection.
+                async with asyncio.timeout(None if limit is None else limit + self._slack_s):
+                    await conn.send_packed_command(packed, check_health=False)
+                    return await conn.read_response()
+            except TimeoutError:
+                raise RedisTimeoutError("Timeout reading from redis") from None
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.socket_timeout = self._socket_timeout
+            await self._pool.release(conn)
+
+
 class RedisConsumer:
     def __init__(self, bus: RedisBus, subscription: Subscription) -> None:
         self._bus = bus
         self._r: RedisClient = bus.client
         self._cluster: RedisCluster | None = self._r if is_cluster(self._r) else None
+        # On one node: the reads on a link of their own, and the acks on another, all the
+        # streams' acks in one script call (a pipeline of one XACK per stream cost more
+        # than the rest of handling the ack). A cluster keeps each stream in a slot of its
+        # own: one XACK per stream there, and the cluster client routes each command.
+        self._read_link = self._ack_link = None
+        if isinstance(self._r, Redis):
+            self._read_link = _Link(self._r, slack_s=bus.block_ms / 1000)
+            self._ack_link = _Link(self._r)
         self._read_groups = bus.read_groups()
         self._keys = bus.keys
+        self._streams = [bus.keys.stream(shard) for shard in range(bus.keys.shards)]
         self._sub = subscription
         self._group = subscription.group
         # Unique per session: a client reconnecting under the same name must not be
         # mistaken for its previous session, whose pending entries others will claim.
         self.name = f"{subscription.consumer}:{secrets.token_hex(4)}"
         self._labels = (BACKEND, subscription.group)
+        # Looked up once: a label lookup costs more than the update it serves.
+        self._in_flight = metrics.IN_FLIGHT.labels(*self._labels)
+        self._delivered = metrics.EVENTS_DELIVERED.labels(*self._labels)
+        self._acked = metrics.EVENTS_ACKED.labels(*self._labels)
         self._lease_ms = int(bus.lease_ttl_s * 1000)
         self._active: set[int] = set()
         self._held: set[int] = set()
@@ -109,7 +203,9 @@ class RedisConsumer:
         self._buffer: HoldbackQueue[_Item] = HoldbackQueue()
         self._buffer_limit = max(bus.read_count * 2, subscription.max_in_flight * 4)
         self._flights: dict[tuple[int, str], _Flight] = {}
-        self._deadlines: list[tuple[float, int, str, str]] = []
+        # One entry per batch handed out: its deadline and its flights' keys and delivery
+        # ids. Every batch gets now + the same ack deadline, so this is in deadline order.
+        self._deadlines: deque[tuple[float, list[tuple[tuple[int, str], str]]]] = deque()
         self._delayed: list[tuple[float, int, _Item]] = []
         self._tiebreak = itertools.count()
         self._wake = asyncio.Event()
@@ -117,6 +213,7 @@ class RedisConsumer:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._empty_follow_ups = self._follow_up_chances = 0
 
     # ---- lifetime ----
     async def start(self) -> None:
@@ -137,7 +234,7 @@ class RedisConsumer:
             return
         await self._stop_tasks()
         gone = len(self._flights)
-        metrics.IN_FLIGHT.labels(*self._labels).dec(gone)
+        self._in_flight.dec(gone)
         if gone:
             metrics.EVENTS_REDELIVERED.labels(*self._labels, metrics.REASON_CONSUMER_GONE).inc(gone)
         self._flights.clear()
@@ -155,6 +252,9 @@ class RedisConsumer:
             log.warning("bus consumer could not release its leases", exc_info=True)
         self._held.clear()
         self._active.clear()
+        for link in (self._read_link, self._ack_link):
+            if link is not None:
+                await link.aclose()
 
     async def _stop_tasks(self) -> None:
         """Lets the loops finish their current Redis call rather than cancelling it:
@@ -187,42 +287,68 @@ class RedisConsumer:
             if timer is not None:
                 wait = min(wait, max(timer - time.monotonic(), 0.0) + 0.001)
             waiter = self._wake
+            # asyncio.timeout, not wait_for: wait_for wraps the wait in a task of its own.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await waiter.wait()
         return []
 
     async def ack(self, delivery_ids: Sequence[str]) -> None:
         by_shard: dict[int, list[str]] = defaultdict(list)
         acked = 0
+        flights = self._flights
         for delivery_id in delivery_ids:
-            shard, entry_id = _parse_delivery_id(delivery_id)
+            key = _parse_delivery_id(delivery_id)
             # Acked even when no longer in flight here: the work is done either way.
-            by_shard[shard].append(entry_id)
-            flight = self._flights.pop((shard, entry_id), None)
+            by_shard[key[0]].append(key[1])
+            flight = flights.pop(key, None)
             if flight is not None:
                 acked += 1
                 self._buffer.release(flight.item.event.ordering_key)
         if not by_shard:
             return
         try:
-            pipe = self._r.pipeline(transaction=False)
-            for shard, ids in by_shard.items():
-                pipe.xack(self._keys.stream(shard), self._group, *ids)
-            await pipe.execute()
+            await self._xack(by_shard)
         except REDIS_ERRORS as exc:
             raise BusUnavailable(f"redis: {exc.__class__.__name__}") from exc
         finally:
             if acked:
-                metrics.EVENTS_ACKED.labels(*self._labels).inc(acked)
-                metrics.IN_FLIGHT.labels(*self._labels).dec(acked)
-                self._notify()
+                self._acked.inc(acked)
+                self._in_flight.dec(acked)
+                # Room in flight, or a conversation released, matters only to entries
+                # waiting in the buffer; with none, a receive woken here finds nothing.
+                if self._buffer.size:
+                    self._notify()
+
+    async def _xack(self, by_shard: dict[int, list[str]]) -> None:
+        if self._ack_link is None:
+            pipe = self._r.pipeline(transaction=False)
+            for shard, ids in by_shard.items():
+                pipe.xack(self._streams[shard], self._group, *ids)
+            await pipe.execute()
+            return
+        keys: list[str] = []
+        args: list[str | int] = [self._group]
+        for shard, ids in by_shard.items():
+            stream = self._streams[shard]
+            for start in range(0, len(ids), _XACK_CHUNK):
+                chunk = ids[start : start + _XACK_CHUNK]
+                keys.append(stream)
+                args.append(len(chunk))
+                args.extend(chunk)
+        try:
+            await self._ack_link.call("EVALSHA", _XACK_SHA, len(keys), *keys, *args)
+        except NoScriptError:
+            # Redis restarted or was flushed: a script it cannot find never started.
+            sha = _text(await self._ack_link.call("SCRIPT", "LOAD", XACK_LUA))
+            await self._ack_link.call("EVALSHA", sha, len(keys), *keys, *args)
 
     async def nack(self, delivery_id: str, delay_s: float = 0.0) -> None:
         shard, entry_id = _parse_delivery_id(delivery_id)
         flight = self._flights.pop((shard, entry_id), None)
         if flight is None:
             return
-        metrics.IN_FLIGHT.labels(*self._labels).dec()
+        self._in_flight.dec()
         metrics.EVENTS_REDELIVERED.labels(*self._labels, metrics.REASON_NACK).inc()
         # The key stays busy until the retry is due, so later entries wait behind it.
         self._buffer.hold(flight.item.event.ordering_key)
@@ -234,20 +360,23 @@ class RedisConsumer:
     def _take(self, max_count: int) -> list[Delivery]:
         room = min(max_count, self._sub.max_in_flight - len(self._flights))
         out: list[Delivery] = []
-        deadline = time.monotonic() + self._sub.ack_deadline_s
+        due: list[tuple[tuple[int, str], str]] = []
+        flights, buffer = self._flights, self._buffer
         while len(out) < room:
-            popped = self._buffer.pop()
+            popped = buffer.pop()
             if popped is None:
                 break
-            _, item = popped
+            item = popped[1]
             delivery_id = _delivery_id(item)
-            self._flights[(item.shard, item.entry_id)] = _Flight(item, delivery_id, deadline)
-            heapq.heappush(self._deadlines, (deadline, item.shard, item.entry_id, delivery_id))
+            key = (item.shard, item.entry_id)
+            flights[key] = _Flight(item, delivery_id)
+            due.append((key, delivery_id))
             out.append(Delivery(delivery_id=delivery_id, attempt=item.deliveries, event=item.event))
         if out:
-            metrics.EVENTS_DELIVERED.labels(*self._labels).inc(len(out))
-            metrics.IN_FLIGHT.labels(*self._labels).inc(len(out))
-            if self._buffer.size < self._buffer_limit // 2:
+            self._deadlines.append((time.monotonic() + self._sub.ack_deadline_s, due))
+            self._delivered.inc(len(out))
+            self._in_flight.inc(len(out))
+            if buffer.size < self._buffer_limit // 2:
                 self._reader_wake.set()
         return out
 
@@ -259,13 +388,13 @@ class RedisConsumer:
         now = time.monotonic()
         due: list[tuple[_Item, str]] = []
         while self._deadlines and self._deadlines[0][0] <= now:
-            _, shard, entry_id, delivery_id = heapq.heappop(self._deadlines)
-            flight = self._flights.get((shard, entry_id))
-            if flight is None or flight.delivery_id != delivery_id:
-                continue  # acked or nacked since
-            del self._flights[(shard, entry_id)]
-            metrics.IN_FLIGHT.labels(*self._labels).dec()
-            due.append((flight.item, metrics.REASON_DEADLINE))
+            for key, delivery_id in self._deadlines.popleft()[1]:
+                flight = self._flights.get(key)
+                if flight is None or flight.delivery_id != delivery_id:
+                    continue  # acked or nacked since
+                del self._flights[key]
+                self._in_flight.dec()
+                due.append((flight.item, metrics.REASON_DEADLINE))
         while self._delayed and self._delayed[0][0] <= now:
             _, _, item = heapq.heappop(self._delayed)
             due.append((item, metrics.REASON_NACK))
@@ -359,36 +488,78 @@ class RedisConsumer:
         active = self._active & shards
         if not active:
             return
-        streams: dict[Any, Any] = {self._keys.stream(s): ">" for s in sorted(active)}
+        streams: dict[Any, Any] = {self._streams[s]: ">" for s in sorted(active)}
+        reply = await self._xreadgroup(streams, count=self._room(), block=self._bus.block_ms)
+        if not reply:
+            return
+        added = self._accept(reply, deliveries=1)
+        try:
+            if (
+                len(reply) == 1 < len(streams)
+                and self._buffer.size < self._buffer_limit
+                and self._follow_up_worth_it()
+            ):
+                # A read that blocked is answered with the entries of the one stream that
+                # woke it, while a publish usually appends to several streams at once: read
+                # the others too before handing anything out, so that a publish makes one
+                # response to the client rather than two (each costing a gRPC message, an
+                # Ack and an XACK).
+                streams.pop(_text(reply[0][0]), None)
+                more = await self._xreadgroup(streams, count=self._room(), block=None)
+                self._empty_follow_ups = 0 if more else self._empty_follow_ups + 1
+                if more:
+                    added += self._accept(more, deliveries=1)
+        finally:
+            if added:
+                self._notify()
+
+    def _follow_up_worth_it(self) -> bool:
+        """Whether to read the other streams after a read that blocked. One that finds
+        nothing costs a round trip for nothing: the case when events come one at a time.
+        After a few of those in a row, only one chance in 16 is taken, to notice batches
+        coming back."""
+        if self._empty_follow_ups < _EMPTY_FOLLOW_UPS:
+            return True
+        self._follow_up_chances += 1
+        return self._follow_up_chances % 16 == 0
+
+    def _room(self) -> int:
+        """How many entries one read may bring into the buffer."""
         room = self._buffer_limit - self._buffer.size
         if len(self._read_groups) > 1:
             # The readers of other slots fill the same buffer: each takes its share.
             readers = sum(1 for group in self._read_groups if not group.isdisjoint(self._active))
-            room = max(1, room // max(readers, 1))
-        count = min(self._bus.read_count, room)
-        reply = await self._xreadgroup(streams, count=count, block=self._bus.block_ms)
-        if reply:
-            self._accept(reply, deliveries=1)
+            room = room // max(readers, 1)
+        return max(1, min(self._bus.read_count, room))
 
-    async def _xreadgroup(self, streams: dict[Any, Any], *, count: int, block: int | None) -> Any:
-        if self._cluster is None:
-            return await self._r.xreadgroup(
-                self._group, self.name, streams, count=count, block=block
+    async def _xreadgroup(
+        self, streams: dict[Any, Any], *, count: int, block: int | None
+    ) -> list[tuple[Any, list[Any]]]:
+        """The streams read, each with its entries: (id, fields), the fields as a dict or
+        as a raw reply's flat list (see :func:`_payload`)."""
+        args: list[Any] = ["GROUP", self._group, self.name, "COUNT", count]
+        if block is not None:
+            args += ["BLOCK", block]
+        if self._read_link is not None:
+            reply = await self._read_link.call(
+                "XREADGROUP", *args, "STREAMS", *streams, *streams.values()
             )
+            # RESP3 answers a map of streams, RESP2 a list of pairs; nothing: nil.
+            return list(reply.items()) if isinstance(reply, dict) else reply or []
+        assert self._cluster is not None
         # Straight to the node that serves the streams' slot: left to route the command
         # itself, the cluster client asks a node COMMAND GETKEYS before every read
         # (XREADGROUP's keys are "movable"), and it retries a read whose reply was lost,
         # which would hide the entries that read left pending under our name. A MOVED
         # reply is still followed.
         node = self._cluster.get_node_from_key(next(iter(streams)))
-        args: list[Any] = ["GROUP", self._group, self.name, "COUNT", count]
-        if block is not None:
-            args += ["BLOCK", block]
-        return await self._cluster.execute_command(
+        reply = await self._cluster.execute_command(
             "XREADGROUP", *args, "STREAMS", *streams, *streams.values(), target_nodes=node
         )
+        return reply or []
 
-    def _accept(self, reply: Any, *, deliveries: int) -> None:
+    def _accept(self, reply: Any, *, deliveries: int) -> int:
+        """Buffers the entries of an XREADGROUP reply; how many (the caller notifies)."""
         filtered: dict[int, list[str]] = defaultdict(list)
         added = 0
         for stream_name, entries in reply:
@@ -396,12 +567,13 @@ class RedisConsumer:
             if shard not in self._active:
                 continue  # given up meanwhile: stays pending for the next owner
             for raw_id, fields in entries:
-                if not fields:
+                payload = _payload(fields)
+                if payload is None:
                     continue  # trimmed while pending
                 entry_id = _text(raw_id)
                 if (shard, entry_id) in self._flights:
                     continue
-                event = decode_event(fields[FIELD])
+                event = decode_event(payload)
                 if not self._sub.matches(event):
                     filtered[shard].append(entry_id)
                     continue
@@ -411,15 +583,11 @@ class RedisConsumer:
             metrics.EVENTS_FILTERED.labels(*self._labels).inc(sum(map(len, filtered.values())))
             task = asyncio.create_task(self._ack_filtered(filtered))
             self._bus.track(task)
-        if added:
-            self._notify()
+        return added
 
     async def _ack_filtered(self, filtered: dict[int, list[str]]) -> None:
         try:
-            pipe = self._r.pipeline(transaction=False)
-            for shard, ids in filtered.items():
-                pipe.xack(self._keys.stream(shard), self._group, *ids)
-            await pipe.execute()
+            await self._xack(filtered)
         except REDIS_ERRORS:
             # They stay pending and come back to whoever owns the shard next.
             log.warning("bus could not ack filtered entries", exc_info=True)
@@ -436,7 +604,8 @@ class RedisConsumer:
                 entries = reply[0][1] if reply else []
                 if not entries:
                     break
-                self._accept(reply, deliveries=1)
+                if self._accept(reply, deliveries=1):
+                    self._notify()
                 start = _text(entries[-1][0])
 
     # ---- membership, leases, rebalancing ----

@@ -107,6 +107,19 @@ async def test_an_unacked_delivery_comes_again_after_its_deadline(harness: Harne
         assert d2.event.event_id == second.event_id
 
 
+async def test_only_the_unacked_deliveries_of_a_batch_come_again(harness: Harness) -> None:
+    bus = harness.bus
+    events = [make_event(f"conv{i}", 0) for i in range(4)]
+    await harness.publish(events)
+    async with bus.subscribe(sub("g", ack_deadline_s=0.3)) as c:
+        batch = await drain(c, 4, ack=False)
+        assert len(batch) == 4
+        kept, acked = batch[:1], batch[1:]
+        await c.ack([d.delivery_id for d in acked])
+        again = await drain(c, 2, timeout=1.5)
+    assert [(d.event.event_id, d.attempt) for d in again] == [(kept[0].event.event_id, 2)]
+
+
 async def test_a_departed_consumers_deliveries_go_to_another(harness: Harness) -> None:
     bus = harness.bus
     events = [make_event(f"conv{i}", 0) for i in range(5)]

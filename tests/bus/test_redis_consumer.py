@@ -1,0 +1,137 @@
+"""How the Redis consumer keeps its round trips few: a publish reaches a waiting receive
+as one batch, the acks of many shards go in one call (even after Redis lost its scripts),
+and the bus metrics still count every delivery and ack."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio
+from prometheus_client import REGISTRY
+
+from gateway.bus import RedisBus
+from gateway.bus import redis_consumer as consumer_module
+from gateway.bus.redis_consumer import RedisConsumer
+from gateway.domain.bus import Delivery, Subscription
+from gateway.domain.events import Event
+from tests.bus.conftest import make_event
+from tests.bus.test_contract import drain
+
+SHARDS = 8
+
+
+@pytest.fixture
+async def bus(redis_url: str, redis_prefix: str) -> AsyncIterator[RedisBus]:
+    prefix = f"{redis_prefix}{secrets.token_hex(4)}:"
+    # A long block: the reader is surely waiting in XREADGROUP when the test publishes.
+    async with RedisBus(
+        redis_url, key_prefix=prefix, shards=SHARDS, lease_ttl_s=2.0, block_ms=2000
+    ) as bus:
+        yield bus
+
+
+def across_shards(bus: RedisBus, count: int) -> list[Event]:
+    """One event per conversation, the conversations on as many shards as they can be
+    (chosen, not left to chance: a test must not depend on where random names hash)."""
+    run = secrets.token_hex(3)
+    events: list[Event] = []
+    used: set[int] = set()
+    names = (f"conv-{run}-{n}" for n in itertools.count())
+    while len(events) < count:
+        event = make_event(next(names), 0)
+        shard = bus.keys.shard_of(event.ordering_key)
+        if shard not in used or len(used) == SHARDS:
+            used.add(shard)
+            events.append(event)
+    return events
+
+
+async def pending(bus: RedisBus, group: str) -> int:
+    client: redis.asyncio.Redis = bus.client  # type: ignore[assignment]
+    total = 0
+    for shard in range(SHARDS):
+        summary = await client.xpending(bus.keys.stream(shard), group)
+        total += int(summary["pending"])
+    return total
+
+
+def sample(name: str, group: str) -> float:
+    return REGISTRY.get_sample_value(name, {"backend": "redis", "group": group}) or 0.0
+
+
+async def test_a_publish_across_shards_reaches_a_waiting_receive_as_one_batch(
+    bus: RedisBus,
+) -> None:
+    events = across_shards(bus, 12)
+    async with bus.subscribe(Subscription("g", "c")) as consumer:
+        waiting = asyncio.create_task(consumer.receive(100, 5.0))
+        # Redis answers a reader blocked on several streams with the one that woke it; the
+        # consumer reads the others before handing out, not in a second batch.
+        await asyncio.sleep(0.3)
+        await bus.publish(events)
+        got = await waiting
+    assert sorted(d.event.event_id for d in got) == sorted(e.event_id for e in events)
+
+
+async def test_acks_of_many_shards_leave_nothing_pending(
+    bus: RedisBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small chunks: one ack call then names some streams several times.
+    monkeypatch.setattr(consumer_module, "_XACK_CHUNK", 2)
+    await bus.publish([make_event(f"conv{i % 5}", i // 5) for i in range(30)])
+    async with bus.subscribe(Subscription("g", "c")) as consumer:
+        got: list[Delivery] = []
+        while len(got) < 30:
+            batch = await consumer.receive(100, 2.0)
+            assert batch
+            assert await pending(bus, "g") >= len(batch)
+            await consumer.ack([d.delivery_id for d in batch])
+            got.extend(batch)
+        assert await pending(bus, "g") == 0
+
+
+async def test_acks_go_through_when_redis_lost_the_script(
+    bus: RedisBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A SHA-1 Redis has never seen: as after a restart, which empties its script cache.
+    monkeypatch.setattr(consumer_module, "_XACK_SHA", "0" * 40)
+    await bus.publish(across_shards(bus, 6))
+    async with bus.subscribe(Subscription("g", "c")) as consumer:
+        got = await drain(consumer, 6)
+        assert len(got) == 6
+        assert await pending(bus, "g") == 0
+
+
+async def test_the_bus_metrics_count_deliveries_acks_and_what_is_in_flight(
+    bus: RedisBus,
+) -> None:
+    group = f"g{secrets.token_hex(3)}"
+    await bus.publish(across_shards(bus, 5))
+    async with bus.subscribe(Subscription(group, "c")) as consumer:
+        got: list[Delivery] = []
+        while len(got) < 5:
+            got.extend(await consumer.receive(100, 2.0))
+        assert sample("switchboard_bus_events_delivered_total", group) == 5
+        assert sample("switchboard_bus_in_flight", group) == 5
+        await consumer.ack([d.delivery_id for d in got[:3]])
+        assert sample("switchboard_bus_events_acked_total", group) == 3
+        assert sample("switchboard_bus_in_flight", group) == 2
+    # Closing hands the other two back to the group.
+    assert sample("switchboard_bus_in_flight", group) == 0
+
+
+async def test_reads_of_the_other_streams_are_mostly_skipped_while_they_find_nothing(
+    bus: RedisBus,
+) -> None:
+    consumer = RedisConsumer(bus, Subscription("g", "c"))
+    assert consumer._follow_up_worth_it()
+    consumer._empty_follow_ups = consumer_module._EMPTY_FOLLOW_UPS
+    taken = sum(consumer._follow_up_worth_it() for _ in range(64))
+    assert taken == 4
+    # One that finds something again (the caller resets the count) restores them all.
+    consumer._empty_follow_ups = 0
+    assert all(consumer._follow_up_worth_it() for _ in range(8))
