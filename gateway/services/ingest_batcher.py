@@ -1,9 +1,10 @@
 """Group commit: the work of concurrent requests goes into one transaction.
 
 Each request ``submit``s a job and waits; a worker takes every job queued (up to
-``max_items``, lingering at most ``max_wait_s`` for more), hands them to ``flush`` in one
-call, and resolves every waiting request with its result once that call returns (after the
-commit). PERFORMANCE.md: per-row commits are CPU-bound here, batching is the lever.
+``max_items``, lingering at most ``max_wait_s`` for more while jobs come in numbers), hands
+them to ``flush`` in one call, and resolves every waiting request with its result once
+that call returns (after the commit). PERFORMANCE.md: per-row commits are CPU-bound here,
+batching is the lever.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class GroupCommitter(Generic[J, R]):
         self._queue: asyncio.Queue[_Pending[J, R]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        # Size of the last batch collected: lingering only pays while jobs come in numbers.
+        self._last_count = 0
 
     async def start(self) -> None:
         if not self._tasks:
@@ -107,13 +110,20 @@ class GroupCommitter(Generic[J, R]):
         batch = [first]
         count = self._size(first.job)
         count = self._take_queued(batch, count)
-        if count < self._max_items and self._max_wait_s > 0:
+        if count < self._max_items and self._max_wait_s > 0 and self._busy(count):
             # Linger once, on one timer: requests arriving together share one commit. (A
             # loop of sub-millisecond sleeps spins on event loops whose timers have
             # millisecond resolution, such as uvloop's, burning the CPU the requests need.)
             await asyncio.sleep(self._max_wait_s)
             count = self._take_queued(batch, count)
+        self._last_count = count
         return batch
+
+    def _busy(self, count: int) -> bool:
+        """Whether more jobs are likely to come within the linger: several are queued
+        already, or the last batch had several. A lone job in a quiet stretch is flushed at
+        once rather than made to wait for company that is not coming."""
+        return count > 1 or self._last_count > 1
 
     def _take_queued(self, batch: list[_Pending[J, R]], count: int) -> int:
         while count < self._max_items and not self._queue.empty():

@@ -67,3 +67,21 @@ async def test_one_job_the_flush_cannot_take_fails_alone() -> None:
     assert results[0] == 1
     assert results[2] == 2
     assert isinstance(results[1], ValueError)
+
+
+async def test_a_lone_job_is_flushed_without_lingering() -> None:
+    flushed: list[list[int]] = []
+
+    async def flush(jobs: Sequence[int]) -> list[int]:
+        flushed.append(list(jobs))
+        return list(jobs)
+
+    # A linger far longer than the test's timeout: only a flush that skips it answers.
+    committer: GroupCommitter[int, int] = GroupCommitter(flush, max_wait_s=3600)
+    await committer.start()
+    try:
+        assert await asyncio.wait_for(committer.submit(1), 5) == 1
+        assert await asyncio.wait_for(committer.submit(2), 5) == 2
+    finally:
+        await committer.aclose()
+    assert flushed == [[1], [2]]
