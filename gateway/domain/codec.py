@@ -14,7 +14,8 @@ import orjson
 from gateway.domain.events import Event, EventKind
 
 
-def _ts(value: datetime) -> str:
+def rfc3339(value: datetime) -> str:
+    """A time as the events carry it: UTC, microseconds, ``Z``."""
     return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
@@ -30,8 +31,8 @@ def event_to_dict(event: Event) -> dict[str, Any]:
         "channel": event.channel,
         "conversation_id": event.conversation_id,
         "kind": event.kind.value,
-        "occurred_at": _ts(event.occurred_at),
-        "received_at": _ts(event.received_at),
+        "occurred_at": rfc3339(event.occurred_at),
+        "received_at": rfc3339(event.received_at),
         "payload": event.payload,
     }
 

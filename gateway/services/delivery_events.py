@@ -7,22 +7,13 @@ message and the change, so that recording the same change twice yields one event
 
 from __future__ import annotations
 
-import base64
-import hashlib
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
+from gateway.domain.codec import rfc3339
 from gateway.domain.events import Event, EventKind
+from gateway.domain.ids import derived_id
 from gateway.domain.models import DeliveryError, Message
-
-
-def _ts(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _event_id(message_id: str, change: str) -> str:
-    digest = hashlib.blake2b(f"{message_id}\x00{change}".encode(), digest_size=16).digest()
-    return "evt_" + base64.b32encode(digest).decode().rstrip("=").lower()
 
 
 def error_json(e: DeliveryError) -> dict[str, Any]:
@@ -44,7 +35,7 @@ def delivery_update_payload(message: Message) -> dict[str, Any]:
         "error": error_json(message.error) if message.error else {},
         "attempt": message.attempts,
         "idempotency_key": message.idempotency_key,
-        "confirmed_at": _ts(message.confirmed_at) if message.confirmed_at else "",
+        "confirmed_at": rfc3339(message.confirmed_at) if message.confirmed_at else "",
     }
     return {k: v for k, v in data.items() if v not in ("", 0, {}, None)}
 
@@ -53,7 +44,7 @@ def delivery_update(message: Message, now: datetime, *, confirmed: bool = False)
     """The event for the message's current status; ``confirmed``: the echo confirmed it."""
     change = "confirmed" if confirmed else f"{message.status.value}:{message.attempts}"
     return Event(
-        event_id=_event_id(message.id, change),
+        event_id=derived_id("evt", message.id, change),
         tenant_id=message.tenant_id,
         connection_id=message.connection_id,
         channel=message.channel,

@@ -11,9 +11,9 @@ Meta retries, or sends twice, yields the same event id and the outbox keeps it o
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
+from gateway.domain.codec import rfc3339
 from gateway.domain.events import Event, EventKind
 from gateway.domain.ids import derived_id
 from gateway.domain.inbound import (
@@ -43,10 +43,6 @@ _ATTACHMENT_TYPES = frozenset(
         "sticker",
     }
 )
-
-
-def ts(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def build_events(routed: Sequence[RoutedItem], results: Sequence[IngestResult]) -> list[Event]:
@@ -108,7 +104,7 @@ def payload(r: RoutedItem, result: IngestResult) -> dict[str, Any]:
             {
                 "message": message_json(message, customer, result.reply_to_message_id),
                 "sender": customer,
-                "window_expires_at": ts(window) if window else "",
+                "window_expires_at": rfc3339(window) if window else "",
                 "referral": referral_to_dict(item.referral) if item.referral else {},
                 "standby": item.standby,
             }
@@ -134,7 +130,7 @@ def payload(r: RoutedItem, result: IngestResult) -> dict[str, Any]:
             {
                 "up_to_message_id": result.message_id,
                 "up_to_external_id": item.external_id,
-                "watermark": ts(item.occurred_at),
+                "watermark": rfc3339(item.occurred_at),
             }
         )
     if kind == EventKind.POSTBACK:
@@ -213,7 +209,7 @@ def message_json(m: Message, sender: dict[str, Any], reply_to_message_id: str) -
             "attachments": [attachment_json(a) for a in m.attachments],
             "reply_to": reply_to,
             "quick_reply_payload": m.content.get("quick_reply_payload", ""),
-            "created_at": ts(m.created_at) if m.created_at else "",
+            "created_at": rfc3339(m.created_at) if m.created_at else "",
             "status": f"MESSAGE_STATUS_{m.status.value}",
             "tenant_id": m.tenant_id,
             "connection_id": m.connection_id,
