@@ -232,6 +232,20 @@ async def test_deleting_a_connection_deletes_its_messages(store: AnyStore) -> No
         assert await tx.get_message(result.message_id) is None
 
 
+async def test_deleting_a_conversation_deletes_its_messages_only(store: AnyStore) -> None:
+    conn = await saved_connection(store)
+    (gone,) = await ingest(store, conn, text("111", "m1"))
+    (kept,) = await ingest(store, conn, text("222", "m2"))
+    assert gone.conversation is not None
+    async with store.transaction() as tx:
+        await tx._ex.execute(  # type: ignore[attr-defined]
+            "DELETE FROM conversations WHERE id = :id", {"id": gone.conversation.id}
+        )
+    async with store.transaction() as tx:
+        assert await tx.get_message(gone.message_id) is None
+        assert await tx.get_message(kept.message_id) is not None
+
+
 async def test_nothing_stays_when_the_transaction_fails(store: AnyStore) -> None:
     conn = await saved_connection(store)
 

@@ -1,0 +1,4 @@
+-- Switchboard schema, version 0008 (SQLite): nothing to change.
+-- PostgreSQL replaces the foreign key from messages.conversation_id with a trigger that
+-- deletes a conversation's messages (see its 0008). SQLite keeps the constraint: a check
+-- is a B-tree lookup there, not a row lock.
