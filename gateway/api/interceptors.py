@@ -26,6 +26,7 @@ import grpc.aio
 from gateway.api.context import Ctx, Handler
 from gateway.api.errors import to_status
 from gateway.domain.errors import (
+    InvalidArgument,
     NotFound,
     PermissionDenied,
     SwitchboardError,
@@ -79,7 +80,11 @@ def require_owner(tenant_id: str, kind: str, ident: str) -> None:
 
 
 def require_tenant(tenant_id: str) -> None:
-    """PERMISSION_DENIED unless the caller's token may act for ``tenant_id``."""
+    """PERMISSION_DENIED unless the caller's token may act for ``tenant_id``. An empty one is
+    INVALID_ARGUMENT whatever the token: a field left unset is the request's fault, and the
+    answer must not depend on which tenants the token names."""
+    if not tenant_id.strip():
+        raise InvalidArgument("tenant_id", "must not be empty")
     if not current_token().allows_tenant(tenant_id):
         raise PermissionDenied(
             f"the token may not act for tenant {tenant_id!r}",

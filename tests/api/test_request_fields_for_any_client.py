@@ -1,0 +1,62 @@
+"""What a client generated in any language meets: proto3 cannot tell an unset string from
+an empty one, so a missing required field must read as the request's fault, the same
+whatever the token."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import grpc
+import grpc.aio
+import pytest
+from switchboard.v1 import connect_pb2, connect_pb2_grpc, messaging_pb2, messaging_pb2_grpc
+
+from gateway.security.tokens import create_token
+from tests.gateway_harness import RunningGateway
+from tests.helpers import bearer, error_info
+
+
+@pytest.mark.parametrize("tenants", [["acme"], ["*"]], ids=["one-tenant token", "any-tenant token"])
+async def test_an_empty_tenant_id_is_invalid_argument_naming_the_field(
+    embedded: RunningGateway, channel: grpc.aio.Channel, tenants: list[str]
+) -> None:
+    token, _ = await create_token(embedded.gateway.store, name="t", tenants=tenants, scopes=[])
+    auth = bearer(token)
+    connect = connect_pb2_grpc.ChannelConnectStub(channel)
+    messaging = messaging_pb2_grpc.MessagingStub(channel)
+    calls: dict[str, Callable[[], Awaitable[object]]] = {
+        "ListConnections": lambda: connect.ListConnections(
+            connect_pb2.ListConnectionsRequest(), metadata=auth
+        ),
+        "StartConnect": lambda: connect.StartConnect(
+            connect_pb2.StartConnectRequest(channel="instagram"), metadata=auth
+        ),
+        "ListConversations": lambda: messaging.ListConversations(
+            messaging_pb2.ListConversationsRequest(), metadata=auth
+        ),
+        "SendMessage": lambda: messaging.SendMessage(
+            messaging_pb2.SendMessageRequest(
+                connection_id="conn_x", conversation_id="cnv_x", text="hi"
+            ),
+            metadata=auth,
+        ),
+    }
+    for name, call in calls.items():
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert error_info(caught.value).metadata["field"] == "tenant_id", name
+        assert (caught.value.details() or "").startswith("tenant_id:"), name
+
+
+async def test_another_tenant_is_still_permission_denied(
+    embedded: RunningGateway, channel: grpc.aio.Channel
+) -> None:
+    token, _ = await create_token(embedded.gateway.store, name="t", tenants=["acme"], scopes=[])
+    messaging = messaging_pb2_grpc.MessagingStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await messaging.ListConversations(
+            messaging_pb2.ListConversationsRequest(tenant_id="globex"), metadata=bearer(token)
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_info(caught.value).reason == "TENANT_NOT_ALLOWED"
