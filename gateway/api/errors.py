@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import grpc
 from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -42,15 +43,22 @@ def status_code_for(error: errors.SwitchboardError) -> grpc.StatusCode:
 
 
 def to_status(error: errors.SwitchboardError) -> grpc.Status:
-    """A grpc.Status carrying the message and an ErrorInfo(reason, domain, metadata)."""
+    """A grpc.Status carrying the message and an ErrorInfo(reason, domain, metadata), then,
+    for a bad field, a BadRequest naming it: the detail generic gRPC tooling and other
+    languages' client libraries look for on INVALID_ARGUMENT."""
     code = status_code_for(error)
     info = error_details_pb2.ErrorInfo(
         reason=error.reason, domain=DOMAIN, metadata=dict(error.metadata)
     )
-    detail = any_pb2.Any()
-    detail.Pack(info)
+    details = [_packed(info)]
+    if isinstance(error, errors.InvalidArgument):
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=error.field,
+            description=error.message.removeprefix(f"{error.field}: "),
+        )
+        details.append(_packed(error_details_pb2.BadRequest(field_violations=[violation])))
     status = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=error.message, details=[detail]
+        code=getattr(code_pb2, code.name), message=error.message, details=details
     )
     base = rpc_status.to_status(status)
     # abort_with_status replaces the trailers set earlier, so the request id rides along.
@@ -59,6 +67,12 @@ def to_status(error: errors.SwitchboardError) -> grpc.Status:
         (("x-request-id", request_id),) if request_id else ()
     )
     return _Status(base.code, base.details, trailers)
+
+
+def _packed(detail: Message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(detail)
+    return packed
 
 
 class _StatusFields(NamedTuple):

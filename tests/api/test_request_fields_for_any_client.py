@@ -1,6 +1,7 @@
 """What a client generated in any language meets: proto3 cannot tell an unset string from
 an empty one, so a missing required field must read as the request's fault, the same
-whatever the token."""
+whatever the token; and a bad field is named by the standard google.rpc details, read
+from the raw trailer without grpcio-status."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 import grpc.aio
 import pytest
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 from switchboard.v1 import connect_pb2, connect_pb2_grpc, messaging_pb2, messaging_pb2_grpc
 
 from gateway.security.tokens import create_token
@@ -60,3 +62,49 @@ async def test_another_tenant_is_still_permission_denied(
         )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert error_info(caught.value).reason == "TENANT_NOT_ALLOWED"
+
+
+async def test_a_bad_field_is_named_by_error_info_and_bad_request_in_the_raw_trailer(
+    embedded: RunningGateway, channel: grpc.aio.Channel
+) -> None:
+    """Decoded as another language's client does it: the grpc-status-details-bin trailer
+    is a google.rpc.Status; its details are ErrorInfo, then BadRequest."""
+    connect = connect_pb2_grpc.ChannelConnectStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await connect.ListConnections(
+            connect_pb2.ListConnectionsRequest(tenant_id="acme", page_size=501),
+            metadata=bearer(embedded.token),
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    trailers = dict(caught.value.trailing_metadata() or ())
+    raw = trailers["grpc-status-details-bin"]
+    assert isinstance(raw, bytes)
+    status = status_pb2.Status.FromString(raw)
+    assert status.code == code_pb2.INVALID_ARGUMENT
+    assert status.message == caught.value.details()
+    assert [d.type_url for d in status.details] == [
+        "type.googleapis.com/google.rpc.ErrorInfo",
+        "type.googleapis.com/google.rpc.BadRequest",
+    ]
+    info = error_details_pb2.ErrorInfo.FromString(status.details[0].value)
+    assert (info.domain, info.metadata["field"]) == ("switchboard.dev", "page_size")
+    bad = error_details_pb2.BadRequest.FromString(status.details[1].value)
+    assert [(v.field, v.description) for v in bad.field_violations] == [
+        ("page_size", "must be at most 500")
+    ]
+
+
+async def test_other_errors_carry_error_info_alone(
+    embedded: RunningGateway, channel: grpc.aio.Channel
+) -> None:
+    messaging = messaging_pb2_grpc.MessagingStub(channel)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await messaging.GetMessage(
+            messaging_pb2.GetMessageRequest(message_id="msg_nope"),
+            metadata=bearer(embedded.token),
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    raw = dict(caught.value.trailing_metadata() or ())["grpc-status-details-bin"]
+    assert isinstance(raw, bytes)
+    status = status_pb2.Status.FromString(raw)
+    assert [d.type_url for d in status.details] == ["type.googleapis.com/google.rpc.ErrorInfo"]
