@@ -152,6 +152,16 @@ class SendTarget:
 
 
 @dataclass(frozen=True, slots=True)
+class SendBatch:
+    """What a batch of SendMessage calls reads before it stores anything: conversations
+    by id and by (connection_id, channel_user_id), and connections by id."""
+
+    targets: dict[str, SendTarget]
+    connections: dict[str, Connection]
+    recipients: dict[tuple[str, str], SendTarget]
+
+
+@dataclass(frozen=True, slots=True)
 class DeliveryAttempt:
     """One try to hand an outbound message to the channel (``error`` None: accepted)."""
 

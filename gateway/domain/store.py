@@ -20,7 +20,7 @@ uniqueness conflict that the method does not resolve itself.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,7 +40,7 @@ from gateway.domain.models import (
     Page,
     Participant,
 )
-from gateway.domain.outbound import DeliveryAttempt, SendTarget
+from gateway.domain.outbound import DeliveryAttempt, SendBatch, SendTarget
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,6 +217,16 @@ class Tx(Protocol):
     ) -> dict[tuple[str, str], SendTarget]:
         """The same, by (connection_id, channel_user_id)."""
 
+    async def find_send_batch(
+        self,
+        conversation_ids: Sequence[str],
+        connection_ids: Sequence[str],
+        pairs: Sequence[tuple[str, str]],
+    ) -> SendBatch:
+        """``get_send_targets``, ``get_connections`` and
+        ``find_send_targets_for_recipients`` in one go (one round trip where the store
+        can)."""
+
     async def enqueue_outbound_in_order(
         self, messages: Sequence[Message], lease_until: datetime, *, behind: Sequence[str]
     ) -> list[tuple[Message, bool]]:
@@ -233,6 +243,16 @@ class Tx(Protocol):
         """``record_outbound`` for each item, in order, and whether a message that settled
         (SENT or FAILED) has another of its conversation still pending: the next one may
         go now."""
+
+    async def record_outbound_deferred(
+        self,
+        items: Sequence[tuple[Message, DeliveryAttempt | None]],
+        *,
+        lease_until: datetime | None,
+    ) -> Callable[[], Awaitable[tuple[list[Message], bool]]]:
+        """``record_outbound_and_peek``, its answer read by awaiting the function returned,
+        after the transaction's next statements: where the store can, they travel together
+        (the statements run in the order they were issued)."""
 
     async def claim_next_messages(
         self, *, now: datetime, lease_until: datetime, limit: int

@@ -281,30 +281,34 @@ class OutboundService:
         return Written([r for r in results if r is not None], events, wake=bool(behind))
 
     async def _lookup(self, tx: Tx, requests: Sequence[SendRequest]) -> _Found:
-        """Every row the batch's checks read, a statement per kind of row (the keys are
-        not read: see the module's docstring)."""
-        targets = await tx.get_send_targets(
-            [r.conversation_id for r in requests if r.conversation_id]
-        )
-        conversations = {k: t.conversation for k, t in targets.items()}
-        connection_ids = []
-        for r in requests:
-            if r.connection_id:
-                connection_ids.append(r.connection_id)
-            elif (c := conversations.get(r.conversation_id)) and c.tenant_id == r.tenant_id:
-                connection_ids.append(c.connection_id)
-        connections = await tx.get_connections(connection_ids)
-        recipient_targets = await tx.find_send_targets_for_recipients(
+        """Every row the batch's checks read, in one round trip where the store allows
+        (the keys are not read: see the module's docstring). A call that names only its
+        conversation has its connection read afterwards, once the conversation is known."""
+        batch = await tx.find_send_batch(
+            [r.conversation_id for r in requests if r.conversation_id],
+            [r.connection_id for r in requests if r.connection_id],
             [
                 (r.connection_id, r.recipient_id)
                 for r in requests
                 if not r.conversation_id and r.connection_id and r.recipient_id
-            ]
+            ],
         )
-        by_recipient = {k: t.conversation for k, t in recipient_targets.items()}
+        conversations = {k: t.conversation for k, t in batch.targets.items()}
+        connections = batch.connections
+        implied = [
+            c.connection_id
+            for r in requests
+            if not r.connection_id
+            and (c := conversations.get(r.conversation_id))
+            and c.tenant_id == r.tenant_id
+            and c.connection_id not in connections
+        ]
+        if implied:
+            connections = {**connections, **await tx.get_connections(implied)}
+        by_recipient = {k: t.conversation for k, t in batch.recipients.items()}
         pending_at = {
             t.conversation.id: t.pending_at
-            for t in (*targets.values(), *recipient_targets.values())
+            for t in (*batch.targets.values(), *batch.recipients.values())
             if t.pending_at is not None
         }
         return _Found(conversations, connections, by_recipient, pending_at)

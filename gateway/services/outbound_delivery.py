@@ -147,6 +147,10 @@ class _Outcome:
     event: bool
 
 
+# The share of a send-path transaction that records outcomes; share_commits adds others.
+_OUTCOMES = 0
+
+
 @dataclass(frozen=True, slots=True)
 class _Job:
     share: int
@@ -175,9 +179,8 @@ class Deliverer:
         self._tokens: dict[str, tuple[Secret, float, datetime | None]] = {}
         # One transaction for the outcomes of the attempts that end together, and for
         # the work of whoever shares it (share_commits).
-        self._shares: list[Callable[[Tx, Sequence[Any]], Awaitable[Written[Any]]]] = [
-            self._write_outcomes
-        ]
+        # Share 0 is the outcomes' own (_OUTCOMES).
+        self._shares: list[Callable[[Tx, Sequence[Any]], Awaitable[Written[Any]]]] = []
         self._commits: GroupCommitter[_Job, Any] = GroupCommitter(
             self._commit, max_items=BATCH_MAX, max_wait_s=0.0, name="send-commits"
         )
@@ -193,8 +196,8 @@ class Deliverer:
         (SendMessage's enqueues, the outcomes of attempts that ended) then cost one
         transaction and one outbox insert, not one each. Outcomes are written first, so
         that a message they settle no longer holds up one enqueued in the same batch."""
-        share = len(self._shares)
         self._shares.append(write)
+        share = len(self._shares)
 
         async def submit(job: J) -> R:
             return cast(R, await self._submit(_Job(share, job)))
@@ -415,10 +418,12 @@ class Deliverer:
     async def _hold(self, message: Message, until: datetime) -> Message:
         """Back to the queue until ``until``: no attempt, no status change, no event."""
         message.next_attempt_at = until
-        return cast(Message, await self._submit(_Job(0, _Outcome(message, None, event=False))))
+        job = _Job(_OUTCOMES, _Outcome(message, None, event=False))
+        return cast(Message, await self._submit(job))
 
     async def _record(self, message: Message, attempt: DeliveryAttempt | None) -> Message:
-        return cast(Message, await self._submit(_Job(0, _Outcome(message, attempt, event=True))))
+        job = _Job(_OUTCOMES, _Outcome(message, attempt, event=True))
+        return cast(Message, await self._submit(job))
 
     async def _submit(self, job: _Job) -> Any:
         if not self._started:
@@ -430,12 +435,30 @@ class Deliverer:
         results: list[Any] = [None] * len(jobs)
         events: list[Event] = []
         wake = False
+        shares: list[list[int]] = [[] for _ in range(len(self._shares) + 1)]
+        for i, job in enumerate(jobs):
+            shares[job.share].append(i)
+        written_by_share: list[Written[Any] | None] = [None] * len(shares)
         async with self._store.transaction() as tx:
-            for share, write in enumerate(self._shares):
-                mine = [i for i, job in enumerate(jobs) if job.share == share]
-                if not mine:
+            # The outcomes go out first (a message they settle no longer holds up one
+            # enqueued in this batch), unanswered: the next share's first statement brings
+            # their answer back in its own round trip.
+            outcomes = [cast(_Outcome, jobs[i].payload) for i in shares[_OUTCOMES]]
+            recorded = None
+            if outcomes:
+                recorded = await tx.record_outbound_deferred(
+                    [(o.message, o.attempt) for o in outcomes], lease_until=None
+                )
+            for share, write in enumerate(self._shares, start=1):
+                if shares[share]:
+                    written_by_share[share] = await write(
+                        tx, [jobs[i].payload for i in shares[share]]
+                    )
+            if recorded is not None:
+                written_by_share[_OUTCOMES] = self._outcomes_written(outcomes, *await recorded())
+            for mine, written in zip(shares, written_by_share, strict=True):
+                if written is None:
                     continue
-                written = await write(tx, [jobs[i].payload for i in mine])
                 for i, result in zip(mine, written.results, strict=True):
                     results[i] = result
                 events += written.events
@@ -446,12 +469,11 @@ class Deliverer:
             self.wake()
         return results
 
-    async def _write_outcomes(self, tx: Tx, outcomes: Sequence[_Outcome]) -> Written[Message]:
+    def _outcomes_written(
+        self, outcomes: Sequence[_Outcome], stored: list[Message], waiting: bool
+    ) -> Written[Message]:
         now = self.clock.now()
         events = []
-        stored, waiting = await tx.record_outbound_and_peek(
-            [(o.message, o.attempt) for o in outcomes], lease_until=None
-        )
         for outcome, message in zip(outcomes, stored, strict=True):
             if not outcome.event:
                 continue

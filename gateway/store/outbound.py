@@ -23,7 +23,7 @@ inserted (no read of the keys before or after, unless one conflicted), and an ou
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,10 +37,10 @@ from gateway.domain.models import (
     Message,
     MessageStatus,
 )
-from gateway.domain.outbound import ContentKind, DeliveryAttempt, SendTarget
+from gateway.domain.outbound import ContentKind, DeliveryAttempt, SendBatch, SendTarget
 from gateway.store import bulk, rows
 from gateway.store.rows import Codec, Params
-from gateway.store.sqltx import Executor, any_of, in_list, native, takes_arrays
+from gateway.store.sqltx import Deferred, Executor, any_of, in_list, native, takes_arrays
 
 _SENT_FIELDS = (
     "status",
@@ -161,6 +161,21 @@ RETURNING m.id, x.created_at IS NOT NULL AS echoed, m.confirmed_at,
 """  # noqa: S608 - the interpolated SQL is ours
 
 
+class _Ready:
+    """Rows already read, as a :class:`Deferred`."""
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, found: list[rows.Row]) -> None:
+        self._rows = found
+
+    async def rows(self) -> list[rows.Row]:
+        return self._rows
+
+
+_NOTHING = _Ready([])
+
+
 def _unique(values: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(values))
 
@@ -269,35 +284,74 @@ class OutboundWriter:
     # indexes.
 
     async def get_connections(self, ids: Sequence[str]) -> dict[str, Connection]:
-        if not ids:
-            return {}
-        where, params = any_of("id", "c", _unique(ids), arrays=self._arrays)
-        found = await self._ex.fetch(f"SELECT * FROM connections WHERE {where}", params)  # noqa: S608
-        return {r["id"]: rows.connection_from_row(self._codec, r) for r in found}
+        return self._connections(await (await self._connections_sent(ids)).rows())
 
     async def get_send_targets(self, ids: Sequence[str]) -> dict[str, SendTarget]:
         """Conversations by id, with their latest pending ordered message's time."""
-        if not ids:
-            return {}
-        where, params = any_of("c.id", "v", _unique(ids), arrays=self._arrays)
-        found = await self._ex.fetch(
-            f"SELECT {_TARGET_COLUMNS} FROM {rows.CONVERSATION_FROM} WHERE {where}",  # noqa: S608
-            params,
-            replan=True,
-        )
-        return {r["id"]: self._target(r) for r in found}
+        return self._targets(await (await self._targets_sent(ids)).rows())
 
     async def find_send_targets_for_recipients(
         self, pairs: Sequence[tuple[str, str]]
     ) -> dict[tuple[str, str], SendTarget]:
         """(connection_id, channel_user_id) -> the conversation, for the pairs that have one,
         each with its latest pending ordered message's time."""
-        if not pairs:
-            return {}
         wanted = list(dict.fromkeys(pairs))
+        return self._recipients(wanted, await (await self._recipients_sent(wanted)).rows())
+
+    async def find_send_batch(
+        self,
+        conversation_ids: Sequence[str],
+        connection_ids: Sequence[str],
+        pairs: Sequence[tuple[str, str]],
+    ) -> SendBatch:
+        """:meth:`get_send_targets`, :meth:`get_connections` and
+        :meth:`find_send_targets_for_recipients` at once: on PostgreSQL the three
+        statements (and any sent before them) share one round trip."""
+        wanted = list(dict.fromkeys(pairs))
+        targets = await self._targets_sent(conversation_ids)
+        connections = await self._connections_sent(connection_ids)
+        recipients = await self._recipients_sent(wanted)
+        return SendBatch(
+            self._targets(await targets.rows()),
+            self._connections(await connections.rows()),
+            self._recipients(wanted, await recipients.rows()),
+        )
+
+    async def _sent(self, sql: str, params: Params, *, replan: bool = False) -> Deferred:
+        """The statement sent: read later on PostgreSQL (see fetch_deferred), run now
+        elsewhere."""
+        if self._native is not None:
+            return await self._native.fetch_deferred(sql, params, replan=replan)
+        return _Ready(await self._ex.fetch(sql, params, replan=replan))
+
+    async def _connections_sent(self, ids: Sequence[str]) -> Deferred:
+        if not ids:
+            return _NOTHING
+        where, params = any_of("id", "c", _unique(ids), arrays=self._arrays)
+        return await self._sent(f"SELECT * FROM connections WHERE {where}", params)  # noqa: S608
+
+    def _connections(self, found: list[rows.Row]) -> dict[str, Connection]:
+        return {r["id"]: rows.connection_from_row(self._codec, r) for r in found}
+
+    async def _targets_sent(self, ids: Sequence[str]) -> Deferred:
+        if not ids:
+            return _NOTHING
+        where, params = any_of("c.id", "v", _unique(ids), arrays=self._arrays)
+        return await self._sent(
+            f"SELECT {_TARGET_COLUMNS} FROM {rows.CONVERSATION_FROM} WHERE {where}",  # noqa: S608
+            params,
+            replan=True,
+        )
+
+    def _targets(self, found: list[rows.Row]) -> dict[str, SendTarget]:
+        return {r["id"]: self._target(r) for r in found}
+
+    async def _recipients_sent(self, wanted: Sequence[tuple[str, str]]) -> Deferred:
+        if not wanted:
+            return _NOTHING
         if self._arrays:
             # The exact pairs, joined: one parameter, and no other customer's row comes back.
-            found = await self._ex.fetch(
+            return await self._sent(
                 f"SELECT {_TARGET_COLUMNS} FROM (SELECT * FROM json_to_recordset(:pairs)"  # noqa: S608
                 " AS r(c text, u text) LIMIT :n) r"
                 " JOIN participants p ON p.connection_id = r.c AND p.channel_user_id = r.u"
@@ -311,18 +365,19 @@ class OutboundWriter:
                 },
                 replan=True,
             )
-        else:
-            conns, params = any_of(
-                "p.connection_id", "c", _unique(c for c, _ in wanted), arrays=False
-            )
-            users, user_params = any_of(
-                "p.channel_user_id", "u", _unique(u for _, u in wanted), arrays=False
-            )
-            found = await self._ex.fetch(
-                f"SELECT {_TARGET_COLUMNS} FROM {rows.CONVERSATION_FROM}"  # noqa: S608
-                f" WHERE {conns} AND {users}",
-                {**params, **user_params},
-            )
+        conns, params = any_of("p.connection_id", "c", _unique(c for c, _ in wanted), arrays=False)
+        users, user_params = any_of(
+            "p.channel_user_id", "u", _unique(u for _, u in wanted), arrays=False
+        )
+        return await self._sent(
+            f"SELECT {_TARGET_COLUMNS} FROM {rows.CONVERSATION_FROM}"  # noqa: S608
+            f" WHERE {conns} AND {users}",
+            {**params, **user_params},
+        )
+
+    def _recipients(
+        self, wanted: Sequence[tuple[str, str]], found: list[rows.Row]
+    ) -> dict[tuple[str, str], SendTarget]:
         keep = set(wanted)
         out: dict[tuple[str, str], SendTarget] = {}
         for r in found:
@@ -523,9 +578,41 @@ class OutboundWriter:
             )
         return [m for m, _ in items], waiting
 
+    async def record_and_peek_deferred(
+        self,
+        items: Sequence[tuple[Message, DeliveryAttempt | None]],
+        *,
+        lease_until: datetime | None,
+    ) -> Callable[[], Awaitable[tuple[list[Message], bool]]]:
+        """:meth:`record_and_peek`, its answer read by awaiting the function returned: on
+        PostgreSQL the statement goes out now and its answer comes back with the next
+        statement of the transaction that waits for its own; elsewhere it runs now."""
+        if not items or not self._arrays:
+            answer = await self.record_and_peek(items, lease_until=lease_until)
+
+            async def ready() -> tuple[list[Message], bool]:
+                return answer
+
+            return ready
+        sent = await self._sent(*self._outcomes(items, lease_until), replan=True)
+
+        async def read() -> tuple[list[Message], bool]:
+            return self._outcomes_recorded(items, await sent.rows())
+
+        return read
+
     async def _record_native(
         self, items: Sequence[tuple[Message, DeliveryAttempt | None]], lease_until: datetime | None
     ) -> tuple[list[Message], bool]:
+        # Planned per call: the UPDATE finds its rows in messages, which grows without bound
+        # (see Executor.fetch).
+        sql, params = self._outcomes(items, lease_until)
+        return self._outcomes_recorded(items, await self._ex.fetch(sql, params, replan=True))
+
+    def _outcomes(
+        self, items: Sequence[tuple[Message, DeliveryAttempt | None]], lease_until: datetime | None
+    ) -> tuple[str, Params]:
+        """_RECORD_OUTCOMES and its parameters."""
         document = []
         for m, attempt in items:
             row: dict[str, Any] = {
@@ -545,17 +632,15 @@ class OutboundWriter:
                 row["finished_at"] = rows.utc(attempt.finished_at)
                 row["attempt_error"] = None if attempt.error is None else _error_json(attempt.error)
             document.append(row)
-        # Planned per call: the UPDATE finds its rows in messages, which grows without bound
-        # (see Executor.fetch).
-        answers = await self._ex.fetch(
-            _RECORD_OUTCOMES,
-            {
-                "outcomes": self._codec.json_document(_document(document)),
-                "n": len(document),
-                "lease": rows.opt_ts(self._codec, lease_until),
-            },
-            replan=True,
-        )
+        return _RECORD_OUTCOMES, {
+            "outcomes": self._codec.json_document(_document(document)),
+            "n": len(document),
+            "lease": rows.opt_ts(self._codec, lease_until),
+        }
+
+    def _outcomes_recorded(
+        self, items: Sequence[tuple[Message, DeliveryAttempt | None]], answers: list[rows.Row]
+    ) -> tuple[list[Message], bool]:
         waiting = False
         echoed: dict[str, datetime] = {}
         for r in answers:

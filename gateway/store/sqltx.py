@@ -10,7 +10,7 @@ instead).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
@@ -33,7 +33,7 @@ from gateway.store import pagination, rows
 from gateway.store.rows import Codec, Params, Row
 
 if TYPE_CHECKING:
-    from gateway.domain.outbound import DeliveryAttempt, SendTarget
+    from gateway.domain.outbound import DeliveryAttempt, SendBatch, SendTarget
     from gateway.domain.store import OutboxEntry
     from gateway.store.ingest import InboundWriter
     from gateway.store.outbound import OutboundWriter
@@ -69,8 +69,16 @@ def in_list(name: str, values: Sequence[Any]) -> tuple[str, Params]:
     return "(" + ", ".join(f":{key}" for key in params) + ")", params
 
 
+class Deferred(Protocol):
+    async def rows(self) -> list[Row]:
+        """The statement's rows, waiting for them if no later statement has yet."""
+
+
 class NativeExecutor(Executor, Protocol):
     """PostgreSQL's executor: what only it offers, for the statements hot paths run."""
+
+    async def fetch_deferred(self, sql: str, params: Params, *, replan: bool = False) -> Deferred:
+        """Sends the statement without waiting for its rows (see PgExecutor)."""
 
     async def fetch_tuples(self, sql: str, params: Params) -> list[tuple[Any, ...]]:
         """The rows as tuples in the statement's column order."""
@@ -603,6 +611,14 @@ class SqlTx:
     ) -> dict[tuple[str, str], SendTarget]:
         return await self._outbound().find_send_targets_for_recipients(pairs)
 
+    async def find_send_batch(
+        self,
+        conversation_ids: Sequence[str],
+        connection_ids: Sequence[str],
+        pairs: Sequence[tuple[str, str]],
+    ) -> SendBatch:
+        return await self._outbound().find_send_batch(conversation_ids, connection_ids, pairs)
+
     async def enqueue_outbound_in_order(
         self, messages: Sequence[Message], lease_until: datetime, *, behind: Sequence[str]
     ) -> list[tuple[Message, bool]]:
@@ -617,6 +633,14 @@ class SqlTx:
         lease_until: datetime | None,
     ) -> tuple[list[Message], bool]:
         return await self._outbound().record_and_peek(items, lease_until=lease_until)
+
+    async def record_outbound_deferred(
+        self,
+        items: Sequence[tuple[Message, DeliveryAttempt | None]],
+        *,
+        lease_until: datetime | None,
+    ) -> Callable[[], Awaitable[tuple[list[Message], bool]]]:
+        return await self._outbound().record_and_peek_deferred(items, lease_until=lease_until)
 
     async def claim_next_messages(
         self, *, now: datetime, lease_until: datetime, limit: int

@@ -86,3 +86,38 @@ async def test_a_batch_folds_echoes_records_attempts_and_sees_who_waits(store: A
     async with store.transaction() as tx:
         _, waiting = await tx.record_outbound_and_peek([sent(b, "mid.b")], lease_until=None)
     assert not waiting  # b was the last of its conversation
+
+
+async def test_a_deferred_outcome_is_seen_by_the_lookups_sent_after_it(store: AnyStore) -> None:
+    """The outcomes of a send-path batch go out unanswered and come back with its lookups
+    (one round trip on PostgreSQL): the lookups still run after them and see their effect."""
+    conn = connection()
+    t = now()
+    async with store.transaction() as tx:
+        await tx.save_connection(conn)
+        customer = await tx.upsert_participant(participant(conn))
+        conv = await tx.upsert_conversation(conversation(conn, customer))
+        a = outbound(conv, due=t, attempts=0, error=None, created_at=t)
+        await tx.enqueue_outbound_in_order([a], t + timedelta(seconds=60), behind=[])
+    async with store.transaction() as tx:
+        before = await tx.find_send_batch([conv.id], [conn.id], [])
+    assert before.targets[conv.id].pending_at == a.created_at
+
+    a.status, a.external_id, a.sent_at, a.attempts = MessageStatus.SENT, "mid.a", t, 1
+    async with store.transaction() as tx:
+        recorded = await tx.record_outbound_deferred(
+            [(a, DeliveryAttempt(1, t, t))], lease_until=None
+        )
+        batch = await tx.find_send_batch(
+            [conv.id], [conn.id], [(conn.id, customer.channel_user_id)]
+        )
+        stored, waiting = await recorded()
+    assert [m.id for m in stored] == [a.id]
+    assert not waiting
+    assert batch.targets[conv.id].pending_at is None
+    assert batch.recipients[(conn.id, customer.channel_user_id)].conversation.id == conv.id
+    assert batch.connections[conn.id].id == conn.id
+    async with store.transaction() as tx:
+        got = await tx.get_message(a.id)
+    assert got is not None
+    assert got.status is MessageStatus.SENT
