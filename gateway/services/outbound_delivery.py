@@ -38,6 +38,7 @@ from prometheus_client import Counter, Histogram
 from gateway.config import Secret
 from gateway.domain.channel import ChannelPlugin
 from gateway.domain.errors import (
+    AlreadyExists,
     ChannelAuthError,
     ChannelError,
     ChannelRateLimited,
@@ -432,6 +433,18 @@ class Deliverer:
         return await self._commits.submit(job)
 
     async def _commit(self, jobs: Sequence[_Job]) -> list[Any]:
+        try:
+            return await self._commit_once(jobs)
+        except AlreadyExists:
+            # An echo of a message being recorded, folded in by a webhook whose commit
+            # landed while the outcome statement ran: invisible to that statement's
+            # snapshot (so not removed) and then in the way of its external id. A new
+            # transaction sees it and folds it. Failing instead would leave the send
+            # unrecorded, to be sent again once its lease lapsed.
+            log.info("outcome batch met a concurrent commit; trying it again")
+            return await self._commit_once(jobs)
+
+    async def _commit_once(self, jobs: Sequence[_Job]) -> list[Any]:
         results: list[Any] = [None] * len(jobs)
         events: list[Event] = []
         wake = False
