@@ -24,6 +24,7 @@ from redis.asyncio.cluster import RedisCluster
 from gateway.redis_client import open_redis
 from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
 from tests.helpers import RedisClusterUnavailable, shared_redis_cluster, with_database
+from tests.store.conftest import BACKENDS, AnyStore, new_store
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
@@ -104,6 +105,20 @@ async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AnyStore]:
+    """A migrated store on each backend: a SQLite file of the test's own, or the run's
+    PostgreSQL database (tests/store overrides it with one that also empties the tables)."""
+    backend = str(request.param)
+    if backend == "sqlite":
+        database = str(tmp_path / "store.db")
+    else:
+        database = str(request.getfixturevalue("postgres_url"))
+    async with new_store(backend, database) as opened:
+        await opened.migrate()
+        yield opened
 
 
 @pytest.fixture

@@ -4,28 +4,12 @@ of its conversation waiting."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
-
-import pytest
 
 from gateway.domain.models import DeliveryError, Direction, Message, MessageStatus
 from gateway.domain.outbound import DeliveryAttempt
-from tests.store.conftest import BACKENDS, AnyStore, new_store
+from tests.store.conftest import AnyStore
 from tests.store.factories import connection, conversation, message, now, outbound, participant
-
-
-@pytest.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AnyStore]:
-    backend = str(request.param)
-    if backend == "sqlite":
-        database = str(tmp_path / "store.db")
-    else:
-        database = str(request.getfixturevalue("postgres_url"))
-    async with new_store(backend, database) as opened:
-        await opened.migrate()
-        yield opened
 
 
 async def test_a_batch_folds_echoes_records_attempts_and_sees_who_waits(store: AnyStore) -> None:

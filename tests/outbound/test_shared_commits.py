@@ -5,13 +5,10 @@ enqueues), outcomes first, with one outbox insert for the events of both."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from gateway.domain.events import EventKind
 from gateway.domain.models import DeliveryError, Message, MessageStatus
@@ -21,20 +18,8 @@ from gateway.security.keyring import KeyRing, generate_key_spec
 from gateway.services.delivery_events import delivery_update
 from gateway.services.outbound_delivery import Clock, Deliverer, DeliveryPolicy, Written
 from gateway.services.ratelimit import MemoryRateLimiter
-from tests.store.conftest import BACKENDS, AnyStore, new_store
+from tests.store.conftest import AnyStore
 from tests.store.factories import connection, conversation, now, outbound, participant
-
-
-@pytest.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AnyStore]:
-    backend = str(request.param)
-    if backend == "sqlite":
-        database = str(tmp_path / "store.db")
-    else:
-        database = str(request.getfixturevalue("postgres_url"))
-    async with new_store(backend, database) as opened:
-        await opened.migrate()
-        yield opened
 
 
 class CountingStore:

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -18,20 +16,8 @@ from gateway.domain.errors import StoreUnavailable
 from gateway.domain.models import Connection
 from gateway.domain.store import Store, Tx
 from gateway.services.activity import ConnectionActivity
-from tests.store.conftest import BACKENDS, AnyStore, new_store
+from tests.store.conftest import AnyStore
 from tests.store.factories import connection, now
-
-
-@pytest.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AnyStore]:
-    backend = str(request.param)
-    if backend == "sqlite":
-        database = str(tmp_path / "store.db")
-    else:
-        database = str(request.getfixturevalue("postgres_url"))
-    async with new_store(backend, database) as opened:
-        await opened.migrate()
-        yield opened
 
 
 class FlakyStore:
