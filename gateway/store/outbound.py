@@ -480,16 +480,7 @@ class OutboundWriter:
         for m in messages:
             out.append(
                 {
-                    "id": m.id,
-                    "tenant_id": m.tenant_id,
-                    "connection_id": m.connection_id,
-                    "conversation_id": m.conversation_id,
-                    "channel": m.channel,
-                    "direction": m.direction.value,
-                    "status": m.status.value,
-                    "external_id": m.external_id,
-                    "sender_id": m.sender_id,
-                    "text": m.text,
+                    **rows.message_identity(m),
                     "attachments": [_attachment_json(a) for a in m.attachments],
                     "content": m.content,
                     "idempotency_key": m.idempotency_key,

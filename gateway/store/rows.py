@@ -277,7 +277,9 @@ def _error_to_json(e: DeliveryError) -> dict[str, Any]:
     }
 
 
-def message_params(codec: Codec, m: Message, now: datetime) -> Params:
+def message_identity(m: Message) -> dict[str, Any]:
+    """The columns of a message that every way of writing it gives as they are: ids,
+    routing, status and text."""
     return {
         "id": m.id,
         "tenant_id": m.tenant_id,
@@ -289,6 +291,12 @@ def message_params(codec: Codec, m: Message, now: datetime) -> Params:
         "external_id": m.external_id,
         "sender_id": m.sender_id,
         "text": m.text,
+    }
+
+
+def message_params(codec: Codec, m: Message, now: datetime) -> Params:
+    return {
+        **message_identity(m),
         "attachments": codec.json([_attachment_to_json(a) for a in m.attachments]),
         "content": codec.json(m.content),
         "idempotency_key": m.idempotency_key,
@@ -315,16 +323,7 @@ def received_message_json(m: Message, now: datetime) -> dict[str, Any]:
     """The RECEIVED_MESSAGE_COLUMNS of ``m`` as one JSON object (a row for
     ``json_populate_recordset``): values JSON can carry as they are, times as RFC 3339."""
     return {
-        "id": m.id,
-        "tenant_id": m.tenant_id,
-        "connection_id": m.connection_id,
-        "conversation_id": m.conversation_id,
-        "channel": m.channel,
-        "direction": m.direction.value,
-        "status": m.status.value,
-        "external_id": m.external_id,
-        "sender_id": m.sender_id,
-        "text": m.text,
+        **message_identity(m),
         "attachments": [_attachment_to_json(a) for a in m.attachments],
         "content": m.content,
         "created_at": utc(m.created_at or now),
