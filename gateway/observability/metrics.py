@@ -51,6 +51,22 @@ http_request_seconds = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 
+# Group commits (gateway.services.ingest_batcher), by batcher: inbound-commit,
+# send-commits, rate-limit. A commit time that grows points at the database; a queue wait
+# that grows while commits stay short points at this process (its CPU, its workers).
+group_commit_seconds = Histogram(
+    "switchboard_group_commit_seconds",
+    "Time of one group-commit flush: its transaction, round trips included.",
+    ("batcher",),
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+group_commit_wait_seconds = Histogram(
+    "switchboard_group_commit_wait_seconds",
+    "Time the oldest job of a batch waited before its flush began (queued, lingering).",
+    ("batcher",),
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+
 
 def create_metrics_app(registry: CollectorRegistry = REGISTRY) -> web.Application:
     """``GET /metrics`` in the Prometheus text format (process metrics included)."""

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from gateway.domain.errors import Unavailable
+from gateway.observability import metrics
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ R = TypeVar("R")
 class _Pending(Generic[J, R]):
     job: J
     future: asyncio.Future[R]
+    queued_at: float
 
 
 class Closed(Unavailable):
@@ -53,6 +56,9 @@ class GroupCommitter(Generic[J, R]):
         self._max_wait_s = max_wait_s
         self._workers = workers
         self._name = name
+        # Observed once per batch, not per job: the hot paths submit thousands per second.
+        self._commit_seconds = metrics.group_commit_seconds.labels(name)
+        self._wait_seconds = metrics.group_commit_wait_seconds.labels(name)
         self._queue: asyncio.Queue[_Pending[J, R]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -89,7 +95,7 @@ class GroupCommitter(Generic[J, R]):
             raise Closed("not accepting work")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        self._queue.put_nowait(_Pending(job, future))
+        self._queue.put_nowait(_Pending(job, future, time.perf_counter()))
         if timeout_s is None:
             return await future
         # One timer on the future rather than asyncio.timeout(), whose scope costs several
@@ -103,7 +109,11 @@ class GroupCommitter(Generic[J, R]):
     async def _run(self) -> None:
         while True:
             batch = await self._collect()
+            started = time.perf_counter()
+            # The first job is the oldest: the queue is first in, first out.
+            self._wait_seconds.observe(started - batch[0].queued_at)
             await self._commit(batch)
+            self._commit_seconds.observe(time.perf_counter() - started)
 
     async def _collect(self) -> list[_Pending[J, R]]:
         first = await self._queue.get()

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 import pytest
+from prometheus_client import REGISTRY
 
 from gateway.services.ingest_batcher import GroupCommitter
 
@@ -85,3 +86,32 @@ async def test_a_lone_job_is_flushed_without_lingering() -> None:
     finally:
         await committer.aclose()
     assert flushed == [[1], [2]]
+
+
+async def test_each_batch_reports_its_commit_time_and_its_oldest_wait() -> None:
+    name = "test-metrics-batcher"
+    release = asyncio.Event()
+
+    async def flush(jobs: Sequence[int]) -> list[int]:
+        await release.wait()
+        return list(jobs)
+
+    def sample(metric: str, suffix: str) -> float:
+        return REGISTRY.get_sample_value(f"{metric}_{suffix}", {"batcher": name}) or 0.0
+
+    committer: GroupCommitter[int, int] = GroupCommitter(flush, max_wait_s=0.0, name=name)
+    await committer.start()
+    try:
+        first = asyncio.ensure_future(committer.submit(1))
+        await asyncio.sleep(0.01)  # the first batch is in its flush, held there
+        second = asyncio.ensure_future(committer.submit(2))
+        await asyncio.sleep(0.05)  # the second job waits for the worker meanwhile
+        release.set()
+        assert await asyncio.gather(first, second) == [1, 2]
+    finally:
+        await committer.aclose()
+    assert sample("switchboard_group_commit_seconds", "count") == 2
+    # The first flush was held for about 60 ms; the second job queued for about 50 ms.
+    assert sample("switchboard_group_commit_seconds", "sum") >= 0.05
+    assert sample("switchboard_group_commit_wait_seconds", "count") == 2
+    assert sample("switchboard_group_commit_wait_seconds", "sum") >= 0.04
