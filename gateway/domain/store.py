@@ -309,7 +309,11 @@ class Store(Protocol):
         """Applies pending migrations; returns the versions applied (empty: up to date)."""
 
     async def applied_migrations(self) -> list[str]: ...
-    def transaction(self) -> AbstractAsyncContextManager[Tx]: ...
+    def transaction(self, *, pipelined: bool = False) -> AbstractAsyncContextManager[Tx]:
+        """A transaction, committed when the block succeeds. ``pipelined``: for a block
+        built around statements sent without waiting (``record_outbound_deferred``,
+        ``find_send_batch``), which then share round trips; every other statement costs
+        more that way (PostgreSQL's pipeline mode), so it is not the default."""
 
     # The outbox relay's side (outside the producers' transactions).
     async def claim_outbox(

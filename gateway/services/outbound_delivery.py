@@ -452,7 +452,7 @@ class Deliverer:
         for i, job in enumerate(jobs):
             shares[job.share].append(i)
         written_by_share: list[Written[Any] | None] = [None] * len(shares)
-        async with self._store.transaction() as tx:
+        async with self._store.transaction(pipelined=True) as tx:
             # The outcomes go out first (a message they settle no longer holds up one
             # enqueued in this batch), unanswered: the next share's first statement brings
             # their answer back in its own round trip.

@@ -43,6 +43,10 @@ class SqlStore(abc.ABC):
     def _session(self) -> AbstractAsyncContextManager[Executor]:
         """An executor inside a fresh transaction, committed when the block succeeds."""
 
+    def _pipelined_session(self) -> AbstractAsyncContextManager[Executor]:
+        """A session whose statements may go out without waiting for each other's rows."""
+        return self._session()
+
     def _migration_session(self) -> AbstractAsyncContextManager[Executor]:
         """A session that can also run a migration's multi-statement script."""
         return self._session()
@@ -103,8 +107,9 @@ class SqlStore(abc.ABC):
         return [r["version"] for r in found]
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Tx]:
-        async with self._session() as executor:
+    async def transaction(self, *, pipelined: bool = False) -> AsyncIterator[Tx]:
+        session = self._pipelined_session() if pipelined else self._session()
+        async with session as executor:
             yield self.tx_class(executor, self.codec, lock_clause=self.lock_clause)
 
     # ---- the outbox relay's side ----

@@ -88,7 +88,8 @@ async def test_a_deferred_outcome_is_seen_by_the_lookups_sent_after_it(store: An
     assert before.targets[conv.id].pending_at == a.created_at
 
     a.status, a.external_id, a.sent_at, a.attempts = MessageStatus.SENT, "mid.a", t, 1
-    async with store.transaction() as tx:
+    # Pipelined, as the send path's commits are: only there do the outcomes go out unanswered.
+    async with store.transaction(pipelined=True) as tx:
         recorded = await tx.record_outbound_deferred(
             [(a, DeliveryAttempt(1, t, t))], lease_until=None
         )

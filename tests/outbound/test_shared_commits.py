@@ -29,9 +29,9 @@ class CountingStore:
         self._store = store
         self.transactions = 0
 
-    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+    def transaction(self, *, pipelined: bool = False) -> AbstractAsyncContextManager[Tx]:
         self.transactions += 1
-        return self._store.transaction()
+        return self._store.transaction(pipelined=pipelined)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)

@@ -29,12 +29,12 @@ class FlakyStore:
         self.failures = 0
         self.asked: list[float] = []
 
-    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+    def transaction(self, *, pipelined: bool = False) -> AbstractAsyncContextManager[Tx]:
         self.asked.append(time.monotonic())
         if self.failures:
             self.failures -= 1
             raise StoreUnavailable("PostgreSQL is unavailable (test)")
-        return self._store.transaction()
+        return self._store.transaction(pipelined=pipelined)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)

@@ -68,10 +68,15 @@ async def test_a_disconnected_account_can_be_connected_again(store: AnyStore) ->
     assert found.id == second.id
 
 
-async def test_a_conflict_leaves_the_transaction_usable(store: AnyStore) -> None:
+# Both kinds of transaction: each statement waiting for its answer, or pipelined.
+both_kinds = pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
+
+
+@both_kinds
+async def test_a_conflict_leaves_the_transaction_usable(store: AnyStore, pipelined: bool) -> None:
     await save(store, connection("t1", external_id="ig-1"))
     other = connection("t3")
-    async with store.transaction() as tx:
+    async with store.transaction(pipelined=pipelined) as tx:
         with pytest.raises(AlreadyExists):
             await tx.save_connection(connection("t2", external_id="ig-1"))
         await tx.save_connection(other)
@@ -79,11 +84,12 @@ async def test_a_conflict_leaves_the_transaction_usable(store: AnyStore) -> None
         assert await tx.get_connection(other.id) == other
 
 
-async def test_transaction_that_raises_is_rolled_back(store: AnyStore) -> None:
+@both_kinds
+async def test_transaction_that_raises_is_rolled_back(store: AnyStore, pipelined: bool) -> None:
     conn = connection()
 
     async def save_then_fail() -> None:
-        async with store.transaction() as tx:
+        async with store.transaction(pipelined=pipelined) as tx:
             await tx.save_connection(conn)
             raise RuntimeError("boom")
 
