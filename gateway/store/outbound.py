@@ -30,7 +30,6 @@ from typing import Any
 import orjson
 
 from gateway.domain.models import (
-    Attachment,
     Connection,
     Conversation,
     DeliveryError,
@@ -192,27 +191,6 @@ def _document(rows_: list[dict[str, Any]]) -> bytes:
 
 def _utc(value: datetime | None) -> datetime | None:
     return None if value is None else rows.utc(value)
-
-
-def _attachment_json(a: Attachment) -> dict[str, str]:
-    return {
-        "type": a.type,
-        "url": a.url,
-        "mime": a.mime,
-        "title": a.title,
-        "media_id": a.media_id,
-        "raw_type": a.raw_type,
-    }
-
-
-def _error_json(e: DeliveryError) -> dict[str, Any]:
-    return {
-        "reason": e.reason,
-        "message": e.message,
-        "channel_code": e.channel_code,
-        "channel_subcode": e.channel_subcode,
-        "retryable": e.retryable,
-    }
 
 
 class OutboundWriter:
@@ -481,10 +459,10 @@ class OutboundWriter:
             out.append(
                 {
                     **rows.message_identity(m),
-                    "attachments": [_attachment_json(a) for a in m.attachments],
+                    "attachments": [rows.attachment_to_json(a) for a in m.attachments],
                     "content": m.content,
                     "idempotency_key": m.idempotency_key,
-                    "error": None if m.error is None else _error_json(m.error),
+                    "error": None if m.error is None else rows.error_to_json(m.error),
                     "attempts": m.attempts,
                     "next_attempt_at": _utc(m.next_attempt_at),
                     "created_at": _utc(m.created_at) or datetime.now(UTC),
@@ -543,7 +521,7 @@ class OutboundWriter:
                 {
                     "status": m.status.value,
                     "external_id": m.external_id,
-                    "error": None if m.error is None else codec.json(_error_json(m.error)),
+                    "error": None if m.error is None else codec.json(rows.error_to_json(m.error)),
                     "attempts": m.attempts,
                     "next_attempt_at": rows.opt_ts(codec, m.next_attempt_at),
                     "sent_at": rows.opt_ts(codec, m.sent_at),
@@ -611,7 +589,7 @@ class OutboundWriter:
                 "connection_id": m.connection_id,
                 "status": m.status.value,
                 "external_id": m.external_id,
-                "error": None if m.error is None else _error_json(m.error),
+                "error": None if m.error is None else rows.error_to_json(m.error),
                 "attempts": m.attempts,
                 "next_attempt_at": _utc(m.next_attempt_at),
                 "sent_at": _utc(m.sent_at),
@@ -621,7 +599,8 @@ class OutboundWriter:
                 row["number"] = attempt.number
                 row["started_at"] = rows.utc(attempt.started_at)
                 row["finished_at"] = rows.utc(attempt.finished_at)
-                row["attempt_error"] = None if attempt.error is None else _error_json(attempt.error)
+                error = attempt.error
+                row["attempt_error"] = None if error is None else rows.error_to_json(error)
             document.append(row)
         return _RECORD_OUTCOMES, {
             "outcomes": self._codec.json_document(_document(document)),
@@ -706,7 +685,7 @@ class OutboundWriter:
             "finished_at": self._codec.ts(rows.utc(attempt.finished_at)),
             "error": None
             if attempt.error is None
-            else self._codec.json(_error_json(attempt.error)),
+            else self._codec.json(rows.error_to_json(attempt.error)),
         }
 
     async def list_attempts(self, message_id: str) -> list[DeliveryAttempt]:

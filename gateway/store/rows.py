@@ -256,7 +256,7 @@ def conversation_from_row(codec: Codec, row: Row) -> Conversation:
     )
 
 
-def _attachment_to_json(a: Attachment) -> dict[str, str]:
+def attachment_to_json(a: Attachment) -> dict[str, str]:
     return {
         "type": a.type,
         "url": a.url,
@@ -267,7 +267,7 @@ def _attachment_to_json(a: Attachment) -> dict[str, str]:
     }
 
 
-def _error_to_json(e: DeliveryError) -> dict[str, Any]:
+def error_to_json(e: DeliveryError) -> dict[str, Any]:
     return {
         "reason": e.reason,
         "message": e.message,
@@ -297,10 +297,10 @@ def message_identity(m: Message) -> dict[str, Any]:
 def message_params(codec: Codec, m: Message, now: datetime) -> Params:
     return {
         **message_identity(m),
-        "attachments": codec.json([_attachment_to_json(a) for a in m.attachments]),
+        "attachments": codec.json([attachment_to_json(a) for a in m.attachments]),
         "content": codec.json(m.content),
         "idempotency_key": m.idempotency_key,
-        "error": None if m.error is None else codec.json(_error_to_json(m.error)),
+        "error": None if m.error is None else codec.json(error_to_json(m.error)),
         "attempts": m.attempts,
         "next_attempt_at": opt_ts(codec, m.next_attempt_at),
         "created_at": codec.ts(utc(m.created_at or now)),
@@ -324,7 +324,7 @@ def received_message_json(m: Message, now: datetime) -> dict[str, Any]:
     ``json_populate_recordset``): values JSON can carry as they are, times as RFC 3339."""
     return {
         **message_identity(m),
-        "attachments": [_attachment_to_json(a) for a in m.attachments],
+        "attachments": [attachment_to_json(a) for a in m.attachments],
         "content": m.content,
         "created_at": utc(m.created_at or now),
         "deleted": bool(m.deleted),
