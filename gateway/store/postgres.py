@@ -11,7 +11,12 @@ import re
 import time
 import weakref
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import (
+    AbstractAsyncContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    contextmanager,
+)
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -286,39 +291,34 @@ class PostgresStore(SqlStore):
     async def aclose(self) -> None:
         await self._pool.close()
 
-    @asynccontextmanager
-    async def _session(self) -> AsyncIterator[Executor]:
+    def _session(self) -> AbstractAsyncContextManager[Executor]:
         # Each statement in its own round trip (BEGIN and COMMIT included). Measured here,
         # a transaction of five statements costs ~400 µs of client CPU this way and ~590 µs
         # in pipeline mode, where each statement that waits takes a send for itself and one
         # for its sync: pipeline mode only pays for blocks built around deferred statements.
-        with translate_errors():
-            async with self._pool.connection() as conn:
-                async with conn.transaction():
-                    yield PgExecutor(conn)
-                self._recent.used(conn)
+        # A statement without parameters goes as a simple query, so a migration's script of
+        # several statements runs in this session too (SqlStore._migration_session).
+        return self._transaction(pipelined=False)
 
-    @asynccontextmanager
-    async def _pipelined_session(self) -> AsyncIterator[Executor]:
+    def _pipelined_session(self) -> AbstractAsyncContextManager[Executor]:
         # Pipeline mode: BEGIN goes out with the transaction's first statement and COMMIT
         # is read back when the pipeline closes, and statements sent with fetch_deferred
         # share the round trip of the next one that waits. Every other statement still
         # waits for its own result (PgExecutor), so errors surface where they did. A failed
         # COMMIT raises here, before the caller takes the transaction for done.
-        with translate_errors():
-            async with self._pool.connection() as conn:
-                async with conn.pipeline() as pipeline, conn.transaction():
-                    yield PgExecutor(conn, pipeline)
-                self._recent.used(conn)
+        return self._transaction(pipelined=True)
 
     @asynccontextmanager
-    async def _migration_session(self) -> AsyncIterator[Executor]:
-        # A migration is a script of several statements: the simple query protocol, which
-        # pipeline mode does not allow.
+    async def _transaction(self, *, pipelined: bool) -> AsyncIterator[Executor]:
         with translate_errors():
             async with self._pool.connection() as conn:
-                async with conn.transaction():
-                    yield PgExecutor(conn)
+                async with AsyncExitStack() as stack:
+                    # Entered first, left last: the COMMIT is read back as the pipeline closes.
+                    pipeline = (
+                        await stack.enter_async_context(conn.pipeline()) if pipelined else None
+                    )
+                    async with conn.transaction():
+                        yield PgExecutor(conn, pipeline)
                 self._recent.used(conn)
 
     async def _lock_migrations(self, ex: Executor) -> None:
