@@ -41,14 +41,11 @@ class SqlStore(abc.ABC):
 
     @abc.abstractmethod
     def _session(self) -> AbstractAsyncContextManager[Executor]:
-        """An executor inside a fresh transaction, committed when the block succeeds."""
+        """An executor inside a fresh transaction, committed when the block succeeds. It
+        also runs a migration's script of several statements."""
 
     def _pipelined_session(self) -> AbstractAsyncContextManager[Executor]:
         """A session whose statements may go out without waiting for each other's rows."""
-        return self._session()
-
-    def _migration_session(self) -> AbstractAsyncContextManager[Executor]:
-        """A session that can also run a migration's multi-statement script."""
         return self._session()
 
     async def __aenter__(self) -> Self:
@@ -82,7 +79,7 @@ class SqlStore(abc.ABC):
         for migration in load_migrations(self.backend):
             # One transaction per migration; the applied set is re-read under the lock
             # because another process may have migrated while this one waited.
-            async with self._migration_session() as ex:
+            async with self._session() as ex:
                 await self._lock_migrations(ex)
                 await ex.execute(
                     f"CREATE TABLE IF NOT EXISTS {SCHEMA_TABLE} ("

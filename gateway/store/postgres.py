@@ -297,7 +297,7 @@ class PostgresStore(SqlStore):
         # in pipeline mode, where each statement that waits takes a send for itself and one
         # for its sync: pipeline mode only pays for blocks built around deferred statements.
         # A statement without parameters goes as a simple query, so a migration's script of
-        # several statements runs in this session too (SqlStore._migration_session).
+        # several statements runs in this session too (SqlStore.migrate).
         return self._transaction(pipelined=False)
 
     def _pipelined_session(self) -> AbstractAsyncContextManager[Executor]:
