@@ -270,6 +270,13 @@ class Tx(Protocol):
         """Adds events already claimed until ``lease_until`` by this process's relay, which
         publishes them right after the commit; the sweep takes them should it not."""
 
+    async def add_claimed_events_deferred(
+        self, events: Sequence[Event], lease_until: datetime
+    ) -> Callable[[], Awaitable[list[OutboxEntry]]]:
+        """``add_claimed_events``, its entries read by awaiting the function returned, which
+        may be after the transaction committed: where the store can, the statement then
+        travels with the COMMIT."""
+
     # ---- connect: refresh scheduling and reconciliation (gateway.services.refresh) ----
     async def set_connection_claim(self, connection_id: str, until: datetime | None) -> None:
         """Leases the connection until ``until`` (None releases it): a worker that backs

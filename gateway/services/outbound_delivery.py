@@ -476,8 +476,9 @@ class Deliverer:
                     results[i] = result
                 events += written.events
                 wake = wake or written.wake
-            handed = await self.outbox.add(tx, events)
-        self.outbox.committed(handed)
+            # Sent unanswered: it travels with the COMMIT.
+            handed = await self.outbox.add_deferred(tx, events)
+        self.outbox.committed(await handed())
         if wake:
             self.wake()
         return results

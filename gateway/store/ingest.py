@@ -23,7 +23,7 @@ later statements see the first one's rows. (SQLite serializes writers anyway.)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -628,63 +628,64 @@ class InboundWriter:
         ``add_events`` does), in the order given, so that the caller's relay can publish
         them right after the commit. If it never does, the lease lapses and the sweep
         publishes them: claiming here saves the relay a transaction per batch."""
+        return await (await self.add_claimed_events_deferred(events, lease_until))()
+
+    async def add_claimed_events_deferred(
+        self, events: Sequence[Event], lease_until: datetime
+    ) -> Callable[[], Awaitable[list[OutboxEntry]]]:
+        """:meth:`add_claimed_events`, its entries read by awaiting the function returned:
+        on PostgreSQL the statement goes out now and its answer comes back with the next
+        one that waits, the COMMIT included (the entries can be read once the transaction
+        ended); elsewhere it runs now."""
         if not events:
-            return []
+            return _no_entries
         now = self._codec.ts(datetime.now(UTC))
         lease = self._codec.ts(rows.utc(lease_until))
         # Encoded once, for the outbox row and for the bus (OutboxEntry.wire).
         wires = {e.event_id: encode_event(e) for e in events}
         if self._native is not None:
-            seqs = await self._add_claimed_pg(events, wires, now, lease)
-        else:
-            seqs = {}
-            for chunk in _chunks(events):
-                # Rows go in in list order, so seq keeps the order of the events.
-                values, params = bulk.values_list(
-                    [
-                        {
-                            "i": e.event_id,
-                            "e": self._codec.json_encoded(wires[e.event_id]),
-                            "n": now,
-                            "l": lease,
-                            "a": 1,
-                        }
-                        for e in chunk
-                    ]
-                )
-                for row in await self._ex.fetch(
-                    "INSERT INTO outbox (event_id, event, created_at, claimed_until, attempts)"  # noqa: S608
-                    f" VALUES {values} ON CONFLICT (event_id) DO NOTHING"
-                    " RETURNING seq, event_id",
-                    params,
-                ):
-                    seqs[row["event_id"]] = int(row["seq"])
-        added: list[OutboxEntry] = []
-        for e in events:
-            seq = seqs.pop(e.event_id, None)  # pop: an event listed twice is added once
-            if seq is not None:
-                added.append(OutboxEntry(seq=seq, event=e, attempts=1, wire=wires[e.event_id]))
-        return added
-
-    async def _add_claimed_pg(
-        self, events: Sequence[Event], wires: dict[str, bytes], now: Any, lease: Any
-    ) -> dict[str, int]:
-        """PostgreSQL: one JSON document of ``{"i": event id, "e": event}`` spliced from the
-        encoded events (ids are ASCII letters and digits), so that no event is encoded
-        twice and no dumper runs per value. Event id -> seq of the entries added."""
-        assert self._native is not None
-        document = (
-            b"["
-            + b",".join(
-                b'{"i":"%s","e":%s}' % (e.event_id.encode(), wires[e.event_id]) for e in events
+            sent = await self._native.fetch_deferred(
+                _ADD_CLAIMED_EVENTS,
+                {
+                    "rows": self._codec.json_document(_claimed_document(events, wires)),
+                    "n": now,
+                    "l": lease,
+                },
             )
-            + b"]"
-        )
-        found = await self._native.fetch_tuples(
-            _ADD_CLAIMED_EVENTS,
-            {"rows": self._codec.json_document(document), "n": now, "l": lease},
-        )
-        return {event_id: int(seq) for seq, event_id in found}
+
+            async def read() -> list[OutboxEntry]:
+                seqs = {r["event_id"]: int(r["seq"]) for r in await sent.rows()}
+                return _entries(events, wires, seqs)
+
+            return read
+        seqs: dict[str, int] = {}
+        for chunk in _chunks(events):
+            # Rows go in in list order, so seq keeps the order of the events.
+            values, params = bulk.values_list(
+                [
+                    {
+                        "i": e.event_id,
+                        "e": self._codec.json_encoded(wires[e.event_id]),
+                        "n": now,
+                        "l": lease,
+                        "a": 1,
+                    }
+                    for e in chunk
+                ]
+            )
+            for row in await self._ex.fetch(
+                "INSERT INTO outbox (event_id, event, created_at, claimed_until, attempts)"  # noqa: S608
+                f" VALUES {values} ON CONFLICT (event_id) DO NOTHING"
+                " RETURNING seq, event_id",
+                params,
+            ):
+                seqs[row["event_id"]] = int(row["seq"])
+        added = _entries(events, wires, seqs)
+
+        async def ready() -> list[OutboxEntry]:
+            return added
+
+        return ready
 
     # ---- quarantine ----
 
@@ -758,3 +759,31 @@ def _quarantined(codec: Codec, row: Row) -> QuarantinedDelivery:
         body_size=int(row["body_size"]),
         seq=int(row["seq"]),
     )
+
+
+async def _no_entries() -> list[OutboxEntry]:
+    return []
+
+
+def _claimed_document(events: Sequence[Event], wires: dict[str, bytes]) -> bytes:
+    """PostgreSQL: one JSON document of ``{"i": event id, "e": event}`` spliced from the
+    encoded events (ids are ASCII letters and digits), so that no event is encoded twice
+    and no dumper runs per value."""
+    return (
+        b"["
+        + b",".join(b'{"i":"%s","e":%s}' % (e.event_id.encode(), wires[e.event_id]) for e in events)
+        + b"]"
+    )
+
+
+def _entries(
+    events: Sequence[Event], wires: dict[str, bytes], seqs: dict[str, int]
+) -> list[OutboxEntry]:
+    """The entries added, in the order of ``events``; ``seqs``: event id -> seq of those the
+    statement added (consumed)."""
+    added: list[OutboxEntry] = []
+    for e in events:
+        seq = seqs.pop(e.event_id, None)  # pop: an event listed twice is added once
+        if seq is not None:
+            added.append(OutboxEntry(seq=seq, event=e, attempts=1, wire=wires[e.event_id]))
+    return added

@@ -93,23 +93,32 @@ def translate_errors() -> Iterator[None]:
 
 
 class _Deferred:
-    """A statement sent in pipeline mode whose rows are read later (``fetch_deferred``)."""
+    """A statement sent in pipeline mode whose rows are read later (``fetch_deferred``),
+    also after its transaction ended: the rows are then those read as it closed."""
 
-    __slots__ = ("_cursor", "_executor", "_syncs")
+    __slots__ = ("_cursor", "_executor", "_rows", "_syncs")
 
     def __init__(self, executor: PgExecutor, cursor: psycopg.AsyncCursor[Row]) -> None:
         self._executor = executor
         self._cursor = cursor
         self._syncs = executor.syncs
+        self._rows: list[Row] | None = None
 
     async def rows(self) -> list[Row]:
-        with translate_errors():
-            if self._executor.syncs == self._syncs:
-                await self._executor._settled()
-            try:
-                return list(await self._cursor.fetchall())
-            finally:
-                await self._cursor.close()
+        if self._rows is None:
+            with translate_errors():
+                if self._executor.syncs == self._syncs:
+                    await self._executor._settled()
+                await self._read()
+        assert self._rows is not None
+        return self._rows
+
+    async def _read(self) -> None:
+        try:
+            self._rows = list(await self._cursor.fetchall())
+        finally:
+            await self._cursor.close()
+            self._executor.unread.discard(self)
 
 
 class PgExecutor:
@@ -120,6 +129,9 @@ class PgExecutor:
         self._pipeline = pipeline
         # Pipeline syncs so far: a deferred statement sent before the last one has its rows.
         self.syncs = 0
+        # Deferred statements not read yet: read as the transaction closes, while the
+        # connection is still this transaction's.
+        self.unread: set[_Deferred] = set()
 
     async def _settled(self) -> None:
         """In pipeline mode, syncs what was sent: a statement's rows, row count or error
@@ -129,15 +141,27 @@ class PgExecutor:
             await self._pipeline.sync()
             self.syncs += 1
 
+    async def closed(self) -> None:
+        """The pipeline has synced its last (the COMMIT): reads what no one read yet, so
+        that deferred statements sent last, with the COMMIT, are answered after it."""
+        self._pipeline = None
+        self.syncs += 1
+        for deferred in list(self.unread):
+            await deferred._read()
+
     async def fetch_deferred(self, sql: str, params: Params, *, replan: bool = False) -> _Deferred:
         """Sends a statement without waiting for it: its rows (or its error) come back
         with the next statement that waits, in the same round trip, and are read with
         ``rows()``. Statements that do not depend on each other then cost one round trip
-        together (each costs about as much CPU as the statement itself here)."""
+        together (each costs about as much CPU as the statement itself here). One sent
+        last travels with the COMMIT, and its rows can be read once the transaction
+        ended."""
         cursor = self._conn.cursor(row_factory=dict_row)
         with translate_errors():
             await cursor.execute(to_psycopg(sql), params, prepare=False if replan else None)
-        return _Deferred(self, cursor)
+        deferred = _Deferred(self, cursor)
+        self.unread.add(deferred)
+        return deferred
 
     async def fetch(
         self, sql: str, params: Params | None = None, *, replan: bool = False
@@ -318,7 +342,10 @@ class PostgresStore(SqlStore):
                         await stack.enter_async_context(conn.pipeline()) if pipelined else None
                     )
                     async with conn.transaction():
-                        yield PgExecutor(conn, pipeline)
+                        executor = PgExecutor(conn, pipeline)
+                        yield executor
+                if executor.unread:
+                    await executor.closed()
                 self._recent.used(conn)
 
     async def _lock_migrations(self, ex: Executor) -> None:

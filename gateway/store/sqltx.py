@@ -554,6 +554,11 @@ class SqlTx:
     ) -> list[OutboxEntry]:
         return await self._inbound().add_claimed_events(events, lease_until)
 
+    async def add_claimed_events_deferred(
+        self, events: Sequence[Event], lease_until: datetime
+    ) -> Callable[[], Awaitable[list[OutboxEntry]]]:
+        return await self._inbound().add_claimed_events_deferred(events, lease_until)
+
     # ---- end of inbound ----
 
     # ---- outbound: sending (gateway.store.outbound) ----

@@ -110,3 +110,48 @@ async def test_bus_state_reloads_published_entries_and_each_groups_acks(store: A
         OutboxEntry(seq=s, event=events[i + 1], attempts=1) for i, s in enumerate(seqs[1:4])
     ]
     assert acked == {"ai": {seqs[1], seqs[2]}, "audit": set(), "late": {seqs[3]}}
+
+
+async def test_claimed_events_sent_deferred_are_answered_after_the_commit(
+    store: AnyStore,
+) -> None:
+    """The insert goes out with the COMMIT (on PostgreSQL, in a pipelined transaction) and
+    its entries, read once the transaction ended, are the rows it added, in order."""
+    conn = await with_connection(store)
+    for pipelined in (True, False):
+        plain, first, second = (event(conn, "cnv_1", text=t) for t in ("a", "b", "c"))
+        lease = now() + timedelta(seconds=30)
+        async with store.transaction(pipelined=pipelined) as tx:
+            await tx.add_events([plain])
+            read = await tx.add_claimed_events_deferred([plain, first, second, first], lease)
+            nothing = await tx.add_claimed_events_deferred([], lease)
+        added = await read()
+        assert [e.event for e in added] == [first, second]  # plain was there already
+        assert [e.attempts for e in added] == [1, 1]
+        assert added[0].seq < added[1].seq
+        assert await nothing() == []
+        # Claimed for this process's relay until the lease; the plain one is anyone's.
+        t = now()
+        claimed = await store.claim_outbox(now=t, lease_until=t, limit=10)
+        assert [e.event for e in claimed] == [plain]
+        await store.mark_published([claimed[0].seq], t)
+        lapsed = await store.claim_outbox(now=lease, lease_until=lease, limit=10)
+        assert [e.seq for e in lapsed] == [e.seq for e in added]
+        await store.mark_published([e.seq for e in lapsed], lease)
+
+
+async def test_a_deferred_insert_rolls_back_with_its_transaction(store: AnyStore) -> None:
+    conn = await with_connection(store)
+    lease = now() + timedelta(seconds=30)
+    try:
+        async with store.transaction(pipelined=True) as tx:
+            await tx.add_claimed_events_deferred([event(conn)], lease)
+            raise LookupError
+    except LookupError:
+        pass
+    # Nothing was committed, and the connection went back to the pool usable.
+    kept = event(conn)
+    async with store.transaction(pipelined=True) as tx:
+        await tx.add_events([kept])
+    claimed = await store.claim_outbox(now=lease, lease_until=lease, limit=10)
+    assert [e.event for e in claimed] == [kept]
