@@ -628,36 +628,17 @@ class InboundWriter:
         ``add_events`` does), in the order given, so that the caller's relay can publish
         them right after the commit. If it never does, the lease lapses and the sweep
         publishes them: claiming here saves the relay a transaction per batch."""
-        return await (await self.add_claimed_events_deferred(events, lease_until))()
-
-    async def add_claimed_events_deferred(
-        self, events: Sequence[Event], lease_until: datetime
-    ) -> Callable[[], Awaitable[list[OutboxEntry]]]:
-        """:meth:`add_claimed_events`, its entries read by awaiting the function returned:
-        on PostgreSQL the statement goes out now and its answer comes back with the next
-        one that waits, the COMMIT included (the entries can be read once the transaction
-        ended); elsewhere it runs now."""
         if not events:
-            return _no_entries
+            return []
         now = self._codec.ts(datetime.now(UTC))
         lease = self._codec.ts(rows.utc(lease_until))
         # Encoded once, for the outbox row and for the bus (OutboxEntry.wire).
         wires = {e.event_id: encode_event(e) for e in events}
         if self._native is not None:
-            sent = await self._native.fetch_deferred(
-                _ADD_CLAIMED_EVENTS,
-                {
-                    "rows": self._codec.json_document(_claimed_document(events, wires)),
-                    "n": now,
-                    "l": lease,
-                },
+            found = await self._native.fetch_tuples(
+                _ADD_CLAIMED_EVENTS, self._claimed_params(events, wires, now, lease)
             )
-
-            async def read() -> list[OutboxEntry]:
-                seqs = {r["event_id"]: int(r["seq"]) for r in await sent.rows()}
-                return _entries(events, wires, seqs)
-
-            return read
+            return _entries(events, wires, {event_id: int(seq) for seq, event_id in found})
         seqs: dict[str, int] = {}
         for chunk in _chunks(events):
             # Rows go in in list order, so seq keeps the order of the events.
@@ -680,12 +661,44 @@ class InboundWriter:
                 params,
             ):
                 seqs[row["event_id"]] = int(row["seq"])
-        added = _entries(events, wires, seqs)
+        return _entries(events, wires, seqs)
 
-        async def ready() -> list[OutboxEntry]:
-            return added
+    async def add_claimed_events_deferred(
+        self, events: Sequence[Event], lease_until: datetime
+    ) -> Callable[[], Awaitable[list[OutboxEntry]]]:
+        """:meth:`add_claimed_events`, its entries read by awaiting the function returned:
+        on PostgreSQL the statement goes out now and its answer comes back with the next
+        one that waits, the COMMIT included (the entries can be read once the transaction
+        ended); elsewhere it runs now."""
+        if self._native is None or not events:
+            added = await self.add_claimed_events(events, lease_until)
 
-        return ready
+            async def ready() -> list[OutboxEntry]:
+                return added
+
+            return ready
+        now = self._codec.ts(datetime.now(UTC))
+        lease = self._codec.ts(rows.utc(lease_until))
+        wires = {e.event_id: encode_event(e) for e in events}
+        sent = await self._native.fetch_deferred(
+            _ADD_CLAIMED_EVENTS, self._claimed_params(events, wires, now, lease)
+        )
+
+        async def read() -> list[OutboxEntry]:
+            seqs = {r["event_id"]: int(r["seq"]) for r in await sent.rows()}
+            return _entries(events, wires, seqs)
+
+        return read
+
+    def _claimed_params(
+        self, events: Sequence[Event], wires: dict[str, bytes], now: Any, lease: Any
+    ) -> Params:
+        """PostgreSQL: _ADD_CLAIMED_EVENTS's parameters."""
+        return {
+            "rows": self._codec.json_document(_claimed_document(events, wires)),
+            "n": now,
+            "l": lease,
+        }
 
     # ---- quarantine ----
 
@@ -759,10 +772,6 @@ def _quarantined(codec: Codec, row: Row) -> QuarantinedDelivery:
         body_size=int(row["body_size"]),
         seq=int(row["seq"]),
     )
-
-
-async def _no_entries() -> list[OutboxEntry]:
-    return []
 
 
 def _claimed_document(events: Sequence[Event], wires: dict[str, bytes]) -> bytes:
