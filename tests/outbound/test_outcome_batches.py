@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
+from gateway.domain.errors import AlreadyExists
 from gateway.domain.models import DeliveryError, Direction, Message, MessageStatus
 from gateway.domain.outbound import DeliveryAttempt
 from tests.store.conftest import AnyStore
@@ -106,3 +109,40 @@ async def test_a_deferred_outcome_is_seen_by_the_lookups_sent_after_it(store: An
         got = await tx.get_message(a.id)
     assert got is not None
     assert got.status is MessageStatus.SENT
+
+
+async def test_an_outcome_that_fails_with_the_commit_leaves_nothing_behind(
+    store: AnyStore,
+) -> None:
+    """A statement sent unanswered travels with the COMMIT (PostgreSQL's pipeline): when it
+    fails there, the transaction raises the statement's error and commits nothing."""
+    conn = connection()
+    t = now()
+    async with store.transaction() as tx:
+        await tx.save_connection(conn)
+        conv = await tx.upsert_conversation(
+            conversation(conn, await tx.upsert_participant(participant(conn)))
+        )
+        a, b = (outbound(conv, due=t, attempts=0, error=None) for _ in range(2))
+        await tx.enqueue_outbound_in_order([a, b], t + timedelta(seconds=60), behind=[])
+    a.status, a.external_id, a.sent_at, a.attempts = MessageStatus.SENT, "mid.1", t, 1
+    async with store.transaction() as tx:
+        await tx.record_outbound_and_peek([(a, DeliveryAttempt(1, t, t))], lease_until=None)
+    # b claims a's channel id: not an echo (a was sent), so the unique index refuses it.
+    b.status, b.external_id, b.sent_at, b.attempts = MessageStatus.SENT, "mid.1", t, 1
+    bystander = connection()
+
+    async def record_unanswered() -> None:
+        async with store.transaction(pipelined=True) as tx:
+            await tx.save_connection(bystander)
+            await tx.record_outbound_deferred([(b, DeliveryAttempt(1, t, t))], lease_until=None)
+
+    with pytest.raises(AlreadyExists):
+        await record_unanswered()
+    async with store.transaction() as tx:
+        assert await tx.get_connection(bystander.id) is None
+        kept = await tx.get_message(b.id)
+        assert await tx.list_attempts(b.id) == []
+    assert kept is not None
+    assert kept.status is MessageStatus.QUEUED
+    assert kept.external_id == ""
