@@ -17,7 +17,13 @@ from gateway.security.keyring import KeyRing, generate_key_spec
 from gateway.services.outbound_delivery import Clock, Deliverer, DeliveryPolicy
 from gateway.services.ratelimit import MemoryRateLimiter
 from gateway.store import PostgresStore
-from tests.store.factories import connection, conversation, message, now, outbound, participant
+from tests.store.factories import (
+    connection,
+    message,
+    now,
+    outbound,
+    stored_conversation,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -35,9 +41,7 @@ async def test_an_echo_committed_while_its_outcome_is_written_is_folded_in(
     conn = connection()
     async with store.transaction() as tx:
         await tx.save_connection(conn)
-        conv = await tx.upsert_conversation(
-            conversation(conn, await tx.upsert_participant(participant(conn)))
-        )
+        conv = await stored_conversation(tx, conn)
         queued, _ = await tx.enqueue_outbound(
             outbound(conv, due=now(), attempts=0, error=None), now() + timedelta(seconds=60)
         )

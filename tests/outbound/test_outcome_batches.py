@@ -12,7 +12,15 @@ from gateway.domain.errors import AlreadyExists
 from gateway.domain.models import DeliveryError, Direction, Message, MessageStatus
 from gateway.domain.outbound import DeliveryAttempt
 from tests.store.conftest import AnyStore
-from tests.store.factories import connection, conversation, message, now, outbound, participant
+from tests.store.factories import (
+    connection,
+    conversation,
+    message,
+    now,
+    outbound,
+    participant,
+    stored_conversation,
+)
 
 
 async def test_a_batch_folds_echoes_records_attempts_and_sees_who_waits(store: AnyStore) -> None:
@@ -120,9 +128,7 @@ async def test_an_outcome_that_fails_with_the_commit_leaves_nothing_behind(
     t = now()
     async with store.transaction() as tx:
         await tx.save_connection(conn)
-        conv = await tx.upsert_conversation(
-            conversation(conn, await tx.upsert_participant(participant(conn)))
-        )
+        conv = await stored_conversation(tx, conn)
         a, b = (outbound(conv, due=t, attempts=0, error=None) for _ in range(2))
         await tx.enqueue_outbound_in_order([a, b], t + timedelta(seconds=60), behind=[])
     a.status, a.external_id, a.sent_at, a.attempts = MessageStatus.SENT, "mid.1", t, 1

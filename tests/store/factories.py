@@ -18,6 +18,7 @@ from gateway.domain.models import (
     MessageStatus,
     Participant,
 )
+from gateway.domain.store import Tx
 
 CHANNEL = "instagram"
 
@@ -145,4 +146,11 @@ def event(conn: Connection, conversation_id: str = "", **payload: object) -> Eve
         received_at=t,
         conversation_id=conversation_id,
         payload={"message": {"text": "hi", **payload}},
+    )
+
+
+async def stored_conversation(tx: Tx, conn: Connection) -> Conversation:
+    """A new customer of ``conn`` and their conversation, stored (``conn`` already is)."""
+    return await tx.upsert_conversation(
+        conversation(conn, await tx.upsert_participant(participant(conn)))
     )

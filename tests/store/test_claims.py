@@ -12,12 +12,11 @@ from gateway.domain.models import ConnectionStatus, Conversation, Direction, Mes
 from tests.store.conftest import AnyStore
 from tests.store.factories import (
     connection,
-    conversation,
     event,
     message,
     now,
     outbound,
-    participant,
+    stored_conversation,
 )
 
 T = TypeVar("T")
@@ -55,9 +54,7 @@ async def test_concurrent_workers_claim_each_due_message_exactly_once(
 
         async def fresh() -> Conversation:
             # One conversation per message: within one, only the oldest pending is claimable.
-            return await tx.upsert_conversation(
-                conversation(conn, await tx.upsert_participant(participant(conn)))
-            )
+            return await stored_conversation(tx, conn)
 
         due = [outbound(await fresh(), due=t - timedelta(seconds=i % 7)) for i in range(200)]
         for msg in due:
@@ -89,9 +86,7 @@ async def test_a_lapsed_message_lease_lets_another_worker_claim_it(store: AnySto
     conn = connection()
     async with store.transaction() as tx:
         await tx.save_connection(conn)
-        conv = await tx.upsert_conversation(
-            conversation(conn, await tx.upsert_participant(participant(conn)))
-        )
+        conv = await stored_conversation(tx, conn)
         msg = outbound(conv, due=t)
         await tx.insert_message(msg)
     lease = t + timedelta(seconds=30)
