@@ -32,8 +32,7 @@ class OutboxWriter:
         if self._relay is None:
             await tx.add_events(events)
             return ()
-        lease_until = datetime.now(UTC) + self._relay.lease - _LEASE_MARGIN
-        return await tx.add_claimed_events(events, lease_until)
+        return await tx.add_claimed_events(events, self._claim_until(self._relay))
 
     async def add_deferred(
         self, tx: Tx, events: Sequence[Event]
@@ -46,8 +45,11 @@ class OutboxWriter:
         if self._relay is None:
             await tx.add_events(events)
             return _nothing
-        lease_until = datetime.now(UTC) + self._relay.lease - _LEASE_MARGIN
-        return await tx.add_claimed_events_deferred(events, lease_until)
+        return await tx.add_claimed_events_deferred(events, self._claim_until(self._relay))
+
+    @staticmethod
+    def _claim_until(relay: OutboxRelay) -> datetime:
+        return datetime.now(UTC) + relay.lease - _LEASE_MARGIN
 
     def committed(self, handed: Handed) -> None:
         if handed and self._relay is not None:

@@ -47,7 +47,7 @@ from gateway.domain.store import OutboxEntry
 from gateway.store import bulk, rows
 from gateway.store.outbound import OutboundWriter
 from gateway.store.rows import Codec, Params, Row
-from gateway.store.sqltx import Executor, in_list, later, native, takes_arrays
+from gateway.store.sqltx import Executor, answered, in_list, later, native, takes_arrays
 
 # Rows per statement: keeps every statement under SQLite's bound on host parameters.
 CHUNK = 200
@@ -630,15 +630,15 @@ class InboundWriter:
         publishes them: claiming here saves the relay a transaction per batch."""
         if not events:
             return []
-        now = self._codec.ts(datetime.now(UTC))
-        lease = self._codec.ts(rows.utc(lease_until))
         # Encoded once, for the outbox row and for the bus (OutboxEntry.wire).
         wires = {e.event_id: encode_event(e) for e in events}
         if self._native is not None:
             found = await self._native.fetch_tuples(
-                _ADD_CLAIMED_EVENTS, self._claimed_params(events, wires, now, lease)
+                _ADD_CLAIMED_EVENTS, self._claimed_params(events, wires, lease_until)
             )
             return _entries(events, wires, {event_id: int(seq) for seq, event_id in found})
+        now = self._codec.ts(datetime.now(UTC))
+        lease = self._codec.ts(rows.utc(lease_until))
         seqs: dict[str, int] = {}
         for chunk in _chunks(events):
             # Rows go in in list order, so seq keeps the order of the events.
@@ -671,17 +671,10 @@ class InboundWriter:
         one that waits, the COMMIT included (the entries can be read once the transaction
         ended); elsewhere it runs now."""
         if self._native is None or not events:
-            added = await self.add_claimed_events(events, lease_until)
-
-            async def ready() -> list[OutboxEntry]:
-                return added
-
-            return ready
-        now = self._codec.ts(datetime.now(UTC))
-        lease = self._codec.ts(rows.utc(lease_until))
+            return answered(await self.add_claimed_events(events, lease_until))
         wires = {e.event_id: encode_event(e) for e in events}
         sent = await self._native.fetch_deferred(
-            _ADD_CLAIMED_EVENTS, self._claimed_params(events, wires, now, lease)
+            _ADD_CLAIMED_EVENTS, self._claimed_params(events, wires, lease_until)
         )
 
         async def read() -> list[OutboxEntry]:
@@ -691,13 +684,13 @@ class InboundWriter:
         return read
 
     def _claimed_params(
-        self, events: Sequence[Event], wires: dict[str, bytes], now: Any, lease: Any
+        self, events: Sequence[Event], wires: dict[str, bytes], lease_until: datetime
     ) -> Params:
         """PostgreSQL: _ADD_CLAIMED_EVENTS's parameters."""
         return {
             "rows": self._codec.json_document(_claimed_document(events, wires)),
-            "n": now,
-            "l": lease,
+            "n": self._codec.ts(datetime.now(UTC)),
+            "l": self._codec.ts(rows.utc(lease_until)),
         }
 
     # ---- quarantine ----

@@ -39,7 +39,15 @@ from gateway.domain.models import (
 from gateway.domain.outbound import ContentKind, DeliveryAttempt, SendBatch, SendTarget
 from gateway.store import bulk, rows
 from gateway.store.rows import Codec, Params
-from gateway.store.sqltx import Deferred, Executor, any_of, in_list, native, takes_arrays
+from gateway.store.sqltx import (
+    Deferred,
+    Executor,
+    answered,
+    any_of,
+    in_list,
+    native,
+    takes_arrays,
+)
 
 _SENT_FIELDS = (
     "status",
@@ -557,12 +565,7 @@ class OutboundWriter:
         PostgreSQL the statement goes out now and its answer comes back with the next
         statement of the transaction that waits for its own; elsewhere it runs now."""
         if not items or not self._arrays:
-            answer = await self.record_and_peek(items, lease_until=lease_until)
-
-            async def ready() -> tuple[list[Message], bool]:
-                return answer
-
-            return ready
+            return answered(await self.record_and_peek(items, lease_until=lease_until))
         sent = await self._sent(*self._outcomes(items, lease_until), replan=True)
 
         async def read() -> tuple[list[Message], bool]:

@@ -145,7 +145,6 @@ class PgExecutor:
         """The pipeline has synced its last (the COMMIT): reads what no one read yet, so
         that deferred statements sent last, with the COMMIT, are answered after it."""
         self._pipeline = None
-        self.syncs += 1
         for deferred in list(self.unread):
             await deferred._read()
 

@@ -69,6 +69,19 @@ def in_list(name: str, values: Sequence[Any]) -> tuple[str, Params]:
     return "(" + ", ".join(f":{key}" for key in params) + ")", params
 
 
+T = TypeVar("T")
+
+
+def answered(value: T) -> Callable[[], Awaitable[T]]:
+    """A deferred answer that is known already: the form of a ``*_deferred`` method on a
+    store that runs the statement at once."""
+
+    async def ready() -> T:
+        return value
+
+    return ready
+
+
 class Deferred(Protocol):
     async def rows(self) -> list[Row]:
         """The statement's rows, waiting for them if no later statement has yet."""
@@ -138,8 +151,6 @@ def _insert(table: str, params: Params) -> str:
 def _now() -> datetime:
     return datetime.now(UTC)
 
-
-T = TypeVar("T")
 
 _LAPSED = "(claimed_until IS NULL OR claimed_until <= :now)"
 
