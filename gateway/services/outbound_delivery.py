@@ -491,7 +491,13 @@ class Deliverer:
         for outcome, message in zip(outcomes, stored, strict=True):
             if not outcome.event:
                 continue
-            events.append(delivery_update(message, now))
-            if message.confirmed_at is not None and message.status is MessageStatus.SENT:
-                events.append(delivery_update(message, now, confirmed=True))
+            confirmed = message.confirmed_at is not None and message.status is MessageStatus.SENT
+            if not confirmed:
+                events.append(delivery_update(message, now))
+                continue
+            # An echo that came first, folded in here: as when it comes after, the SENT
+            # update shows the send alone and the confirmation follows as its own update,
+            # so that a consumer sees one confirmation whichever way the race went.
+            events.append(delivery_update(replace(message, confirmed_at=None), now))
+            events.append(delivery_update(message, now, confirmed=True))
         return Written(stored, events, wake=waiting)

@@ -80,6 +80,7 @@ async def test_an_echo_that_overtakes_metas_answer_still_only_confirms(out: Out)
     assert [u.payload["status"] for u in updates] == ["MESSAGE_STATUS_QUEUED"] + [
         "MESSAGE_STATUS_SENT"
     ] * 2
+    assert "confirmed_at" not in updates[1].payload  # the send, then its confirmation
     assert "confirmed_at" in updates[-1].payload
     assert await out.events(EventKind.MESSAGE_ECHOED, timeout_s=0.5) == []
     async with out.gateway.gateway.store.transaction() as tx:
