@@ -66,6 +66,11 @@ group_commit_wait_seconds = Histogram(
     ("batcher",),
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
+group_commit_failures = Counter(
+    "switchboard_group_commit_failures_total",
+    "Group-commit flushes that failed: their jobs were failed, or retried one by one.",
+    ("batcher",),
+)
 
 
 def create_metrics_app(registry: CollectorRegistry = REGISTRY) -> web.Application:

@@ -59,6 +59,7 @@ class GroupCommitter(Generic[J, R]):
         # Observed once per batch, not per job: the hot paths submit thousands per second.
         self._commit_seconds = metrics.group_commit_seconds.labels(name)
         self._wait_seconds = metrics.group_commit_wait_seconds.labels(name)
+        self._failures = metrics.group_commit_failures.labels(name)
         self._queue: asyncio.Queue[_Pending[J, R]] = asyncio.Queue()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -146,10 +147,12 @@ class GroupCommitter(Generic[J, R]):
         try:
             results = await self._flush([p.job for p in batch])
         except Unavailable as exc:
+            self._failures.inc()
             for p in batch:
                 _fail(p, exc)
             return
         except Exception as exc:
+            self._failures.inc()
             # Not the store being down: maybe one job the flush cannot take. Retry each
             # alone so that one bad job fails alone instead of its whole batch.
             if len(batch) == 1:

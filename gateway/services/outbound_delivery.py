@@ -62,6 +62,7 @@ from gateway.domain.outbound import (
     outbound_of,
 )
 from gateway.domain.store import Store, Tx
+from gateway.observability import metrics
 from gateway.observability import outbound_metrics as m
 from gateway.security.keyring import DecryptionError, KeyRing
 from gateway.services.connection_status import mark_needs_reauth
@@ -441,6 +442,7 @@ class Deliverer:
             # snapshot (so not removed) and then in the way of its external id. A new
             # transaction sees it and folds it. Failing instead would leave the send
             # unrecorded, to be sent again once its lease lapsed.
+            metrics.group_commit_failures.labels("send-commits").inc()
             log.info("outcome batch met a concurrent commit; trying it again")
             return await self._commit_once(jobs)
 

@@ -45,6 +45,7 @@ from gateway.domain.inbound import (
 from gateway.domain.models import Connection, Conversation, Message, Participant
 from gateway.domain.store import OutboxEntry
 from gateway.store import bulk, rows
+from gateway.store.locks import message_ids_lock
 from gateway.store.outbound import OutboundWriter
 from gateway.store.rows import Codec, Params, Row
 from gateway.store.sqltx import Executor, answered, in_list, later, native, takes_arrays
@@ -182,6 +183,7 @@ class InboundWriter:
             part = participants.get((r.connection.id, r.item.customer_id))
             if part is not None:
                 result.conversation = conversations.get((r.connection.id, part.id))
+        await self._lock_message_ids(routed)
         await self._insert_messages(routed, results, marked)
         await self._confirm_echoes(routed, results)
         await self._own_echoes(routed, results)
@@ -189,6 +191,19 @@ class InboundWriter:
         await self._apply_changes(routed, results, known)
         await self._fill_conversations(results, known, routed)
         return results
+
+    async def _lock_message_ids(self, routed: Sequence[RoutedItem]) -> None:
+        """Echoes of ours may be in the way of the ids an outcome batch is writing (see
+        gateway.store.locks). Taken before the messages are written, after the
+        participants and conversations, which no outcome batch waits for: held for as
+        short a time as the rest of the transaction allows."""
+        if not self._arrays:
+            return
+        lock = message_ids_lock(
+            r.item.external_id for r in routed if r.item.kind == EventKind.MESSAGE_ECHOED
+        )
+        if lock is not None:
+            await self._ex.fetch(*lock)
 
     # ---- participants and conversations ----
 

@@ -38,6 +38,7 @@ from gateway.domain.models import (
 )
 from gateway.domain.outbound import ContentKind, DeliveryAttempt, SendBatch, SendTarget
 from gateway.store import bulk, rows
+from gateway.store.locks import message_ids_lock
 from gateway.store.rows import Codec, Params
 from gateway.store.sqltx import (
     Deferred,
@@ -166,6 +167,14 @@ RETURNING m.id, x.created_at IS NOT NULL AS echoed, m.confirmed_at,
       AND {_pending("w")} AND w.id <> m.id)
     ELSE false END AS waiting
 """  # noqa: S608 - the interpolated SQL is ours
+
+
+def _message_ids_lock(
+    items: Sequence[tuple[Message, DeliveryAttempt | None]],
+) -> tuple[str, Params] | None:
+    """The lock an outcome batch takes before giving messages their Meta ids (see
+    gateway.store.locks): a webhook committing their echoes meanwhile waits for it."""
+    return message_ids_lock(m.external_id for m, _ in items)
 
 
 class _Ready:
@@ -566,6 +575,9 @@ class OutboundWriter:
         statement of the transaction that waits for its own; elsewhere it runs now."""
         if not items or not self._arrays:
             return answered(await self.record_and_peek(items, lease_until=lease_until))
+        lock = _message_ids_lock(items)
+        if lock is not None:
+            await self._sent(*lock)
         sent = await self._sent(*self._outcomes(items, lease_until), replan=True)
 
         async def read() -> tuple[list[Message], bool]:
@@ -576,6 +588,9 @@ class OutboundWriter:
     async def _record_native(
         self, items: Sequence[tuple[Message, DeliveryAttempt | None]], lease_until: datetime | None
     ) -> tuple[list[Message], bool]:
+        lock = _message_ids_lock(items)
+        if lock is not None:
+            await self._ex.fetch(*lock)
         # Planned per call: the UPDATE finds its rows in messages, which grows without bound
         # (see Executor.fetch).
         sql, params = self._outcomes(items, lease_until)

@@ -57,7 +57,8 @@ async def test_one_job_the_flush_cannot_take_fails_alone() -> None:
             raise ValueError("negative")
         return list(jobs)
 
-    committer: GroupCommitter[int, int] = GroupCommitter(flush, max_wait_s=0.01)
+    name = "test-bad-job-batcher"
+    committer: GroupCommitter[int, int] = GroupCommitter(flush, max_wait_s=0.01, name=name)
     await committer.start()
     try:
         results = await asyncio.gather(
@@ -68,6 +69,11 @@ async def test_one_job_the_flush_cannot_take_fails_alone() -> None:
     assert results[0] == 1
     assert results[2] == 2
     assert isinstance(results[1], ValueError)
+    # The batch of three failed, then the bad job alone: each is counted.
+    failures = REGISTRY.get_sample_value(
+        "switchboard_group_commit_failures_total", {"batcher": name}
+    )
+    assert failures == 2
 
 
 async def test_a_lone_job_is_flushed_without_lingering() -> None:
