@@ -11,7 +11,10 @@ SendMessage handler only POSTs the body to the sandbox with aiohttp (no validati
 storage or limits). The sandbox and the client each run in a process of their own, and
 the gateway runs as it is deployed (``bench._common.TOPOLOGY``), on uvloop like the
 ceiling's server. The per-account rate limit is set far above the offered load so that it
-is exercised (one bucket decision per send) without capping the figure.
+is exercised (one bucket decision per send) without capping the figure. The account is
+subscribed to webhooks, as a connected one is: the sandbox echoes every message sent, as
+Meta does, and the gateway confirms each from its echo during our run. The ceiling runs
+without echoes (the sandbox's webhook is off meanwhile): it has nothing to confirm.
 """
 
 from __future__ import annotations
@@ -237,46 +240,55 @@ async def measure(
                 connection_id = await _connect(gateway, ig_id, meta_token)
                 await asyncio.to_thread(served.start)
                 # The customers' first messages come in as webhooks.
-                await control.set_webhook(f"http://127.0.0.1:{served.http_port}/webhooks/instagram")
+                webhook = f"http://127.0.0.1:{served.http_port}/webhooks/instagram"
+                await control.set_webhook(webhook)
                 customers = [
                     str((await control.send_dm(ig_id, "hi"))["customer"]) for _ in range(CUSTOMERS)
                 ]
                 await _await_conversations(gateway, connection_id, customers)
                 await control.update_settings(latency_ms=latency_ms)
-            requests = [
-                messaging_pb2.SendMessageRequest(
-                    tenant_id="bench",
-                    connection_id=connection_id,
-                    recipient_id=c,
-                    text="Thanks for your message!",
-                ).SerializeToString()
-                for c in customers
-            ]
-            target = f"127.0.0.1:{served.grpc_port}"
-            loop = asyncio.get_running_loop()
-            send_url = f"{sandbox_url}/graph-instagram/v21.0/{ig_id}/messages"
-            await loop.run_in_executor(None, drive, target, token, requests, 8, 1.0)
-            results: dict[int, dict[str, Any]] = {}
-            for concurrency in concurrencies:
-                ours = await loop.run_in_executor(
-                    None, drive, target, token, requests, concurrency, duration_s
-                )
-                top = await loop.run_in_executor(
-                    None, ceiling, send_url, meta_token, requests, concurrency, duration_s
-                )
-                results[concurrency] = {"ours": _figures(ours), "ceiling": top}
-            return results
+                requests = [
+                    messaging_pb2.SendMessageRequest(
+                        tenant_id="bench",
+                        connection_id=connection_id,
+                        recipient_id=c,
+                        text="Thanks for your message!",
+                    ).SerializeToString()
+                    for c in customers
+                ]
+                target = f"127.0.0.1:{served.grpc_port}"
+                loop = asyncio.get_running_loop()
+                send_url = f"{sandbox_url}/graph-instagram/v21.0/{ig_id}/messages"
+                await loop.run_in_executor(None, drive, target, token, requests, 8, 1.0)
+                results: dict[int, dict[str, Any]] = {}
+                for concurrency in concurrencies:
+                    # Ours with the echo webhooks Meta sends for every message (confirming
+                    # them is part of the gateway's work)...
+                    ours = await loop.run_in_executor(
+                        None, drive, target, token, requests, concurrency, duration_s
+                    )
+                    # ...then the ceiling with none: neither the echoes still queued from
+                    # our run nor those of the ceiling's own sends may take its CPU.
+                    await control.drain_echoes()
+                    await control.set_webhook(None)
+                    top = await loop.run_in_executor(
+                        None, ceiling, send_url, meta_token, requests, concurrency, duration_s
+                    )
+                    await control.set_webhook(webhook)
+                    results[concurrency] = {"ours": _figures(ours), "ceiling": top}
+                return results
         finally:
             await asyncio.to_thread(served.close)
             await drop_bench_database(backend, database)
 
 
 async def _connect(gateway: Any, ig_id: str, meta_token: str) -> str:
-    """Stores a connected account with its sealed token, as a finished OAuth flow would."""
+    """Stores a connected account with its sealed token and subscribes it to webhooks, as a
+    finished OAuth flow would."""
     from datetime import UTC, datetime
 
     from gateway.config import Secret
-    from gateway.domain.connect import AccessToken
+    from gateway.domain.connect import AccessToken, connector_of
     from gateway.domain.ids import new_id
     from gateway.domain.models import Account, Connection, ConnectionStatus
     from gateway.services.credentials import seal
@@ -290,11 +302,13 @@ async def _connect(gateway: Any, ig_id: str, meta_token: str) -> str:
         login_flow="instagram",
         connected_at=datetime.now(UTC),
     )
-    sealed = seal(
-        gateway.keyring,
-        conn.id,
-        AccessToken(value=Secret(meta_token), issued_at=datetime.now(UTC)),
-    )
+    token = AccessToken(value=Secret(meta_token), issued_at=datetime.now(UTC))
+    # Subscribed to the account's webhooks as a finished connect is: Meta then echoes every
+    # message sent, and confirming those echoes is part of the gateway's load.
+    connector = connector_of(gateway.channels.require("instagram"))
+    assert connector is not None
+    await connector.subscribe(conn.login_flow, conn.account, token)
+    sealed = seal(gateway.keyring, conn.id, token)
     async with gateway.store.transaction() as tx:
         await tx.save_connection(conn)
         await tx.put_credential(sealed)
