@@ -435,6 +435,8 @@ class InboundWriter:
         for r, result in zip(routed, results, strict=True):
             if r.item.kind == EventKind.MESSAGE_ECHOED and result.duplicate:
                 result.confirmed = by_key.pop((r.connection.id, r.item.external_id), None)
+                if result.confirmed is not None:
+                    result.message_id = result.confirmed.id
 
     async def _own_echoes(self, routed: Sequence[RoutedItem], results: list[IngestResult]) -> None:
         """Meta may echo a message before answering the Send API call that sent it, or
@@ -464,10 +466,14 @@ class InboundWriter:
     async def _known_messages(
         self, routed: Sequence[RoutedItem], results: list[IngestResult]
     ) -> dict[tuple[str, str], _Known]:
-        """Stored messages the items refer to (by external id), after this batch's inserts."""
+        """Stored messages the items refer to (by external id), after this batch's inserts.
+        A duplicate is looked up for its id, unless known already (the echo that confirmed
+        our message)."""
         wanted: set[tuple[str, str]] = set()
         for r, result in zip(routed, results, strict=True):
-            if r.item.external_id and (r.item.kind not in MESSAGE_KINDS or result.duplicate):
+            if r.item.external_id and (
+                r.item.kind not in MESSAGE_KINDS or (result.duplicate and not result.message_id)
+            ):
                 wanted.add((r.connection.id, r.item.external_id))
             if r.item.reply_to_external_id:
                 wanted.add((r.connection.id, r.item.reply_to_external_id))
