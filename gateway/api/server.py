@@ -10,7 +10,6 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 from switchboard.v1 import connect_pb2, connect_pb2_grpc, messaging_pb2, messaging_pb2_grpc
 
 from gateway.api.interceptors import (
@@ -19,6 +18,7 @@ from gateway.api.interceptors import (
     MetricsInterceptor,
     RequestIdInterceptor,
 )
+from gateway.api.reflection import enable_reflection
 from gateway.config import Address
 from gateway.security.tokens import TokenAuthority
 
@@ -66,12 +66,8 @@ class GrpcServer:
         connect_pb2_grpc.add_ChannelConnectServicer_to_server(connect, self._server)
         messaging_pb2_grpc.add_MessagingServicer_to_server(messaging, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (
-                *SERVICE_NAMES,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
+        enable_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
             self._server,
         )
         self._probe_task: asyncio.Task[None] | None = None

@@ -7,6 +7,7 @@ import aiohttp
 import grpc
 import grpc.aio
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from switchboard.v1 import connect_pb2, connect_pb2_grpc, messaging_pb2, messaging_pb2_grpc
@@ -33,6 +34,44 @@ async def test_reflection_lists_both_services(channel: grpc.aio.Channel) -> None
     async for reply in stub.ServerReflectionInfo(iter([request])):
         names |= {s.name for s in reply.list_services_response.service}
     assert {"switchboard.v1.ChannelConnect", "switchboard.v1.Messaging"} <= names
+
+
+async def test_reflection_answers_under_v1_too(channel: grpc.aio.Channel) -> None:
+    """Tools ask grpc.reflection.v1 first. Its messages are v1alpha's, field for field, so
+    v1alpha's classes speak it."""
+    call = channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="switchboard.v1.Messaging"),
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="grpc.reflection.v1.ServerReflection"
+        ),
+    ]
+    replies = [reply async for reply in call(iter(requests))]
+    assert len(replies) == 3
+    listed = {s.name for s in replies[0].list_services_response.service}
+    assert {
+        "switchboard.v1.Messaging",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= listed
+    for reply, package in ((replies[1], "switchboard.v1"), (replies[2], "grpc.reflection.v1")):
+        assert not reply.HasField("error_response"), reply.error_response
+        files = [
+            descriptor_pb2.FileDescriptorProto.FromString(raw)
+            for raw in reply.file_descriptor_response.file_descriptor_proto
+        ]
+        assert package in {f.package for f in files}
+    [v1] = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in replies[2].file_descriptor_response.file_descriptor_proto
+    ]
+    [method] = v1.service[0].method
+    assert method.input_type == ".grpc.reflection.v1.ServerReflectionRequest"
 
 
 async def test_list_channels_names_instagram_with_both_login_flows(
