@@ -42,7 +42,17 @@ async def test_concurrent_sends_and_their_echoes_never_fail_each_other(out: Out)
             )
             return reply.message
 
-    sent = await asyncio.gather(*(send(n) for n in range(CUSTOMERS * ROUNDS)))
+    async def customer_writes_again(n: int) -> None:
+        # The customers keep writing meanwhile: their messages touch the same
+        # conversations as the answers and the echoes.
+        async with slots:
+            reply = await out.control.send_dm(out.ig_id, f"More {n}", customer=customers[n])
+            assert reply["status"] == 200, reply
+
+    sent, _ = await asyncio.gather(
+        asyncio.gather(*(send(n) for n in range(CUSTOMERS * ROUNDS))),
+        asyncio.gather(*(customer_writes_again(n) for n in range(CUSTOMERS))),
+    )
     # One still behind an earlier message of its conversation answers QUEUED.
     for message in sent:
         await out.wait_status(message.id, "MESSAGE_STATUS_SENT")
