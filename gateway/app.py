@@ -307,6 +307,7 @@ class Gateway:
                 self.store, self.keyring, sources, notify=self._events_committed
             ),
             ack_timeout_s=self.config.webhook_ack_timeout_s,
+            echo_patience_s=self.config.webhook_echo_wait_s,
             # SQLite serializes writers anyway; PostgreSQL overlaps two commits.
             workers=2 if self.store.backend == "postgres" else 1,
         )

@@ -111,6 +111,9 @@ class Config:
     # A webhook not stored within this is answered 503 (Meta retries); Meta itself gives
     # up on an answer after about 20 s.
     webhook_ack_timeout_s: float = 4.0
+    # A delivery of echoes only (copies of what the business sent) may wait this long to
+    # share a commit: nobody waits on it closely, and each commit costs more than an echo.
+    webhook_echo_wait_s: float = 0.05
     # Tokens are refreshed once they expire within this margin.
     token_refresh_margin_s: float = 30 * 86400.0
     # Outbound: per-account send rates (per second), the first attempt's wait in
@@ -210,6 +213,8 @@ class Config:
             webhook_ack_timeout_s=reader.number(
                 "WEBHOOK_ACK_TIMEOUT_SECONDS", 4.0, low=0.05, high=20
             ),
+            webhook_echo_wait_s=reader.number("WEBHOOK_ECHO_WAIT_MS", 50.0, low=0, high=2000)
+            / 1000.0,
             token_refresh_margin_s=reader.number("TOKEN_REFRESH_MARGIN_DAYS", 30.0, low=1, high=365)
             * 86400.0,
             send_rate_text=reader.number("SEND_RATE_TEXT_PER_SECOND", 100.0, low=0.01, high=1e5),
@@ -265,6 +270,7 @@ class Config:
 _VARIABLES: dict[str, tuple[str, float]] = {
     "shutdown_grace_s": ("SHUTDOWN_GRACE_SECONDS", 0.0),
     "webhook_ack_timeout_s": ("WEBHOOK_ACK_TIMEOUT_SECONDS", 0.0),
+    "webhook_echo_wait_s": ("WEBHOOK_ECHO_WAIT_MS", 0.001),
     "token_refresh_margin_s": ("TOKEN_REFRESH_MARGIN_DAYS", 86400.0),
     "send_rate_text": ("SEND_RATE_TEXT_PER_SECOND", 0.0),
     "send_rate_media": ("SEND_RATE_MEDIA_PER_SECOND", 0.0),

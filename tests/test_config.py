@@ -92,6 +92,7 @@ def test_the_description_names_the_variables_that_are_read() -> None:
             "SWITCHBOARD_SEND_RATE_TEXT_PER_SECOND": "40",
             "SWITCHBOARD_SEND_WAIT_SECONDS": "0.5",
             "SWITCHBOARD_WEBHOOK_ACK_TIMEOUT_SECONDS": "3",
+            "SWITCHBOARD_WEBHOOK_ECHO_WAIT_MS": "20",
             "SWITCHBOARD_LOG_FORMAT": "json",
         }
     )
@@ -99,6 +100,8 @@ def test_the_description_names_the_variables_that_are_read() -> None:
     assert described["SWITCHBOARD_SHUTDOWN_GRACE_SECONDS"] == "5.0"
     assert described["SWITCHBOARD_TOKEN_REFRESH_MARGIN_DAYS"] == "7"
     assert described["SWITCHBOARD_SEND_RATE_TEXT_PER_SECOND"] == "40.0"
+    assert described["SWITCHBOARD_WEBHOOK_ECHO_WAIT_MS"] == "20"
+    assert config.webhook_echo_wait_s == pytest.approx(0.02)
     again = Config.from_environ({k: v for k, v in described.items() if v != "(unset)"})
     assert again.ignored == ()
     assert again == config

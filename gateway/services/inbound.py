@@ -24,6 +24,7 @@ import orjson
 
 from gateway.domain.channel import HttpRequest, HttpResponse
 from gateway.domain.errors import Unavailable
+from gateway.domain.events import EventKind
 from gateway.domain.inbound import (
     ChannelInbound,
     DeliveryRejected,
@@ -85,8 +86,11 @@ class InboundService:
         workers: int = 1,
         ack_timeout_s: float = 4.0,
         activity_interval_s: float = 5.0,
+        echo_patience_s: float = 0.05,
     ) -> None:
         self._store = store
+        # Never so long that the wait alone would come near the answer's deadline.
+        self._echo_patience_s = min(echo_patience_s, ack_timeout_s / 2)
         self._ack_timeout_s = ack_timeout_s
         # The outbox relay of this process, if it runs one: the events of a commit are
         # handed to it directly. Otherwise another process's relay sweeps them up.
@@ -139,7 +143,9 @@ class InboundService:
             # Meta gives up on a slow answer; a 503 in time makes it retry sooner. Should
             # the commit still land afterwards, the retry is deduplicated.
             await self._committer.submit(
-                _Job(channel, parsed, received_at), timeout_s=self._ack_timeout_s
+                _Job(channel, parsed, received_at),
+                timeout_s=self._ack_timeout_s,
+                patience_s=self._patience(parsed),
             )
         except (Unavailable, TimeoutError) as exc:
             _deliveries(channel, "unavailable").inc()
@@ -151,6 +157,13 @@ class InboundService:
         _deliveries(channel, "accepted").inc()
         _ack_seconds(channel).observe(time.perf_counter() - started)
         return HttpResponse.text(200, "EVENT_RECEIVED")
+
+    def _patience(self, parsed: ParsedDelivery) -> float:
+        """How long the delivery may wait for company before its commit: only copies of
+        what the business sent (echoes) may; a customer's message is committed at once."""
+        if parsed.leftovers or not all(i.kind is EventKind.MESSAGE_ECHOED for i in parsed.items):
+            return 0.0
+        return self._echo_patience_s
 
     async def _reject(
         self, channel: str, body: bytes, received_at: datetime, exc: DeliveryRejected

@@ -5,6 +5,10 @@ Each request ``submit``s a job and waits; a worker takes every job queued (up to
 them to ``flush`` in one call, and resolves every waiting request with its result once
 that call returns (after the commit). PERFORMANCE.md: per-row commits are CPU-bound here,
 batching is the lever.
+
+A job nobody waits on closely may be submitted with a patience: a batch made only of such
+jobs is held up to that long for company, and the first job that cannot wait takes them
+along into its commit, in the order they came.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ class _Pending(Generic[J, R]):
     job: J
     future: asyncio.Future[R]
     queued_at: float
+    # perf_counter() time until which the job may wait for company; 0: it may not.
+    patient_until: float = 0.0
 
 
 class Closed(Unavailable):
@@ -65,6 +71,8 @@ class GroupCommitter(Generic[J, R]):
         self._closed = False
         # Size of the last batch collected: lingering only pays while jobs come in numbers.
         self._last_count = 0
+        # Batches of patient jobs being held: resolved when company comes (see _hold).
+        self._holds: list[asyncio.Future[None]] = []
 
     async def start(self) -> None:
         if not self._tasks:
@@ -86,17 +94,32 @@ class GroupCommitter(Generic[J, R]):
             if not pending.future.done():
                 pending.future.set_exception(Closed("shutting down"))
 
-    async def submit(self, job: J, *, timeout_s: float | None = None) -> R:
+    async def submit(self, job: J, *, timeout_s: float | None = None, patience_s: float = 0.0) -> R:
         """The job's result once its batch committed; the flush's error otherwise.
 
         After ``timeout_s`` the wait ends with TimeoutError, but the job stays queued (or
         in its batch) and may still commit: callers must make a retry of it harmless.
+
+        A job with ``patience_s`` is one nobody waits on closely: a batch of such jobs
+        alone is held up to that long for company (a job without patience, whose commit
+        it then shares, or a full batch), so that they cost one commit for many rather
+        than one each.
         """
         if self._closed or not self._tasks:
             raise Closed("not accepting work")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        self._queue.put_nowait(_Pending(job, future, time.perf_counter()))
+        now = time.perf_counter()
+        patient_until = now + patience_s if patience_s > 0 else 0.0
+        if self._holds and (not patient_until or self._queue.qsize() + 1 >= self._max_items):
+            # Released before the job is queued, so that a held batch's worker wakes ahead
+            # of an idle one and takes this job into its batch: a patient job is then never
+            # committed after a later one that could not wait.
+            for hold in self._holds:
+                if not hold.done():
+                    hold.set_result(None)
+            self._holds.clear()
+        self._queue.put_nowait(_Pending(job, future, now, patient_until))
         if timeout_s is None:
             return await future
         # One timer on the future rather than asyncio.timeout(), whose scope costs several
@@ -121,14 +144,40 @@ class GroupCommitter(Generic[J, R]):
         batch = [first]
         count = self._size(first.job)
         count = self._take_queued(batch, count)
-        if count < self._max_items and self._max_wait_s > 0 and self._busy(count):
-            # Linger once, on one timer: requests arriving together share one commit. (A
-            # loop of sub-millisecond sleeps spins on event loops whose timers have
-            # millisecond resolution, such as uvloop's, burning the CPU the requests need.)
-            await asyncio.sleep(self._max_wait_s)
-            count = self._take_queued(batch, count)
+        try:
+            if count < self._max_items and all(p.patient_until for p in batch):
+                count = await self._hold(batch, count)
+            elif count < self._max_items and self._max_wait_s > 0 and self._busy(count):
+                # Linger once, on one timer: requests arriving together share one commit.
+                # (A loop of sub-millisecond sleeps spins on event loops whose timers have
+                # millisecond resolution, such as uvloop's, burning the CPU the requests
+                # need.)
+                await asyncio.sleep(self._max_wait_s)
+                count = self._take_queued(batch, count)
+        except asyncio.CancelledError:
+            # Closing: the jobs taken off the queue are answered like those still on it.
+            for p in batch:
+                _fail(p, Closed("shutting down"))
+            raise
         self._last_count = count
         return batch
+
+    async def _hold(self, batch: list[_Pending[J, R]], count: int) -> int:
+        """Holds a batch of patient jobs until company comes or the most pressed of them
+        has waited its patience out, then takes whatever queued meanwhile."""
+        remaining = min(p.patient_until for p in batch) - time.perf_counter()
+        if remaining > 0:
+            loop = asyncio.get_running_loop()
+            hold: asyncio.Future[None] = loop.create_future()
+            self._holds.append(hold)
+            timer = loop.call_later(remaining, _release, hold)
+            try:
+                await hold
+            finally:
+                timer.cancel()
+                if hold in self._holds:
+                    self._holds.remove(hold)
+        return self._take_queued(batch, count)
 
     def _busy(self, count: int) -> bool:
         """Whether more jobs are likely to come within the linger: several are queued
@@ -165,6 +214,11 @@ class GroupCommitter(Generic[J, R]):
         for p, result in zip(batch, results, strict=True):
             if not p.future.done():
                 p.future.set_result(result)
+
+
+def _release(hold: asyncio.Future[None]) -> None:
+    if not hold.done():
+        hold.set_result(None)
 
 
 def _expire(future: asyncio.Future[Any]) -> None:

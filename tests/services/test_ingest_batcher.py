@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 from prometheus_client import REGISTRY
 
-from gateway.services.ingest_batcher import GroupCommitter
+from gateway.services.ingest_batcher import Closed, GroupCommitter
 
 
 async def test_jobs_submitted_together_share_one_flush() -> None:
@@ -121,3 +121,63 @@ async def test_each_batch_reports_its_commit_time_and_its_oldest_wait() -> None:
     assert sample("switchboard_group_commit_seconds", "sum") >= 0.05
     assert sample("switchboard_group_commit_wait_seconds", "count") == 2
     assert sample("switchboard_group_commit_wait_seconds", "sum") >= 0.04
+
+
+async def test_patient_jobs_wait_for_each_other_then_commit_together() -> None:
+    flushed: list[list[str]] = []
+
+    async def flush(jobs: Sequence[str]) -> list[str]:
+        flushed.append(list(jobs))
+        return list(jobs)
+
+    committer: GroupCommitter[str, str] = GroupCommitter(flush, max_wait_s=0.0)
+    await committer.start()
+    try:
+        first = asyncio.ensure_future(committer.submit("echo-1", patience_s=0.2))
+        await asyncio.sleep(0.02)
+        # Held for company meanwhile: nothing committed yet.
+        assert flushed == []
+        second = asyncio.ensure_future(committer.submit("echo-2", patience_s=0.2))
+        assert await asyncio.gather(first, second) == ["echo-1", "echo-2"]
+    finally:
+        await committer.aclose()
+    # The first one's patience ran out and took the second along.
+    assert flushed == [["echo-1", "echo-2"]]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_job_that_cannot_wait_ends_the_hold_and_commits_after_the_patient_ones(
+    workers: int,
+) -> None:
+    flushed: list[list[str]] = []
+
+    async def flush(jobs: Sequence[str]) -> list[str]:
+        flushed.append(list(jobs))
+        return list(jobs)
+
+    committer: GroupCommitter[str, str] = GroupCommitter(flush, max_wait_s=0.0, workers=workers)
+    await committer.start()
+    try:
+        echo = asyncio.ensure_future(committer.submit("echo", patience_s=3600))
+        await asyncio.sleep(0.02)
+        # Answered long before the echo's patience: the customer's message released it,
+        # and the held worker took the message into its batch, behind the echo (an idle
+        # second worker does not commit it on its own, ahead of the echo).
+        assert await asyncio.wait_for(committer.submit("customer"), 5) == "customer"
+        assert await asyncio.wait_for(echo, 5) == "echo"
+    finally:
+        await committer.aclose()
+    assert flushed == [["echo", "customer"]]
+
+
+async def test_jobs_held_when_the_committer_closes_are_answered_closed() -> None:
+    async def flush(jobs: Sequence[str]) -> list[str]:
+        return list(jobs)
+
+    committer: GroupCommitter[str, str] = GroupCommitter(flush, max_wait_s=0.0)
+    await committer.start()
+    held = asyncio.ensure_future(committer.submit("echo", patience_s=3600))
+    await asyncio.sleep(0.02)
+    await committer.aclose()
+    with pytest.raises(Closed):
+        await asyncio.wait_for(held, 5)
