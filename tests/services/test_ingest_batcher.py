@@ -4,11 +4,25 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Generic, TypeVar
 
 import pytest
 from prometheus_client import REGISTRY
 
 from gateway.services.ingest_batcher import Closed, GroupCommitter
+
+T = TypeVar("T")
+
+
+class Recorder(Generic[T]):
+    """A flush that answers each job with itself and remembers every batch it was given."""
+
+    def __init__(self) -> None:
+        self.flushed: list[list[T]] = []
+
+    async def __call__(self, jobs: Sequence[T]) -> list[T]:
+        self.flushed.append(list(jobs))
+        return list(jobs)
 
 
 async def test_jobs_submitted_together_share_one_flush() -> None:
@@ -77,11 +91,8 @@ async def test_one_job_the_flush_cannot_take_fails_alone() -> None:
 
 
 async def test_a_lone_job_is_flushed_without_lingering() -> None:
-    flushed: list[list[int]] = []
-
-    async def flush(jobs: Sequence[int]) -> list[int]:
-        flushed.append(list(jobs))
-        return list(jobs)
+    flush: Recorder[int] = Recorder()
+    flushed = flush.flushed
 
     # A linger far longer than the test's timeout: only a flush that skips it answers.
     committer: GroupCommitter[int, int] = GroupCommitter(flush, max_wait_s=3600)
@@ -124,11 +135,8 @@ async def test_each_batch_reports_its_commit_time_and_its_oldest_wait() -> None:
 
 
 async def test_patient_jobs_wait_for_each_other_then_commit_together() -> None:
-    flushed: list[list[str]] = []
-
-    async def flush(jobs: Sequence[str]) -> list[str]:
-        flushed.append(list(jobs))
-        return list(jobs)
+    flush: Recorder[str] = Recorder()
+    flushed = flush.flushed
 
     committer: GroupCommitter[str, str] = GroupCommitter(flush, max_wait_s=0.0)
     await committer.start()
@@ -149,11 +157,8 @@ async def test_patient_jobs_wait_for_each_other_then_commit_together() -> None:
 async def test_a_job_that_cannot_wait_ends_the_hold_and_commits_after_the_patient_ones(
     workers: int,
 ) -> None:
-    flushed: list[list[str]] = []
-
-    async def flush(jobs: Sequence[str]) -> list[str]:
-        flushed.append(list(jobs))
-        return list(jobs)
+    flush: Recorder[str] = Recorder()
+    flushed = flush.flushed
 
     committer: GroupCommitter[str, str] = GroupCommitter(flush, max_wait_s=0.0, workers=workers)
     await committer.start()
@@ -171,10 +176,7 @@ async def test_a_job_that_cannot_wait_ends_the_hold_and_commits_after_the_patien
 
 
 async def test_jobs_held_when_the_committer_closes_are_answered_closed() -> None:
-    async def flush(jobs: Sequence[str]) -> list[str]:
-        return list(jobs)
-
-    committer: GroupCommitter[str, str] = GroupCommitter(flush, max_wait_s=0.0)
+    committer: GroupCommitter[str, str] = GroupCommitter(Recorder[str](), max_wait_s=0.0)
     await committer.start()
     held = asyncio.ensure_future(committer.submit("echo", patience_s=3600))
     await asyncio.sleep(0.02)
