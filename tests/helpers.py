@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import secrets
@@ -10,7 +11,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,42 @@ import psycopg
 import redis
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+from gateway.domain.bus import Bus, Subscription
+from gateway.domain.events import Event, EventKind
+
+
+async def published_events(
+    bus: Bus,
+    match: Callable[[Event], bool],
+    *,
+    kinds: Iterable[EventKind] = (),
+    count: int = 1,
+    timeout_s: float = 10.0,
+) -> list[Event]:
+    """The published events that ``match``, as a subscriber sees them: a group of its own
+    reads the bus's retained log from the start. Returns once ``count`` came (with any
+    that came along), or what came by ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    found: list[Event] = []
+    subscription = Subscription(
+        f"tests-{secrets.token_hex(4)}", "reader", kinds=frozenset(kinds), max_in_flight=1000
+    )
+    async with bus.subscribe(subscription) as consumer:
+        while True:
+            wait = deadline - loop.time()
+            if len(found) >= count:
+                wait = min(wait, 0.05)  # what is already there comes along
+            if wait <= 0:
+                return found
+            got = await consumer.receive(1000, wait)
+            if not got:
+                if len(found) >= count:
+                    return found
+                continue
+            await consumer.ack([d.delivery_id for d in got])
+            found += [d.event for d in got if match(d.event)]
 
 
 def free_port() -> int:

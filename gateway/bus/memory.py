@@ -282,6 +282,7 @@ class MemoryBus:
     """The in-process Bus; pass the store to make it durable across restarts."""
 
     backend = BACKEND
+    keeps_events = False
 
     def __init__(
         self,

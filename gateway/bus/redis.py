@@ -99,6 +99,7 @@ def _unavailable(exc: BaseException) -> BusUnavailable:
 
 class RedisBus:
     backend = BACKEND
+    keeps_events = True
 
     def __init__(
         self,

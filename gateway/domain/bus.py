@@ -61,6 +61,10 @@ class Consumer(Protocol):
 
 class Bus(Protocol):
     backend: str  # "redis" or "memory"
+    # Whether the bus itself keeps what it published for the retention window (Redis
+    # streams do): the outbox then deletes an entry once it is published. The in-process
+    # bus keeps False: the outbox is its log, rebuilt from there after a restart.
+    keeps_events: bool
 
     async def start(self) -> None: ...
     async def aclose(self) -> None: ...

@@ -329,6 +329,10 @@ class Store(Protocol):
         """Unpublished entries in seq order whose lease lapsed, leased to the caller."""
 
     async def mark_published(self, seqs: Sequence[int], now: datetime) -> None: ...
+    async def delete_published(self, seqs: Sequence[int]) -> None:
+        """Deletes entries a bus that keeps its own events (``Bus.keeps_events``) published:
+        cheaper than marking them, and nothing reads them again."""
+
     async def purge_published(self, before: datetime) -> int:
         """Deletes published entries older than ``before`` (retention), with their bus acks."""
 

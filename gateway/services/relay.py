@@ -2,16 +2,19 @@
 
 Producers write events in the same transaction as the data they describe and then call
 :meth:`OutboxRelay.notify`; the relay claims outbox entries in batches (a lease, so that
-replicas never publish the same batch at once), publishes them in one bus call and marks
-them published. A producer in the same process may instead write its entries already
+replicas never publish the same batch at once), publishes them in one bus call and settles
+them (below). A producer in the same process may instead write its entries already
 claimed for this relay (``lease``) and hand them over after the commit
 (:meth:`OutboxRelay.hand_over`): the relay publishes them without a claim transaction.
 A sweep every ``sweep_interval_s`` republishes whatever was committed but never
 published: a process that died right after a commit, or a claim whose lease lapsed.
 Republishing keeps each event's ``event_id``; consumers dedupe on it.
 
-It also purges published entries past the retention window. With the in-process bus the
-outbox is the bus's log, so that retention must not be shorter than the bus's. The same
+What becomes of a published entry depends on the bus. Redis keeps the events in its
+streams for the retention window, so the entry is deleted: PostgreSQL need not hold a
+second copy of three days of events, and a delete costs it less than the update that
+marks. The in-process bus has no log but the outbox: there the entry is marked published,
+and purged past the retention window, which must not be shorter than the bus's. The same
 periodic purge drops what ingestion keeps of unsends and edits that came before their
 message (tombstones, early edits), past their own retention (``TOMBSTONE_RETENTION``).
 """
@@ -57,7 +60,8 @@ class OutboxRelay:
         self._tombstone_retention = timedelta(seconds=tombstone_retention_s)
         self._purge_interval_s = purge_interval_s
         self._mark_interval_s = mark_interval_s
-        # Seqs of handed-over entries published but not yet marked, and when to mark them.
+        self._keep_published = not bus.keeps_events
+        # Seqs of handed-over entries published but not yet settled, and when to settle them.
         self._unmarked: list[int] = []
         self._mark_due = 0.0
         self._wake = asyncio.Event()
@@ -86,7 +90,7 @@ class OutboxRelay:
             self._task = asyncio.create_task(self._run(), name="outbox-relay")
 
     async def aclose(self, grace_s: float = 5.0) -> None:
-        """Stops after the batch in hand (a batch cut off between publish and mark is
+        """Stops after the batch in hand (a batch cut off between publish and settling is
         only published again, but a store call cut off mid-transaction may not be safe)."""
         if self._task is None:
             return
@@ -141,17 +145,23 @@ class OutboxRelay:
             await self._mark()
 
     async def _mark(self) -> None:
-        """Marks what was handed over and published, for many small batches at once: they
+        """Settles what was handed over and published, for many small batches at once: they
         stay claimed meanwhile, and should the process die first they are only published
         again (same event_id) once the lease lapses."""
         if not self._unmarked:
             return
         seqs, self._unmarked = self._unmarked, []
         try:
-            await self._store.mark_published(seqs, datetime.now(UTC))
+            await self._published(seqs)
         except BaseException:
             self._unmarked[:0] = seqs
             raise
+
+    async def _published(self, seqs: Sequence[int]) -> None:
+        if self._keep_published:
+            await self._store.mark_published(seqs, datetime.now(UTC))
+        else:
+            await self._store.delete_published(seqs)
 
     async def run_once(self) -> int:
         """Publishes every claimable entry; returns how many were published."""
@@ -164,7 +174,7 @@ class OutboxRelay:
             if not entries:
                 return total
             await self._bus.publish_outbox(entries)
-            await self._store.mark_published([e.seq for e in entries], datetime.now(UTC))
+            await self._published([e.seq for e in entries])
             total += len(entries)
             self.published += len(entries)
             if len(entries) < self._batch_size:
@@ -187,10 +197,13 @@ class OutboxRelay:
                 await asyncio.wait_for(self._wake.wait(), schedule.until_sweep())
             self._wake.clear()
             if self._stopping:
-                # What was handed over is published before leaving; the rest waits for a
-                # sweep (the lease keeps it, nothing is lost).
+                # What was handed over is published and settled before leaving, so that
+                # the next process does not publish it again; the rest waits for a sweep
+                # (the lease keeps it, nothing is lost).
                 with contextlib.suppress(Exception):
                     await self._drain()
+                with contextlib.suppress(Exception):
+                    await self._mark()
                 return
             await rounds.run(lambda: self._round(schedule))
 

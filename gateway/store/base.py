@@ -143,6 +143,14 @@ class SqlStore(abc.ABC):
                     {"now": self.codec.ts(rows.utc(now)), **params},
                 )
 
+    async def delete_published(self, seqs: Sequence[int]) -> None:
+        if not seqs:
+            return
+        async with self._session() as ex:
+            for chunk in _chunks(seqs):
+                where, params = any_of("seq", "q", chunk, arrays=self.backend == "postgres")
+                await ex.execute(f"DELETE FROM outbox WHERE {where}", params)  # noqa: S608
+
     async def purge_published(self, before: datetime) -> int:
         params = {"before": self.codec.ts(rows.utc(before))}
         async with self._session() as ex:

@@ -7,11 +7,9 @@ store) and, for tests that ask for it, on PostgreSQL + Redis (states in Redis).
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -30,7 +28,7 @@ from channels.instagram.sandbox import (
 )
 from gateway.domain.events import Event, EventKind
 from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
-from tests.helpers import bearer, free_port
+from tests.helpers import bearer, free_port, published_events
 
 DASHBOARD = "https://dashboard.example"
 RETURN_URL = f"{DASHBOARD}/settings/channels?tab=instagram"
@@ -205,33 +203,25 @@ def code_and_state(callback_url: str) -> tuple[str, str]:
     return query["code"][0], query["state"][0]
 
 
-async def connection_events(gw: RunningGateway, connection_id: str) -> list[Event]:
+async def connection_events(gw: RunningGateway, connection_id: str, count: int = 1) -> list[Event]:
     """The ConnectionChanged events of a connection, once the relay has published them."""
-    since = datetime.now(UTC) - timedelta(hours=1)
-    found: list[Event] = []
-    for _ in range(50):
-        entries, _ = await gw.gateway.store.bus_load(since=since)
-        found = [
-            e.event
-            for e in entries
-            if e.event.connection_id == connection_id
-            and e.event.kind is EventKind.CONNECTION_CHANGED
-        ]
-        if found:
-            return found
-        await asyncio.sleep(0.1)
-    return found
+    assert gw.gateway.bus is not None
+    return await published_events(
+        gw.gateway.bus,
+        lambda e: e.connection_id == connection_id,
+        kinds=[EventKind.CONNECTION_CHANGED],
+        count=count,
+        timeout_s=5.0,
+    )
 
 
 async def wait_for_events(
     gw: RunningGateway, connection_id: str, count: int
 ) -> list[dict[str, Any]]:
-    for _ in range(50):
-        events = await connection_events(gw, connection_id)
-        if len(events) >= count:
-            return [e.payload for e in events]
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"fewer than {count} ConnectionChanged events for {connection_id}")
+    events = await connection_events(gw, connection_id, count)
+    if len(events) < count:
+        raise AssertionError(f"fewer than {count} ConnectionChanged events for {connection_id}")
+    return [e.payload for e in events]
 
 
 def sandbox_secrets(sandbox: RunningSandbox) -> list[str]:

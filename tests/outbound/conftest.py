@@ -12,7 +12,6 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from channels.instagram.sandbox import (
 from gateway.domain.events import Event, EventKind
 from gateway.domain.models import Connection, Conversation
 from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway, store_connection
-from tests.helpers import bearer, fresh_database
+from tests.helpers import bearer, fresh_database, published_events
 
 BACKENDS = ["embedded", pytest.param("postgres+redis", marks=[pytest.mark.postgres])]
 
@@ -117,19 +116,16 @@ class Out:
         outbound.deliverer.clock.advance(seconds)
 
     async def events(self, kind: EventKind, count: int = 1, timeout_s: float = 10.0) -> list[Event]:
-        """Published events of this connection of ``kind``, once at least ``count`` exist."""
-        since = datetime.now(UTC) - timedelta(hours=1)
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
-            entries, _ = await self.gateway.gateway.store.bus_load(since=since)
-            found = [
-                e.event
-                for e in entries
-                if e.event.connection_id == self.connection.id and e.event.kind is kind
-            ]
-            if len(found) >= count or asyncio.get_running_loop().time() > deadline:
-                return found
-            await asyncio.sleep(0.05)
+        """Published events of this connection of ``kind``, once at least ``count`` came."""
+        bus = self.gateway.gateway.bus
+        assert bus is not None
+        return await published_events(
+            bus,
+            lambda e: e.connection_id == self.connection.id,
+            kinds=[kind],
+            count=count,
+            timeout_s=timeout_s,
+        )
 
 
 async def customer_writes(

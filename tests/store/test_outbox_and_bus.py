@@ -60,6 +60,24 @@ async def test_an_unpublished_entry_is_claimed_again_after_its_lease_with_one_mo
     assert await store.claim_outbox(now=later, lease_until=later, limit=10) == []
 
 
+async def test_deleting_published_entries_removes_those_and_no_other(store: AnyStore) -> None:
+    conn = await with_connection(store)
+    async with store.transaction() as tx:
+        await tx.add_events([event(conn) for _ in range(4)])
+    t = now()
+    entries = await store.claim_outbox(now=t, lease_until=t, limit=10)
+    seqs = [e.seq for e in entries]
+    await store.mark_published(seqs[:1], t)
+    await store.delete_published([seqs[1], seqs[2], seqs[2]])
+    await store.delete_published([])
+
+    # The one marked published is kept; the deleted ones are gone, published or not.
+    loaded, _ = await store.bus_load(since=t - timedelta(minutes=1))
+    assert [e.seq for e in loaded] == [seqs[0]]
+    waiting = await store.claim_outbox(now=t, lease_until=t, limit=10)
+    assert [e.seq for e in waiting] == [seqs[3]]
+
+
 async def test_purging_removes_published_entries_older_than_retention_and_their_acks(
     store: AnyStore,
 ) -> None:
