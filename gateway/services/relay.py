@@ -48,7 +48,7 @@ class OutboxRelay:
         sweep_interval_s: float = 1.0,
         retention_s: float = 3 * 86400.0,
         purge_interval_s: float = 600.0,
-        mark_interval_s: float = 0.05,
+        settle_interval_s: float = 0.05,
         tombstone_retention_s: float = TOMBSTONE_RETENTION.total_seconds(),
     ) -> None:
         self._store = store
@@ -59,11 +59,11 @@ class OutboxRelay:
         self._retention = timedelta(seconds=retention_s)
         self._tombstone_retention = timedelta(seconds=tombstone_retention_s)
         self._purge_interval_s = purge_interval_s
-        self._mark_interval_s = mark_interval_s
+        self._settle_interval_s = settle_interval_s
         self._keep_published = not bus.keeps_events
         # Seqs of handed-over entries published but not yet settled, and when to settle them.
-        self._unmarked: list[int] = []
-        self._mark_due = 0.0
+        self._unsettled: list[int] = []
+        self._settle_due = 0.0
         self._wake = asyncio.Event()
         # Work in commit order: handed-over entries, and None where a producer notified
         # (a claim must run there, so that what it committed is published in its place).
@@ -138,23 +138,23 @@ class OutboxRelay:
                 self._work.appendleft(batch)
                 raise
             self.published += len(batch)
-            if not self._unmarked:
-                self._mark_due = time.monotonic() + self._mark_interval_s
-            self._unmarked.extend(e.seq for e in batch)
-        if len(self._unmarked) >= self._batch_size or time.monotonic() >= self._mark_due:
-            await self._mark()
+            if not self._unsettled:
+                self._settle_due = time.monotonic() + self._settle_interval_s
+            self._unsettled.extend(e.seq for e in batch)
+        if len(self._unsettled) >= self._batch_size or time.monotonic() >= self._settle_due:
+            await self._settle()
 
-    async def _mark(self) -> None:
+    async def _settle(self) -> None:
         """Settles what was handed over and published, for many small batches at once: they
         stay claimed meanwhile, and should the process die first they are only published
         again (same event_id) once the lease lapses."""
-        if not self._unmarked:
+        if not self._unsettled:
             return
-        seqs, self._unmarked = self._unmarked, []
+        seqs, self._unsettled = self._unsettled, []
         try:
             await self._published(seqs)
         except BaseException:
-            self._unmarked[:0] = seqs
+            self._unsettled[:0] = seqs
             raise
 
     async def _published(self, seqs: Sequence[int]) -> None:
@@ -203,7 +203,7 @@ class OutboxRelay:
                 with contextlib.suppress(Exception):
                     await self._drain()
                 with contextlib.suppress(Exception):
-                    await self._mark()
+                    await self._settle()
                 return
             await rounds.run(lambda: self._round(schedule))
 
