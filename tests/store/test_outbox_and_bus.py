@@ -15,6 +15,15 @@ async def with_connection(store: AnyStore) -> Connection:
     return conn
 
 
+async def claimed(store: AnyStore, count: int) -> list[int]:
+    """The seqs of ``count`` new entries, claimed (their lease lapses at once)."""
+    conn = await with_connection(store)
+    async with store.transaction() as tx:
+        await tx.add_events([event(conn) for _ in range(count)])
+    t = now()
+    return [e.seq for e in await store.claim_outbox(now=t, lease_until=t, limit=count)]
+
+
 async def test_events_added_in_a_transaction_reach_the_outbox_whole(store: AnyStore) -> None:
     conn = await with_connection(store)
     events = [event(conn, "cnv_1", text="héllo"), event(conn)]
@@ -61,12 +70,8 @@ async def test_an_unpublished_entry_is_claimed_again_after_its_lease_with_one_mo
 
 
 async def test_deleting_published_entries_removes_those_and_no_other(store: AnyStore) -> None:
-    conn = await with_connection(store)
-    async with store.transaction() as tx:
-        await tx.add_events([event(conn) for _ in range(4)])
+    seqs = await claimed(store, 4)
     t = now()
-    entries = await store.claim_outbox(now=t, lease_until=t, limit=10)
-    seqs = [e.seq for e in entries]
     await store.mark_published(seqs[:1], t)
     await store.delete_published([seqs[1], seqs[2], seqs[2]])
     await store.delete_published([])
@@ -81,12 +86,8 @@ async def test_deleting_published_entries_removes_those_and_no_other(store: AnyS
 async def test_purging_removes_published_entries_older_than_retention_and_their_acks(
     store: AnyStore,
 ) -> None:
-    conn = await with_connection(store)
-    async with store.transaction() as tx:
-        await tx.add_events([event(conn) for _ in range(4)])
+    seqs = await claimed(store, 4)
     t = now()
-    entries = await store.claim_outbox(now=t, lease_until=t, limit=10)
-    seqs = [e.seq for e in entries]
     await store.mark_published(seqs[:2], t - timedelta(days=2))
     await store.mark_published(seqs[2:3], t)
     await store.bus_add_group("ai", t)
