@@ -60,7 +60,6 @@ class OutboxRelay:
         self._tombstone_retention = timedelta(seconds=tombstone_retention_s)
         self._purge_interval_s = purge_interval_s
         self._settle_interval_s = settle_interval_s
-        self._keep_published = not bus.keeps_events
         # Seqs of handed-over entries published but not yet settled, and when to settle them.
         self._unsettled: list[int] = []
         self._settle_due = 0.0
@@ -158,10 +157,10 @@ class OutboxRelay:
             raise
 
     async def _published(self, seqs: Sequence[int]) -> None:
-        if self._keep_published:
-            await self._store.mark_published(seqs, datetime.now(UTC))
-        else:
+        if self._bus.keeps_events:
             await self._store.delete_published(seqs)
+        else:
+            await self._store.mark_published(seqs, datetime.now(UTC))
 
     async def run_once(self) -> int:
         """Publishes every claimable entry; returns how many were published."""
@@ -200,10 +199,14 @@ class OutboxRelay:
                 # What was handed over is published and settled before leaving, so that
                 # the next process does not publish it again; the rest waits for a sweep
                 # (the lease keeps it, nothing is lost).
-                with contextlib.suppress(Exception):
-                    await self._drain()
-                with contextlib.suppress(Exception):
-                    await self._settle()
+                for last in (self._drain, self._settle):
+                    try:
+                        await last()
+                    except Exception as exc:
+                        log.warning(
+                            "outbox relay: left to the sweep on stop",
+                            extra={"step": last.__name__, "error": exc.__class__.__name__},
+                        )
                 return
             await rounds.run(lambda: self._round(schedule))
 

@@ -12,7 +12,7 @@ from typing import Self
 from gateway.domain.store import OutboxEntry, Tx
 from gateway.store import rows
 from gateway.store.migrate import SCHEMA_TABLE, Migration, load_migrations, pending
-from gateway.store.rows import Codec
+from gateway.store.rows import Codec, Params
 from gateway.store.sqltx import Executor, SqlTx, any_of
 
 # Keeps IN-lists well under SQLite's bound on host parameters.
@@ -132,24 +132,25 @@ class SqlStore(abc.ABC):
         return sorted(entries, key=lambda e: e.seq)
 
     async def mark_published(self, seqs: Sequence[int], now: datetime) -> None:
-        if not seqs:
-            return
-        async with self._session() as ex:
-            for chunk in _chunks(seqs):
-                where, params = any_of("seq", "q", chunk, arrays=self.backend == "postgres")
-                await ex.execute(
-                    "UPDATE outbox SET published_at = :now, claimed_until = NULL"  # noqa: S608
-                    f" WHERE {where} AND published_at IS NULL",
-                    {"now": self.codec.ts(rows.utc(now)), **params},
-                )
+        await self._by_seqs(
+            "UPDATE outbox SET published_at = :now, claimed_until = NULL"
+            " WHERE {seqs} AND published_at IS NULL",
+            seqs,
+            {"now": self.codec.ts(rows.utc(now))},
+        )
 
     async def delete_published(self, seqs: Sequence[int]) -> None:
+        await self._by_seqs("DELETE FROM outbox WHERE {seqs}", seqs)
+
+    async def _by_seqs(self, sql: str, seqs: Sequence[int], params: Params | None = None) -> None:
+        """Runs ``sql`` on the outbox entries ``seqs``, its ``{seqs}`` the condition on them,
+        in chunks that keep SQLite's IN-lists within bounds, in one session."""
         if not seqs:
             return
         async with self._session() as ex:
             for chunk in _chunks(seqs):
-                where, params = any_of("seq", "q", chunk, arrays=self.backend == "postgres")
-                await ex.execute(f"DELETE FROM outbox WHERE {where}", params)  # noqa: S608
+                where, chunk_params = any_of("seq", "q", chunk, arrays=self.backend == "postgres")
+                await ex.execute(sql.format(seqs=where), {**(params or {}), **chunk_params})
 
     async def purge_published(self, before: datetime) -> int:
         params = {"before": self.codec.ts(rows.utc(before))}

@@ -103,8 +103,9 @@ async def test_published_entries_are_kept_for_the_retention_only_when_the_outbox
         async with store.transaction() as tx:
             handed = await writer.add(tx, events[2:])
         writer.committed(handed)
-        while relay.published < 1:  # noqa: ASYNC110 - the relay's own task publishes
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(5):
+            while relay.published < 1:  # noqa: ASYNC110 - the relay's own task publishes
+                await asyncio.sleep(0.01)
     # Closing the relay settles what it published.
     since = datetime.now(UTC) - timedelta(minutes=5)
     kept, _ = await store.bus_load(since=since)
