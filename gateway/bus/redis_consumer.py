@@ -39,6 +39,7 @@ from gateway.domain.codec import decode_event
 from gateway.domain.errors import BusUnavailable, InvalidArgument
 from gateway.domain.events import Event
 from gateway.redis_client import REDIS_ERRORS, RedisClient, is_cluster
+from gateway.tasks import finish_or_cancel
 
 if TYPE_CHECKING:
     from gateway.bus.redis import RedisBus
@@ -263,12 +264,7 @@ class RedisConsumer:
         self._stopping.set()
         self._reader_wake.set()
         self._notify()
-        if self._tasks:
-            grace = self._bus.block_ms / 1000 + 1.0
-            _, late = await asyncio.wait(self._tasks, timeout=grace)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await finish_or_cancel(self._tasks, self._bus.block_ms / 1000 + 1.0)
 
     # ---- the Consumer protocol ----
     async def receive(self, max_count: int, timeout_s: float) -> list[Delivery]:

@@ -34,7 +34,6 @@ meanwhile in it too (:meth:`Deliverer.share_commits`): one commit, one outbox in
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -78,6 +77,7 @@ from gateway.services.outbound_delivery import (
     Written,
     account_key,
 )
+from gateway.tasks import finish_or_cancel
 
 log = logging.getLogger(__name__)
 
@@ -151,12 +151,7 @@ class OutboundService:
         """Lets first attempts under way finish (a cut-off attempt is retried by a worker
         once its lease lapses)."""
         self._closed = True
-        if self._inflight:
-            _, late = await asyncio.wait(list(self._inflight), timeout=grace_s)
-            for task in late:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await finish_or_cancel(list(self._inflight), grace_s)
         await self.deliverer.aclose()
 
     async def attempts(self, message_id: str) -> list[DeliveryAttempt]:

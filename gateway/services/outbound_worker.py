@@ -22,6 +22,7 @@ from gateway.domain.store import Store
 from gateway.observability import outbound_metrics as m
 from gateway.services.outbound_delivery import Deliverer
 from gateway.services.rounds import Rounds
+from gateway.tasks import finish_or_cancel
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,7 @@ class OutboundWorker:
             return
         self._stopping = True
         self._wake.set()
-        _, late = await asyncio.wait([self._task], timeout=grace_s)
-        for task in late:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await finish_or_cancel([self._task], grace_s)
         self._task = None
 
     def notify(self) -> None:

@@ -33,6 +33,7 @@ from gateway.domain.bus import Bus
 from gateway.domain.inbound import TOMBSTONE_RETENTION
 from gateway.domain.store import OutboxEntry, Store
 from gateway.services.rounds import Rounds
+from gateway.tasks import finish_or_cancel
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +96,7 @@ class OutboxRelay:
             return
         self._stopping = True
         self._wake.set()
-        _, late = await asyncio.wait([self._task], timeout=grace_s)
-        for task in late:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await finish_or_cancel([self._task], grace_s)
         self._task = None
 
     def notify(self) -> None:
