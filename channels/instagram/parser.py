@@ -30,6 +30,8 @@ from gateway.domain.models import Attachment
 TEST_ACCOUNT_ID = "0"
 
 _ENTRY_LISTS = ("messaging", "standby")
+# What an entry holds besides its items; anything else in it is kept as a raw item.
+_ENTRY_KEYS = frozenset({"id", "time", "changes", *_ENTRY_LISTS})
 _HEADER_KEYS = frozenset({"sender", "recipient", "timestamp"})
 
 # Instagram attachment types -> the neutral names of AttachmentType.
@@ -44,6 +46,7 @@ ATTACHMENT_TYPES: Mapping[str, str] = {
     "ig_reel": "reel",
     "ig_post": "post",
     "ig_story": "story",
+    "story": "story",
     "ephemeral": "ephemeral",
     "template": "template",
     "fallback": "fallback",
@@ -95,6 +98,11 @@ def parse_delivery(body: bytes, *, now: datetime | None = None) -> ParsedDeliver
             items.extend(_change(c, entry_id, entry_time, received) for c in changes)
         elif changes is not None:
             leftovers.append(Leftover("MALFORMED_ENTRY", _dumps(changes), entry_id))
+        rest = {k: v for k, v in entry.items() if k not in _ENTRY_KEYS}
+        if rest:
+            # Business Login posts some fields as one change spread on the entry itself
+            # ({"field", "value"} beside id and time), without the "changes" list.
+            items.append(_change(rest, entry_id, entry_time, received))
     return ParsedDelivery(items=tuple(items), leftovers=tuple(leftovers), test_items=test_items)
 
 
@@ -150,6 +158,11 @@ def _item(
     if isinstance(edit, dict):
         mid = _str(edit.get("mid"))
         count = _int(edit.get("num_edit"))
+        if count == 0:
+            # Instagram also sends this notice for messages never edited (num_edit 0, often
+            # without text): it changes nothing, so it is not an edit; kept whole, as raw.
+            return _raw(raw, "message_edit", accounts, sender, occurred)
+        # Without text the new wording is unknown: the stored text stays as it was.
         text = _str(edit.get("text"))
         return InboundItem(
             source=raw,

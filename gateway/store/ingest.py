@@ -414,7 +414,7 @@ class InboundWriter:
                 if row["edit_count"] is None:
                     m.deleted = True
                 else:
-                    m.text = row["text"]
+                    m.text = row["text"] or m.text
                     m.edit_count = int(row["edit_count"])
 
     async def _confirm_echoes(
@@ -520,7 +520,9 @@ class InboundWriter:
                 elif item.kind == EventKind.MESSAGE_EDITED:
                     kept = early_edits.get(key)
                     if kept is None or item.edit_count > kept[1]:
-                        early_edits[key] = (item.text, item.edit_count)
+                        # An edit that does not say its text keeps the text known so far.
+                        text = item.text or (kept[0] if kept else "")
+                        early_edits[key] = (text, item.edit_count)
                     marks.add(result.conversation.id)
                 continue
             if not result.message_id:
@@ -537,17 +539,20 @@ class InboundWriter:
             elif item.kind == EventKind.MESSAGE_EDITED and item.edit_count >= target.edit_count:
                 # An older edit arriving late does not overwrite a newer one.
                 target.edit_count = max(item.edit_count, target.edit_count)
-                edits[target.id] = {"id": target.id, "text": item.text, "n": target.edit_count}
+                # Empty when the edit does not say its text: the text stored is kept.
+                text = item.text or edits.get(target.id, {}).get("text", "")
+                edits[target.id] = {"id": target.id, "text": text, "n": target.edit_count}
                 if inserted_at is None:
                     inserted_at = _inserted_at(results)
                 late = inserted_at.get(target.id, -1)
                 if late > j:
                     # Its edit came earlier in this very batch, so its MessageEdited
                     # precedes it in the outbox: announced edited, as with an early edit.
-                    _edited_before_arrival(results[late], item.text, target.edit_count)
+                    _edited_before_arrival(results[late], text, target.edit_count)
         if edits:
             await self._ex.executemany(
-                "UPDATE messages SET text = :text, edit_count = :n WHERE id = :id",
+                "UPDATE messages SET text = COALESCE(NULLIF(:text, ''), text), edit_count = :n"
+                " WHERE id = :id",
                 [edits[k] for k in sorted(edits)],
             )
         if deletes:
@@ -599,7 +604,8 @@ class InboundWriter:
             await self._insert(
                 "message_early_edits",
                 chunk,
-                "ON CONFLICT (connection_id, external_id) DO UPDATE SET text = excluded.text,"
+                "ON CONFLICT (connection_id, external_id) DO UPDATE"
+                " SET text = COALESCE(NULLIF(excluded.text, ''), message_early_edits.text),"
                 " edit_count = excluded.edit_count, created_at = excluded.created_at"
                 " WHERE excluded.edit_count > message_early_edits.edit_count"
                 " RETURNING external_id",
@@ -766,7 +772,7 @@ def _deleted_before_arrival(result: IngestResult) -> None:
 
 def _edited_before_arrival(result: IngestResult, text: str, edit_count: int) -> None:
     if result.message is not None:
-        result.message.text = text
+        result.message.text = text or result.message.text
         result.message.edit_count = edit_count
 
 

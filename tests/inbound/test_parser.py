@@ -104,6 +104,52 @@ def test_edit_count_may_be_a_string_and_unreact_has_no_emoji() -> None:
     assert unreact.emoji == ""
 
 
+def test_an_edit_notice_for_a_message_never_edited_is_raw_not_an_edit() -> None:
+    # Instagram sends these alongside new messages, often without text or sender.
+    for notice in (
+        inbound({"message_edit": {"mid": "m-text", "num_edit": 0}}),
+        inbound({"message_edit": {"mid": "m-text", "text": "Hi ✨", "num_edit": "0"}}),
+        {"timestamp": TS, "message_edit": {"mid": "m-text", "num_edit": 0}},
+    ):
+        item = parse_one(notice)
+        assert item.kind == EventKind.RAW
+        assert item.raw_kind == "message_edit"
+        assert item.account_ids == (IG_ID,)
+        assert orjson.loads(item.raw_json) == notice
+
+
+def test_an_edit_that_does_not_carry_its_text_has_an_empty_text() -> None:
+    item = parse_one(inbound({"message_edit": {"mid": "m-text", "num_edit": 2}}))
+    assert item.kind == EventKind.MESSAGE_EDITED
+    assert item.text == ""
+    assert item.edit_count == 2
+    assert item.external_id == "m-text"
+
+
+def test_a_story_attachment_is_a_story() -> None:
+    story = {"type": "story", "payload": {"url": "https://cdn.example/s"}}
+    item = parse_one(inbound({"message": {"mid": "m-st", "attachments": [story]}}))
+    (attachment,) = item.attachments
+    assert attachment.type == "story"
+    assert attachment.url == "https://cdn.example/s"
+
+
+def test_a_change_spread_on_the_entry_itself_is_kept_as_raw() -> None:
+    # Business Login's shape for some fields: field and value beside id and time.
+    comment = {"field": "comments", "value": {"id": "c1", "text": "nice", "from": {"id": "9"}}}
+    body = {"object": "instagram", "entry": [{"id": IG_ID, "time": TS // 1000, **comment}]}
+    (item,) = parse_delivery(orjson.dumps(body)).items
+    assert item.kind == EventKind.RAW
+    assert item.raw_kind == "comments"
+    assert item.account_ids == (IG_ID,)
+    assert orjson.loads(item.raw_json) == comment
+    # Whatever else an entry holds beside its lists is kept too, never dropped unseen.
+    odd = {"object": "instagram", "entry": [{"id": IG_ID, "time": TS, "uid": "u1"}]}
+    (kept,) = parse_delivery(orjson.dumps(odd)).items
+    assert kept.kind == EventKind.RAW
+    assert orjson.loads(kept.raw_json) == {"uid": "u1"}
+
+
 def test_unknown_kinds_are_raw_with_their_original_json() -> None:
     item = parse_one(samples()["unknown"])
     assert item.raw_kind == "optin"

@@ -1,0 +1,78 @@
+"""Meta's edit notices as they really come: Instagram also notifies messages never edited
+(``num_edit`` 0, often without text), and an edit may not carry its new text. Neither may
+wipe the stored text. On PostgreSQL + Redis and on the embedded default."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+
+from tests.inbound.conftest import Stack
+from tests.inbound.subscriber import kinds
+from tests.inbound.test_end_to_end import post, signed, stored_messages
+
+
+async def deliver_edit(stack: Stack, customer: str, edit: dict[str, Any]) -> None:
+    """A message_edit item as Meta posts it, signed with the app secret."""
+    item = {
+        "sender": {"id": customer},
+        "recipient": {"id": stack.ig_id},
+        "timestamp": int(time.time() * 1000),
+        "message_edit": edit,
+    }
+    entry = {"id": stack.ig_id, "time": item["timestamp"], "messaging": [item]}
+    body = orjson.dumps({"object": "instagram", "entry": [entry]})
+    assert await post(stack, body, signed(stack, body)) == 200
+
+
+async def test_edit_notices_without_text_never_wipe_the_stored_text(stack: Stack) -> None:
+    async with stack.subscriber() as sub:
+        sent = await stack.control.send_dm(stack.ig_id, "see you at 5")
+        who, mid = sent["customer"], sent["mid"]
+        # The notice of a message never edited, then an edit that does not say its text,
+        # then one that does.
+        await deliver_edit(stack, who, {"mid": mid, "num_edit": 0})
+        await deliver_edit(stack, who, {"mid": mid, "num_edit": 1})
+        await deliver_edit(stack, who, {"mid": mid, "text": "see you at 6", "num_edit": 2})
+        events = await sub.take(4)
+        await sub.nothing_more(0.3)
+    assert kinds(events) == ["message_received", "raw", "message_edited", "message_edited"]
+    received, notice, textless, edited = events
+    assert notice.payload["kind"] == "message_edit"
+    assert orjson.loads(notice.payload["json"])["message_edit"] == {"mid": mid, "num_edit": 0}
+    message_id = received.payload["message"]["id"]
+    assert textless.payload == {"message_id": message_id, "external_id": mid, "edit_count": 1}
+    assert edited.payload["text"] == "see you at 6"
+    (stored,) = await stored_messages(stack, received.conversation_id)
+    assert stored.text == "see you at 6"
+    assert stored.edit_count == 2
+
+
+async def test_a_textless_edit_keeps_the_text_while_the_edit_count_moves(stack: Stack) -> None:
+    sent = await stack.control.send_dm(stack.ig_id, "order #12")
+    async with stack.subscriber() as sub:
+        await deliver_edit(stack, sent["customer"], {"mid": sent["mid"], "num_edit": "3"})
+        (edited,) = await sub.take(1)
+    (stored,) = await stored_messages(stack, edited.conversation_id)
+    assert stored.text == "order #12"
+    assert stored.edit_count == 3
+
+
+async def test_a_textless_edit_ahead_of_its_message_keeps_the_messages_text(
+    stack: Stack,
+) -> None:
+    sent = await stack.control.send_dm(stack.ig_id, "first words", deliver=False)
+    async with stack.subscriber() as sub:
+        await deliver_edit(stack, sent["customer"], {"mid": sent["mid"], "num_edit": 1})
+        assert await post(stack, sent["raw"].encode(), sent["signature"]) == 200
+        events = await sub.take(2)
+        await sub.nothing_more(0.3)
+    assert kinds(events) == ["message_edited", "message_received"]
+    message = events[1].payload["message"]
+    assert message["text"] == "first words"
+    assert message["edit_count"] == 1
+    (stored,) = await stored_messages(stack, events[1].conversation_id)
+    assert stored.text == "first words"
+    assert stored.edit_count == 1
