@@ -126,6 +126,9 @@ class OutboundLimits:
     max_quick_reply_title: int = 20
     max_template_elements: int = 10
     max_template_buttons: int = 3
+    # Characters of an element's title and of its subtitle; of a button's title.
+    max_template_title: int = 80
+    max_button_title: int = 20
     # The customer's window after their last message, and with the human-agent tag.
     window: timedelta = timedelta(hours=24)
     human_agent_window: timedelta = timedelta(days=7)
@@ -245,13 +248,15 @@ def _validate_quick_replies(message: OutboundMessage, limits: OutboundLimits) ->
         )
     for i, reply in enumerate(replies):
         _require(f"quick_replies[{i}].title", reply.title)
-        if len(reply.title) > limits.max_quick_reply_title:
-            raise InvalidArgument(
-                f"quick_replies[{i}].title",
-                f"is {len(reply.title)} characters; at most"
-                f" {limits.max_quick_reply_title} are allowed",
-            )
+        _at_most(f"quick_replies[{i}].title", reply.title, limits.max_quick_reply_title)
         _require(f"quick_replies[{i}].payload", reply.payload)
+
+
+def _at_most(field: str, value: str, characters: int) -> None:
+    if len(value) > characters:
+        raise InvalidArgument(
+            field, f"is {len(value)} characters; at most {characters} are allowed"
+        )
 
 
 def _validate_template(elements: tuple[TemplateElement, ...], limits: OutboundLimits) -> None:
@@ -262,6 +267,16 @@ def _validate_template(elements: tuple[TemplateElement, ...], limits: OutboundLi
     for i, element in enumerate(elements):
         where = f"template.elements[{i}]"
         _require(f"{where}.title", element.title)
+        _at_most(f"{where}.title", element.title, limits.max_template_title)
+        _at_most(f"{where}.subtitle", element.subtitle, limits.max_template_title)
+        if not (
+            element.subtitle or element.image_url or element.default_action_url or element.buttons
+        ):
+            # Meta refuses a card that is a title alone, and the whole carousel with it.
+            raise InvalidArgument(
+                where,
+                "needs a subtitle, an image_url, a default_action or buttons beside its title",
+            )
         if element.image_url:
             _require_https(f"{where}.image_url", element.image_url)
         if element.default_action_url:
@@ -275,6 +290,7 @@ def _validate_template(elements: tuple[TemplateElement, ...], limits: OutboundLi
             if button.type not in BUTTON_TYPES:
                 raise InvalidArgument(f"{spot}.type", "must be TYPE_WEB_URL or TYPE_POSTBACK")
             _require(f"{spot}.title", button.title)
+            _at_most(f"{spot}.title", button.title, limits.max_button_title)
             if button.type == "web_url":
                 _require_https(f"{spot}.url", button.url)
             else:
