@@ -27,7 +27,7 @@ from gateway.api.server import GrpcServer
 from gateway.config import Address, Config
 from gateway.domain.bus import Bus
 from gateway.domain.channel import ChannelContext
-from gateway.domain.errors import BusUnavailable, ConfigError, StoreUnavailable
+from gateway.domain.errors import BusUnavailable, StoreUnavailable
 from gateway.domain.outbound import RateCategory
 from gateway.domain.store import Store
 from gateway.observability.metrics import create_metrics_app
@@ -133,26 +133,9 @@ class Gateway:
         await self._stack.aclose()
 
     async def ensure_schema(self) -> None:
-        """SQLite migrates itself; PostgreSQL must have been migrated (a deploy step)."""
-        if self.store.backend == "sqlite":
-            applied = await self.store.migrate()
-            if applied:
-                log.info("applied migrations", extra={"versions": ",".join(applied)})
-            return
-        pending = await self._pending_migrations()
-        if pending:
-            raise ConfigError(
-                [
-                    f"the database schema is behind ({', '.join(pending)} pending): "
-                    "run `switchboard migrate`"
-                ]
-            )
+        from gateway.store.migrate import ensure_schema
 
-    async def _pending_migrations(self) -> list[str]:
-        from gateway.store.migrate import load_migrations, pending
-
-        applied = set(await self.store.applied_migrations())
-        return [m.version for m in pending(load_migrations(self.store.backend), applied)]
+        await ensure_schema(self.store)
 
     async def open_bus(self) -> Bus:
         from gateway.bus import open_bus

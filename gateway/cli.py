@@ -11,19 +11,26 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
-from gateway.config import Config
+from gateway.config import DEV_TOKEN_FILE_NAME, PREFIX, Config
 from gateway.domain.errors import ConfigError, InvalidArgument, SwitchboardError
 from gateway.observability.logging import configure_logging
 from gateway.runtime import tune_gc_for_serving
 
+if TYPE_CHECKING:
+    from gateway.domain.store import Store
+
 log = logging.getLogger("gateway.cli")
 
-DEV_TOKEN_FILE = "dev-token"  # noqa: S105 - a file name, not a secret
+CONFIG_EPILOG = (
+    "Settings come from SWITCHBOARD_* environment variables: `switchboard config check` "
+    "prints the effective ones; the README's Configuration section lists them all."
+)
 
 
 def _load_config() -> Config:
@@ -68,7 +75,7 @@ async def _ensure_dev_token(gateway: Any, data_dir: str) -> str:
     from gateway.domain.errors import Unauthenticated
     from gateway.security.tokens import create_token
 
-    path = Path(data_dir) / DEV_TOKEN_FILE
+    path = Path(data_dir) / DEV_TOKEN_FILE_NAME
     if path.exists():
         token = path.read_text().strip()
         try:
@@ -182,6 +189,49 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     return _run(main)
 
 
+# ---- the store of the commands that manage it ----
+
+
+@asynccontextmanager
+async def _open_migrated_store(config: Config) -> AsyncIterator[Store]:
+    """The store with the schema `serve` would give it: SQLite is migrated as `serve`
+    migrates it, PostgreSQL must have been (a deploy step, as for `serve`).
+
+    A SQLite file that does not exist is refused, not created: run from the wrong directory
+    or with another data dir, a command would otherwise fill a database the gateway never
+    reads (a token that does not work) and leave it behind.
+    """
+    from gateway.store import open_store, sqlite_path
+    from gateway.store.migrate import ensure_schema
+
+    url = config.database_url.reveal()
+    if config.database_backend == "sqlite":
+        _require_sqlite_file(config, sqlite_path(url))
+    async with open_store(url) as store:
+        await ensure_schema(store)
+        yield store
+
+
+def _require_sqlite_file(config: Config, path: str) -> None:
+    from gateway.store.sqlite import MEMORY
+
+    if path == MEMORY or Path(path).exists():
+        return
+    # Name the variable that chose the path: that is the one to check.
+    if config.environ.get(PREFIX + "DATABASE_URL", "").strip():
+        source, fix = f"{PREFIX}DATABASE_URL", f"correct {PREFIX}DATABASE_URL"
+    else:
+        data_dir_set = config.environ.get(PREFIX + "DATA_DIR", "").strip()
+        source = f"{PREFIX}DATA_DIR{'=' if data_dir_set else ' unset: '}{config.data_dir}"
+        fix = f"set {PREFIX}DATA_DIR to the gateway's data dir"
+    raise ConfigError(
+        [
+            f"no database at {Path(path).absolute()} ({source}): "
+            f"create it with `switchboard migrate`, or {fix}"
+        ]
+    )
+
+
 # ---- config ----
 
 
@@ -215,12 +265,11 @@ def cmd_config_check(_: argparse.Namespace) -> int:
 
 def cmd_tokens(args: argparse.Namespace) -> int:
     from gateway.security.tokens import create_token
-    from gateway.store import open_store
 
     config = _load_config()
 
     async def main() -> int:
-        async with open_store(config.database_url.reveal()) as store:
+        async with _open_migrated_store(config) as store:
             if args.tokens_command == "create":
                 token, _ = await create_token(
                     store, name=args.name, tenants=args.tenant or ["*"], scopes=args.scope or []
@@ -253,7 +302,6 @@ def cmd_tokens(args: argparse.Namespace) -> int:
 def cmd_keys_rotate(_: argparse.Namespace) -> int:
     from gateway.security.keyring import KeyRing
     from gateway.services.credentials import rotate_credentials
-    from gateway.store import open_store
 
     config = _load_config()
     # Rotation never invents a key: a missing ring is a configuration problem here.
@@ -262,7 +310,7 @@ def cmd_keys_rotate(_: argparse.Namespace) -> int:
     )
 
     async def main() -> int:
-        async with open_store(config.database_url.reveal()) as store:
+        async with _open_migrated_store(config) as store:
             report = await rotate_credentials(store, keyring)
         print(
             f"credentials: {report.total}; re-encrypted with key {keyring.primary_key_id}: "
@@ -313,12 +361,14 @@ def _not_blank(flag: str) -> Callable[[str], str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="switchboard", description="Multi-channel messaging gateway."
+        prog="switchboard", description="Multi-channel messaging gateway.", epilog=CONFIG_EPILOG
     )
     parser.add_argument("--version", action="version", version=f"switchboard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the gateway")
+    serve = sub.add_parser(
+        "serve", help="run the gateway", description="Run the gateway.", epilog=CONFIG_EPILOG
+    )
     serve.add_argument(
         "role",
         nargs="?",

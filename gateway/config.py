@@ -17,8 +17,9 @@ from urllib.parse import urlsplit
 from gateway.domain.errors import ConfigError
 
 PREFIX = "SWITCHBOARD_"
-DEFAULT_DATABASE_URL = "sqlite:///./var/switchboard.db"
 DEFAULT_DATA_DIR = "./var"
+DATABASE_FILE_NAME = "switchboard.db"
+DEV_TOKEN_FILE_NAME = "dev-token"  # noqa: S105 - a file name, not a secret
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
 
@@ -65,6 +66,19 @@ def _local_url(addr: Address) -> str:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(addr.host, addr.host)
     port = addr.port or 8080  # port 0 (tests): known only once bound, so set PUBLIC_URL
     return f"http://{Address(host, port)}"
+
+
+def data_dir_from(environ: Mapping[str, str]) -> str:
+    """``SWITCHBOARD_DATA_DIR`` as :class:`Config` reads it, for tools that need only that
+    (the examples find the dev token with it) and should not fail on unrelated variables."""
+    return environ.get(PREFIX + "DATA_DIR", "").strip() or DEFAULT_DATA_DIR
+
+
+def default_database_url(data_dir: str) -> str:
+    """The embedded default's database, inside the data dir: moving the data dir must move
+    the database with the keys and the dev token, or they would stop matching."""
+    # sqlite:/// + "/abs/dir/..." gives sqlite:////abs/dir/..., the absolute form.
+    return "sqlite:///" + os.path.join(data_dir, DATABASE_FILE_NAME)
 
 
 def parse_address(value: str) -> Address:
@@ -145,7 +159,8 @@ class Config:
         problems: list[str] = []
         reader = _Reader(env, problems)
 
-        database_url = reader.text("DATABASE_URL", DEFAULT_DATABASE_URL)
+        data_dir = reader.text("DATA_DIR", DEFAULT_DATA_DIR)
+        database_url = reader.text("DATABASE_URL", default_database_url(data_dir))
         if not database_url.startswith(("postgresql://", "postgres://", "sqlite:")):
             problems.append(
                 f"{PREFIX}DATABASE_URL: must start with postgresql:// or sqlite:/// "
@@ -205,7 +220,7 @@ class Config:
             allowed_return_origins=tuple(origins),
             log_level=log_level,
             log_format=log_format,
-            data_dir=reader.text("DATA_DIR", DEFAULT_DATA_DIR),
+            data_dir=data_dir,
             shutdown_grace_s=reader.number("SHUTDOWN_GRACE_SECONDS", 10.0, low=0, high=600),
             http_max_body_bytes=int(
                 reader.number("HTTP_MAX_BODY_BYTES", 4 * 1024 * 1024, low=1024, high=1 << 30)

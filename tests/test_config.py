@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from channels.instagram.settings import InstagramSettings
+from clients.examples.quickstart import default_token_file
 from gateway.config import Config, Secret, parse_address
 from gateway.domain.errors import ConfigError
 from gateway.security.keyring import generate_key_spec
+from gateway.store import sqlite_path
 
 
 def test_defaults_are_the_embedded_gateway() -> None:
@@ -16,6 +20,40 @@ def test_defaults_are_the_embedded_gateway() -> None:
     assert str(config.http_addr) == "127.0.0.1:8080"
     assert str(config.metrics_addr) == "127.0.0.1:9464"
     assert config.allowed_return_origins == ("http://127.0.0.1:8080",)
+
+
+@pytest.mark.parametrize(
+    ("data_dir", "url"),
+    [
+        ("/srv/switchboard", "sqlite:////srv/switchboard/switchboard.db"),
+        ("/srv/switchboard/", "sqlite:////srv/switchboard/switchboard.db"),
+        ("data", "sqlite:///data/switchboard.db"),
+        ("./var", "sqlite:///./var/switchboard.db"),
+    ],
+)
+def test_the_default_database_lives_in_the_data_dir(data_dir: str, url: str) -> None:
+    """Keys and the dev token go to the data dir; a database left behind would not match."""
+    config = Config.from_environ({"SWITCHBOARD_DATA_DIR": data_dir})
+    assert config.database_url.reveal() == url
+    assert sqlite_path(url) == os.path.join(data_dir, "switchboard.db")
+    assert dict(config.describe())["SWITCHBOARD_DATABASE_URL"] == url
+    assert config.embedded
+
+
+def test_an_explicit_database_url_wins_over_the_data_dir() -> None:
+    config = Config.from_environ(
+        {
+            "SWITCHBOARD_DATA_DIR": "/srv/switchboard",
+            "SWITCHBOARD_DATABASE_URL": "sqlite:////elsewhere/sb.db",
+        }
+    )
+    assert config.database_url.reveal() == "sqlite:////elsewhere/sb.db"
+    assert config.data_dir == "/srv/switchboard"
+
+
+def test_the_quickstart_looks_for_the_dev_token_in_the_data_dir() -> None:
+    assert default_token_file({}) == os.path.join("./var", "dev-token")
+    assert default_token_file({"SWITCHBOARD_DATA_DIR": "/srv/sb"}) == "/srv/sb/dev-token"
 
 
 def test_every_problem_is_reported_on_its_own_line() -> None:

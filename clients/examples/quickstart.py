@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -28,6 +29,7 @@ import aiohttp
 from switchboard.v1 import common_pb2, connect_pb2, events_pb2, messaging_pb2
 
 from clients.client import SwitchboardClient
+from gateway.config import DEV_TOKEN_FILE_NAME, data_dir_from
 
 CUSTOMER_TEXT = "Hi, are you open today?"
 ANSWER_TEXT = "Yes, from 9 to 6. See you soon!"
@@ -158,11 +160,19 @@ async def _converse(
         stream.cancel()
 
 
+def default_token_file(environ: Mapping[str, str]) -> str:
+    """Where `make run` (`serve --dev`) writes the dev token: the gateway's own rule, so that
+    the example finds it whatever SWITCHBOARD_DATA_DIR says."""
+    return os.path.join(data_dir_from(environ), DEV_TOKEN_FILE_NAME)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--target", default="127.0.0.1:50051", help="the gateway's gRPC address")
     parser.add_argument(
-        "--token-file", default="var/dev-token", help="where make run keeps the dev token"
+        "--token-file",
+        default=default_token_file(os.environ),
+        help="where make run keeps the dev token (default: %(default)s, in SWITCHBOARD_DATA_DIR)",
     )
     args = parser.parse_args()
     token_file = Path(args.token_file)

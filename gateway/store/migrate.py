@@ -7,11 +7,20 @@ differs); this module only finds and splits them.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from dataclasses import dataclass
 from importlib import resources
+from typing import TYPE_CHECKING
+
+from gateway.domain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gateway.domain.store import Store
 
 SCHEMA_TABLE = "schema_migrations"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,3 +60,23 @@ def load_migrations(backend: str) -> list[Migration]:
 
 def pending(migrations: list[Migration], applied: set[str]) -> list[Migration]:
     return [m for m in migrations if m.version not in applied]
+
+
+async def ensure_schema(store: Store) -> None:
+    """The schema a process needs before it uses the store: SQLite (the embedded default)
+    migrates itself; PostgreSQL must have been migrated, a deploy step, so a schema behind
+    this code stops the process with the command that fixes it."""
+    if store.backend == "sqlite":
+        applied = await store.migrate()
+        if applied:
+            log.info("applied migrations", extra={"versions": ",".join(applied)})
+        return
+    done = set(await store.applied_migrations())
+    behind = [m.version for m in pending(load_migrations(store.backend), done)]
+    if not behind:
+        return
+    if not done:
+        raise ConfigError(["the database is not migrated: run `switchboard migrate`"])
+    raise ConfigError(
+        [f"the database schema is behind ({', '.join(behind)} pending): run `switchboard migrate`"]
+    )

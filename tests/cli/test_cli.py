@@ -7,15 +7,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from gateway.security.keyring import generate_key_spec
+from tests.helpers import fresh_database
+
+STORE_COMMANDS = [
+    ("tokens", "create", "--name", "x"),
+    ("tokens", "list"),
+    ("tokens", "revoke", "x"),
+    ("keys", "rotate"),
+]
 
 
-def switchboard(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def switchboard(
+    *args: str, env: dict[str, str], cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gateway.cli", *args],
         env={"PATH": os.environ.get("PATH", ""), **env},
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
@@ -118,6 +130,99 @@ def test_an_empty_tenant_or_scope_is_a_usage_error_not_every_one(
     assert result.returncode == 2
     assert f"{flag} must not be empty" in result.stderr
     assert "x" not in switchboard("tokens", "list", env=env).stdout.split()
+
+
+def test_the_default_database_follows_the_data_dir(tmp_path: Path) -> None:
+    env = {"SWITCHBOARD_DATA_DIR": str(tmp_path / "data"), "SWITCHBOARD_LOG_FORMAT": "json"}
+    assert switchboard("migrate", env=env, cwd=tmp_path).returncode == 0
+    created = switchboard("tokens", "create", "--name", "x", env=env, cwd=tmp_path)
+    assert created.returncode == 0, created.stderr
+    assert (tmp_path / "data" / "switchboard.db").exists()
+    assert not (tmp_path / "var").exists()
+
+
+@pytest.mark.parametrize("command", STORE_COMMANDS, ids=" ".join)
+def test_a_store_command_without_a_database_says_to_migrate_and_creates_nothing(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
+    """Run from the wrong directory, it would otherwise fill a database nobody serves."""
+    env = {
+        "SWITCHBOARD_ENCRYPTION_KEYS": generate_key_spec("k1"),
+        "SWITCHBOARD_LOG_FORMAT": "json",
+    }
+    result = switchboard(*command, env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"switchboard: config: no database at {tmp_path}/var/switchboard.db "
+        "(SWITCHBOARD_DATA_DIR unset: ./var): create it with `switchboard migrate`, "
+        "or set SWITCHBOARD_DATA_DIR to the gateway's data dir\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_database_named_by_its_url_names_that_variable(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    env["SWITCHBOARD_DATABASE_URL"] = f"sqlite:///{tmp_path}/nowhere/cli.db"
+    result = switchboard("tokens", "list", env=env)
+    assert result.returncode == 2
+    assert "no database at" in result.stderr
+    assert "(SWITCHBOARD_DATABASE_URL)" in result.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_an_existing_sqlite_database_is_migrated_as_serve_does(env: dict[str, str]) -> None:
+    """An empty file (what earlier versions left behind) is a database not migrated yet."""
+    Path(env["SWITCHBOARD_DATA_DIR"], "cli.db").touch()
+    created = switchboard("tokens", "create", "--name", "x", env=env)
+    assert created.returncode == 0, created.stderr
+    assert created.stdout.strip().startswith("sb_")
+    assert "applied migrations" in created.stderr
+    assert "x" in switchboard("tokens", "list", env=env).stdout.split()
+
+
+@pytest.mark.parametrize("command", STORE_COMMANDS, ids=" ".join)
+def test_a_postgres_database_never_migrated_is_refused_in_one_line(
+    env: dict[str, str], postgres_admin_url: str, command: tuple[str, ...]
+) -> None:
+    with fresh_database(postgres_admin_url, "cli") as url:
+        env["SWITCHBOARD_DATABASE_URL"] = url
+        result = switchboard(*command, env=env)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "switchboard: config: the database is not migrated: run `switchboard migrate`\n"
+    )
+
+
+def test_a_postgres_database_behind_names_the_pending_migrations(
+    env: dict[str, str], postgres_admin_url: str
+) -> None:
+    with fresh_database(postgres_admin_url, "cli") as url:
+        env["SWITCHBOARD_DATABASE_URL"] = url
+        with psycopg.connect(url, autocommit=True) as db:
+            db.execute(
+                "CREATE TABLE schema_migrations (version TEXT PRIMARY KEY,"
+                " applied_at TIMESTAMPTZ NOT NULL)"
+            )
+            db.execute("INSERT INTO schema_migrations VALUES ('0001_init', now())")
+        result = switchboard("tokens", "list", env=env)
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "switchboard: config: the database schema is behind (0002_inbound, "
+    )
+    assert result.stderr.endswith(" pending): run `switchboard migrate`\n")
+
+
+@pytest.mark.parametrize("command", [(), ("serve",)], ids=["switchboard", "serve"])
+def test_the_help_points_at_the_configuration(
+    env: dict[str, str], command: tuple[str, ...]
+) -> None:
+    result = switchboard(*command, "--help", env=env)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "SWITCHBOARD_* environment variables" in text
+    assert "`switchboard config check`" in text
+    assert "README's Configuration section" in text
 
 
 def test_version(env: dict[str, str]) -> None:
