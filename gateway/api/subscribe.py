@@ -43,6 +43,7 @@ from gateway.domain.events import EventKind
 from gateway.domain.models import ApiToken
 from gateway.observability.inbound_metrics import EVENT_DELIVERY_SECONDS
 
+# SubscribeStart's comments in messaging.proto state these to client authors: change both.
 DEFAULT_MAX_IN_FLIGHT, MAX_IN_FLIGHT = 64, 1000
 DEFAULT_ACK_DEADLINE_S, MIN_ACK_DEADLINE_S, MAX_ACK_DEADLINE_S = 30.0, 1.0, 600.0
 DEFAULT_MAX_BATCH, MAX_BATCH = 1, 500
@@ -101,8 +102,37 @@ def _response(deliveries: list[Delivery]) -> messaging_pb2.SubscribeResponse:
         )
 
 
-def _bounded(value: float, low: float, high: float) -> float:
-    return min(max(value, low), high)
+def _count(field: str, value: int, default: int, high: int) -> int:
+    """A count bound of the start: 0 (unset in proto3) means the default. A value out of
+    range is refused rather than clamped, so that a client never runs with limits other
+    than the ones it believes it asked for."""
+    if value == 0:
+        return default
+    if not 1 <= value <= high:
+        raise InvalidArgument(
+            field, f"must be between 1 and {high} (0 or unset means the default, {default})"
+        )
+    return value
+
+
+def _ack_deadline_s(start: messaging_pb2.SubscribeStart) -> float:
+    """``start.ack_deadline`` in seconds; unset or zero means the default."""
+    if not start.HasField("ack_deadline"):
+        return DEFAULT_ACK_DEADLINE_S
+    seconds = start.ack_deadline.ToTimedelta().total_seconds()
+    if seconds == 0:
+        return DEFAULT_ACK_DEADLINE_S
+    if not MIN_ACK_DEADLINE_S <= seconds <= MAX_ACK_DEADLINE_S:
+        raise InvalidArgument(
+            "start.ack_deadline",
+            f"must be between {MIN_ACK_DEADLINE_S:g} s and {MAX_ACK_DEADLINE_S:g} s"
+            f" (0 or unset means the default, {DEFAULT_ACK_DEADLINE_S:g} s)",
+        )
+    return seconds
+
+
+def max_batch_from_start(start: messaging_pb2.SubscribeStart) -> int:
+    return _count("start.max_batch", start.max_batch, DEFAULT_MAX_BATCH, MAX_BATCH)
 
 
 def bus_group(
@@ -145,17 +175,18 @@ def subscription_from_start(start: messaging_pb2.SubscribeStart, token: ApiToken
         tenants = frozenset(token.tenants)
     channels = frozenset(start.channels)
     kinds = kinds_from_proto(list(start.kinds))
-    deadline = DEFAULT_ACK_DEADLINE_S
-    if start.HasField("ack_deadline"):
-        deadline = start.ack_deadline.ToTimedelta().total_seconds()
+    max_in_flight = _count(
+        "start.max_in_flight", start.max_in_flight, DEFAULT_MAX_IN_FLIGHT, MAX_IN_FLIGHT
+    )
+    ack_deadline_s = _ack_deadline_s(start)
     return Subscription(
         group=bus_group(start.group, tenant_ids=tenants, channels=channels, kinds=kinds),
         consumer=start.consumer,
         tenant_ids=tenants,
         channels=channels,
         kinds=kinds,
-        max_in_flight=int(_bounded(start.max_in_flight or DEFAULT_MAX_IN_FLIGHT, 1, MAX_IN_FLIGHT)),
-        ack_deadline_s=_bounded(deadline, MIN_ACK_DEADLINE_S, MAX_ACK_DEADLINE_S),
+        max_in_flight=max_in_flight,
+        ack_deadline_s=ack_deadline_s,
     )
 
 
@@ -186,7 +217,7 @@ async def run_subscribe(
         if first is None or first.WhichOneof("kind") != "start":
             raise InvalidArgument("start", "the first message must be a start")
         subscription = subscription_from_start(first.start, token)
-        max_batch = int(_bounded(first.start.max_batch or DEFAULT_MAX_BATCH, 1, MAX_BATCH))
+        max_batch = max_batch_from_start(first.start)
         async with bus.subscribe(subscription) as consumer:
             # Headers now tell the client its subscription is live (await initial_metadata()),
             # before any event: a client can order its own work after that point.

@@ -332,13 +332,26 @@ class OutboundService:
         return _Checked(conn, conversation, sender, content)
 
     def _connection(self, request: SendRequest, found: _Found) -> Connection:
+        """The connection named, or else the conversation's: a conversation belongs to
+        exactly one connection. An unknown or foreign connection is NOT_FOUND; a recipient
+        the tenant does not have is INVALID_ARGUMENT naming the recipient's field, the
+        same answer whether it exists elsewhere or not (see ``_conversation``)."""
         connection_id = request.connection_id
-        if not connection_id and request.conversation_id:
-            conversation = found.conversations.get(request.conversation_id)
-            if conversation is not None and conversation.tenant_id == request.tenant_id:
-                connection_id = conversation.connection_id
+        if not request.conversation_id and not request.recipient_id:
+            raise InvalidArgument("recipient", "set conversation_id or recipient_id")
+        if not connection_id and request.recipient_id:
+            # A channel user id means something only within one connection's account.
+            raise InvalidArgument(
+                "connection_id",
+                "must not be empty when recipient_id is set (or set conversation_id instead)",
+            )
         if not connection_id:
-            raise InvalidArgument("connection_id", "must not be empty")
+            conversation = found.conversations.get(request.conversation_id)
+            if conversation is None or conversation.tenant_id != request.tenant_id:
+                raise InvalidArgument(
+                    "conversation_id", "is not a conversation of this tenant's connections"
+                )
+            connection_id = conversation.connection_id
         conn = found.connections.get(connection_id)
         if conn is None or conn.tenant_id != request.tenant_id:
             raise NotFound(
@@ -352,11 +365,9 @@ class OutboundService:
             conversation = found.conversations.get(request.conversation_id)
             if conversation is None or conversation.connection_id != conn.id:
                 raise InvalidArgument(
-                    "conversation_id", "is not a conversation of the caller's connection"
+                    "conversation_id", f"is not a conversation of connection {conn.id}"
                 )
             return conversation
-        if not request.recipient_id:
-            raise InvalidArgument("recipient", "set conversation_id or recipient_id")
         conversation = found.by_recipient.get((conn.id, request.recipient_id))
         if conversation is None:
             raise InvalidArgument(

@@ -188,12 +188,27 @@ async def test_another_tenants_resources_named_by_id_are_not_found(
         lambda: messaging.GetMessage(
             messaging_pb2.GetMessageRequest(message_id=message.id), metadata=auth
         ),
+        lambda: messaging.SendMessage(
+            messaging_pb2.SendMessageRequest(
+                tenant_id="acme", connection_id=conn.id, conversation_id=conv.id, text="hi"
+            ),
+            metadata=auth,
+        ),
     ]
     for call in calls:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await call()
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         assert "globex" not in (caught.value.details() or "")
+    # SendMessage's recipient alone: the field is wrong, as an unknown id would be.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await messaging.SendMessage(
+            messaging_pb2.SendMessageRequest(tenant_id="acme", conversation_id=conv.id, text="hi"),
+            metadata=auth,
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(caught.value).metadata["field"] == "conversation_id"
+    assert "globex" not in (caught.value.details() or "")
     # The connection is untouched, and its own tenant still sees it.
     async with store.transaction() as tx:
         stored = await tx.get_connection(conn.id)
@@ -280,8 +295,10 @@ async def test_send_message_is_served_and_names_a_missing_field(
             messaging_pb2.SendMessageRequest(tenant_id="acme", text="hi"),
             metadata=bearer(embedded.token),
         )
+    # Not connection_id: with a conversation_id it may be left empty.
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "connection_id" in (caught.value.details() or "")
+    assert error_info(caught.value).metadata["field"] == "recipient"
+    assert caught.value.details() == "recipient: set conversation_id or recipient_id"
 
 
 async def test_request_id_is_returned_and_logged(

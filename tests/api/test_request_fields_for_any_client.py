@@ -108,3 +108,37 @@ async def test_other_errors_carry_error_info_alone(
     assert isinstance(raw, bytes)
     status = status_pb2.Status.FromString(raw)
     assert [d.type_url for d in status.details] == ["type.googleapis.com/google.rpc.ErrorInfo"]
+
+
+async def test_send_message_names_the_recipient_field_it_lacks_or_cannot_use(
+    embedded: RunningGateway, channel: grpc.aio.Channel
+) -> None:
+    """connection_id may be left empty with a conversation_id, so an empty one is not what
+    a client is told about: the recipient oneof when neither is set, conversation_id when
+    it names no conversation of the tenant; connection_id only with a recipient_id."""
+    messaging = messaging_pb2_grpc.MessagingStub(channel)
+    cases: list[tuple[dict[str, str], str, str]] = [
+        ({}, "recipient", "set conversation_id or recipient_id"),
+        (
+            {"conversation_id": "cnv_nope"},
+            "conversation_id",
+            "is not a conversation of this tenant's connections",
+        ),
+        (
+            {"recipient_id": "1234"},
+            "connection_id",
+            "must not be empty when recipient_id is set (or set conversation_id instead)",
+        ),
+    ]
+    for fields, field, description in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await messaging.SendMessage(
+                messaging_pb2.SendMessageRequest(tenant_id="acme", text="hi", **fields),
+                metadata=bearer(embedded.token),
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        raw = dict(caught.value.trailing_metadata() or ())["grpc-status-details-bin"]
+        assert isinstance(raw, bytes)
+        status = status_pb2.Status.FromString(raw)
+        bad = error_details_pb2.BadRequest.FromString(status.details[1].value)
+        assert [(v.field, v.description) for v in bad.field_violations] == [(field, description)]

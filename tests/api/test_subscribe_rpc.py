@@ -15,11 +15,17 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from google.protobuf import json_format
+from google.protobuf import duration_pb2, json_format
 from prometheus_client import REGISTRY
 from switchboard.v1 import messaging_pb2, messaging_pb2_grpc
 
-from gateway.api.subscribe import _observe_latency, _response, bus_group, subscription_from_start
+from gateway.api.subscribe import (
+    _observe_latency,
+    _response,
+    bus_group,
+    max_batch_from_start,
+    subscription_from_start,
+)
 from gateway.domain.bus import Delivery
 from gateway.domain.codec import decode_event, encode_event
 from gateway.domain.events import Event, EventKind
@@ -221,6 +227,63 @@ def test_the_bus_group_follows_the_effective_filters() -> None:
         bus_group("bot", tenant_ids={"t1"}),
     }
     assert len(distinct) == 6
+
+
+# ---- the start's bounds: the ranges messaging.proto documents ----
+
+
+def bounds(**fields: Any) -> tuple[int, float, int]:
+    start = messaging_pb2.SubscribeStart(group="ai", consumer="c", **fields)
+    sub = subscription_from_start(start, TOKEN_ALL)
+    return sub.max_in_flight, sub.ack_deadline_s, max_batch_from_start(start)
+
+
+def test_unset_or_zero_bounds_take_the_documented_defaults() -> None:
+    assert bounds() == (64, 30.0, 1)
+    assert bounds(max_in_flight=0, ack_deadline=duration_pb2.Duration(), max_batch=0) == (
+        64,
+        30.0,
+        1,
+    )
+
+
+def test_bounds_at_the_documented_limits_are_kept_as_asked() -> None:
+    low = bounds(max_in_flight=1, ack_deadline=duration_pb2.Duration(seconds=1), max_batch=1)
+    assert low == (1, 1.0, 1)
+    high = bounds(
+        max_in_flight=1000, ack_deadline=duration_pb2.Duration(seconds=600), max_batch=500
+    )
+    assert high == (1000, 600.0, 500)
+    # The repo's own heaviest consumer (bench/inbound.py) asks for these.
+    assert bounds(max_in_flight=1000, max_batch=100) == (1000, 30.0, 100)
+
+
+IN_FLIGHT = "start.max_in_flight: must be between 1 and 1000 (0 or unset means the default, 64)"
+DEADLINE = "start.ack_deadline: must be between 1 s and 600 s (0 or unset means the default, 30 s)"
+BATCH = "start.max_batch: must be between 1 and 500 (0 or unset means the default, 1)"
+OUT_OF_RANGE: list[tuple[dict[str, Any], str, str]] = [
+    ({"max_in_flight": 1001}, "start.max_in_flight", IN_FLIGHT),
+    ({"max_in_flight": -1}, "start.max_in_flight", IN_FLIGHT),
+    ({"ack_deadline": duration_pb2.Duration(seconds=3600)}, "start.ack_deadline", DEADLINE),
+    ({"ack_deadline": duration_pb2.Duration(nanos=500_000_000)}, "start.ack_deadline", DEADLINE),
+    ({"ack_deadline": duration_pb2.Duration(seconds=-5)}, "start.ack_deadline", DEADLINE),
+    ({"max_batch": 501}, "start.max_batch", BATCH),
+    ({"max_batch": -3}, "start.max_batch", BATCH),
+]
+
+
+async def test_bounds_out_of_range_are_refused_naming_the_field_and_range(
+    running: RunningGateway, stub: messaging_pb2_grpc.MessagingStub
+) -> None:
+    """Never clamped: a client must not run with limits other than the ones it asked for."""
+    for fields, field, message in OUT_OF_RANGE:
+        request = messaging_pb2.SubscribeRequest(
+            start=messaging_pb2.SubscribeStart(group="ai", consumer="c1", **fields)
+        )
+        error = await refused(stub, running.token, request)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
+        assert error_info(error).metadata["field"] == field
+        assert error.details() == message
 
 
 # ---- a response's deliveries and the delivery latency ----

@@ -186,6 +186,22 @@ async def test_recipient_may_be_named_by_conversation(out: Out) -> None:
     assert reply.message.status == common_pb2.MESSAGE_STATUS_SENT
 
 
+async def test_a_conversation_alone_sends_from_its_own_connection(out: Out) -> None:
+    """connection_id may be left empty with a conversation_id: a conversation belongs to
+    exactly one connection, even when the tenant has several."""
+    account = await out.control.create_account(username="second")
+    second = await store_connection(out.gateway, out.control, account, tenant=out.tenant)
+    igsid, conversation, _ = await customer_writes(out.gateway, out.control, second)
+    reply = await out.send(
+        text="From the second", connection_id="", conversation_id=conversation.id
+    )
+    assert reply.message.status == common_pb2.MESSAGE_STATUS_SENT, reply.message.error
+    assert reply.message.connection_id == second.id
+    [record] = await out.control.sent(str(account["ig_id"]))
+    assert record["body"]["recipient"] == {"id": igsid}
+    assert await out.bodies() == []
+
+
 async def test_facebook_login_connections_send_as_their_page(out: Out) -> None:
     account = await out.control.create_account(username="pageshop")
     conn = await store_connection(

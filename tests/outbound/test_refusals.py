@@ -55,6 +55,15 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("no_content", {}, "content"),
     ("unknown_recipient", {"text": "hi", "recipient_id": "999999"}, "recipient_id"),
+    ("no_recipient", {"text": "hi", "recipient_id": ""}, "recipient"),
+    # A channel user id means something only within one connection.
+    ("recipient_id_without_connection", {"text": "hi", "connection_id": ""}, "connection_id"),
+    ("unknown_conversation", {"text": "hi", "conversation_id": "cnv_nope"}, "conversation_id"),
+    (
+        "unknown_conversation_without_connection",
+        {"text": "hi", "connection_id": "", "conversation_id": "cnv_nope"},
+        "conversation_id",
+    ),
     ("bad_tag", {"text": "hi", "tag": "CONFIRMED_EVENT_UPDATE"}, "tag"),
 ]
 
@@ -70,18 +79,78 @@ async def test_invalid_requests_name_the_field_and_store_nothing(
     assert await out.bodies() == []
 
 
-async def test_a_conversation_of_another_connection_is_not_a_recipient(out: Out) -> None:
+async def details(out: Out, **fields: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await out.send(**fields)
+    return caught.value.code(), caught.value.details() or ""
+
+
+async def test_a_conversation_of_another_tenant_is_not_a_recipient(out: Out) -> None:
+    """Named with our connection or alone: INVALID_ARGUMENT naming conversation_id, the
+    answer an unknown id gets, so that nothing tells it exists elsewhere."""
     account = await out.control.create_account(username="other")
     other = await store_connection(out.gateway, out.control, account, tenant="someone-else")
     _, conversation, _ = await customer_writes(out.gateway, out.control, other)
     code, info = await refused(out, text="hi", conversation_id=conversation.id)
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert info.metadata["field"] == "conversation_id"
+    assert await details(out, text="hi", connection_id="", conversation_id=conversation.id) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "conversation_id: is not a conversation of this tenant's connections",
+    )
+    assert await details(out, text="hi", connection_id="", conversation_id="cnv_nope") == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "conversation_id: is not a conversation of this tenant's connections",
+    )
+    assert await out.control.sent(str(account["ig_id"])) == []
+
+
+async def test_a_conversation_of_the_tenants_other_connection_is_refused_naming_it(
+    out: Out,
+) -> None:
+    account = await out.control.create_account(username="second")
+    second = await store_connection(out.gateway, out.control, account, tenant=out.tenant)
+    _, conversation, _ = await customer_writes(out.gateway, out.control, second)
+    assert await details(out, text="hi", conversation_id=conversation.id) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"conversation_id: is not a conversation of connection {out.connection.id}",
+    )
+    assert await out.control.sent(str(account["ig_id"])) == []
+    assert await out.bodies() == []
+
+
+async def test_a_missing_recipient_or_its_missing_connection_is_named(out: Out) -> None:
+    for connection_id in (out.connection.id, ""):
+        assert await details(out, text="hi", connection_id=connection_id, recipient_id="") == (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "recipient: set conversation_id or recipient_id",
+        )
+    assert await details(out, text="hi", connection_id="") == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "connection_id: must not be empty when recipient_id is set"
+        " (or set conversation_id instead)",
+    )
 
 
 async def test_a_connection_of_another_tenant_is_not_found(out: Out) -> None:
     code, _ = await refused(out, text="hi", tenant_id="not-the-owner")
     assert code == grpc.StatusCode.NOT_FOUND
+    account = await out.control.create_account(username="foreign")
+    foreign = await store_connection(out.gateway, out.control, account, tenant="someone-else")
+    igsid, conversation, _ = await customer_writes(out.gateway, out.control, foreign)
+    # Named by the caller's tenant: as if it did not exist, whatever the recipient.
+    for recipient in ({"recipient_id": igsid}, {"conversation_id": conversation.id}):
+        code, info = await refused(out, text="hi", connection_id=foreign.id, **recipient)
+        assert code == grpc.StatusCode.NOT_FOUND
+        assert info.metadata["connection_id"] == foreign.id
+    assert await out.control.sent(str(account["ig_id"])) == []
+
+
+async def test_an_unknown_connection_is_not_found(out: Out) -> None:
+    assert await details(out, text="hi", connection_id="conn_nope") == (
+        grpc.StatusCode.NOT_FOUND,
+        "no connection 'conn_nope' for this tenant",
+    )
 
 
 @pytest.mark.parametrize("status", [ConnectionStatus.DISCONNECTED, ConnectionStatus.NEEDS_REAUTH])
