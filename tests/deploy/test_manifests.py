@@ -1,8 +1,9 @@
 """The Kubernetes manifests and the Dockerfile agree with the code they deploy.
 
-PyYAML is not a project dependency, so the manifests are written in a plain subset (block
-mappings, one-line JSON-style lists for commands) that these checks read line by line; when
-PyYAML happens to be importable, one more test parses every document for real.
+The manifests are written in a plain subset (block mappings, one-line JSON-style lists for
+commands) that these checks read line by line; the last one parses every document with PyYAML
+(a dev dependency). test_consistency.py reads them as Kubernetes does, and test_alert_rules.py
+checks the alert rules.
 """
 
 from __future__ import annotations
@@ -11,15 +12,9 @@ import json
 import re
 from pathlib import Path
 
-import grpc
-import pytest
-from prometheus_client import REGISTRY
+import yaml
 
-# Every module that registers metrics (the bus's only once a bus is opened).
-import gateway.app
-import gateway.bus.metrics  # noqa: F401
 from gateway.cli import build_parser
-from gateway.domain.models import ConnectionStatus
 from gateway.security.keyring import validate_key_ring_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,7 +191,6 @@ def test_ports_probes_and_shutdown_agree() -> None:
 
 
 def test_every_document_parses() -> None:
-    yaml = pytest.importorskip("yaml")
     for path in sorted(K8S.rglob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             assert doc, path
@@ -214,39 +208,6 @@ def test_every_document_parses() -> None:
                     assert ctx["readOnlyRootFilesystem"] is True, path
                     assert ctx["capabilities"]["drop"] == ["ALL"], path
                     assert {"requests", "limits"} <= set(container["resources"]), path
-
-
-def _exposed_series() -> dict[str, set[str]]:
-    """Every series name the gateway's processes expose (``_total``, ``_bucket`` ...
-    included) and the label names of its metric."""
-    # The registry's index of exposition names is private; a test may lean on it to read
-    # exactly what a scrape would show.
-    series: dict[str, set[str]] = {}
-    for name, collector in REGISTRY._names_to_collectors.items():
-        series[name] = set(getattr(collector, "_labelnames", ()))
-    return series
-
-
-def test_alert_rules_name_real_series_and_labels() -> None:
-    text = (K8S / "monitoring" / "prometheusrule.yaml").read_text()
-    series = _exposed_series()
-    # Every series an expression or a description names, with the label matchers given.
-    # (A quoted value may hold braces itself: route="/webhooks/{channel}".)
-    named = re.findall(r'\b((?:switchboard|grpc_server)_[a-z_]+)(\{(?:[^}"]|"[^"]*")*\})?', text)
-    assert named
-    for name, matchers in named:
-        assert name in series, f"{name} is not a series the gateway exposes"
-        for label in re.findall(r'(\w+)\s*=~?\s*\\?"', matchers):
-            assert label in series[name] | {"le"}, f"{name} has no label {label}"
-    # Matched values the code defines as closed sets.
-    for codes in re.findall(r'grpc_code=~"([^"]+)"', text):
-        assert set(codes.split("|")) <= {c.name for c in grpc.StatusCode}
-    for status in re.findall(r'status="([A-Z_]+)"', text):
-        assert status in {s.value for s in ConnectionStatus}
-    # Routes as the sidecar labels them: the path its router registers, not a raw path.
-    routes = (ROOT / "gateway" / "web" / "app.py").read_text()
-    for route in re.findall(r'route="([^"]+)"', text):
-        assert f'"{route}"' in routes, f"the sidecar has no route {route}"
 
 
 def test_the_kustomization_leaves_the_operator_resources_out() -> None:
