@@ -316,7 +316,9 @@ class MetricsInterceptor(_CallObserver):
         self, info: MethodInfo, context: Ctx, state: Any, start: float, exc: BaseException | None
     ) -> None:
         labels = state[0]
-        metrics.grpc_server_handled_total.labels(*labels, _code_of(context, exc).name).inc()
+        metrics.grpc_server_handled_total.labels(
+            *labels, metrics.GRPC_CODE_NAMES[_code_of(context, exc)]
+        ).inc()
         metrics.grpc_server_handling_seconds.labels(*labels).observe(time.perf_counter() - start)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge
 
+from gateway.observability.metrics import WorkerGauge
+
 connections = Gauge(
     "switchboard_connections",
     "Connections by channel and status (updated by the refresh worker).",
@@ -19,7 +21,8 @@ subscription_checks_total = Counter(
     "Webhook subscription checks by outcome: active, resubscribed, failed, needs_reauth.",
     ("channel", "outcome"),
 )
-token_nearest_expiry_seconds = Gauge(
+# Set by the refresh worker, in the gRPC process only.
+token_nearest_expiry_seconds = WorkerGauge(
     "switchboard_token_nearest_expiry_seconds",
     "Seconds until the earliest token expiry among connected accounts (NaN: none expires).",
 )

@@ -1,20 +1,50 @@
 """Prometheus metrics shared by the gRPC server and the HTTP sidecar, and their endpoint.
 
-The gRPC metric names and labels are those of the Go grpc-prometheus middleware, so that
-existing dashboards work unchanged.
+The gRPC metric names, labels and code values are those of the Go grpc-prometheus
+middleware (``grpc_code="InvalidArgument"``, as Go's codes print), so that existing
+dashboards and alerts work unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import grpc
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics_core import Metric
+
+# grpc_code values as Go's codes.Code prints them (grpc-prometheus), not Python's enum names.
+GRPC_CODE_NAMES: dict[grpc.StatusCode, str] = {
+    code: "".join(part.capitalize() for part in code.name.split("_")) for code in grpc.StatusCode
+}
+# Go spells it with one l.
+GRPC_CODE_NAMES[grpc.StatusCode.CANCELLED] = "Canceled"
+GRPC_CODE_NAMES[grpc.StatusCode.OK] = "OK"
+
+
+class WorkerGauge(Gauge):
+    """A gauge that one background worker sets, in the process that runs it: exposed only
+    once set, so that the pod's other processes, which never update it, do not report a
+    misleading 0 that dashboards and alerts would read as a value."""
+
+    _was_set = False
+
+    def set(self, value: float) -> None:
+        self._was_set = True
+        super().set(value)
+
+    def collect(self) -> Iterable[Metric]:
+        return super().collect() if self._was_set else []
+
 
 GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
 

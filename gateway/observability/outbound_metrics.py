@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
+
+from gateway.observability.metrics import WorkerGauge
 
 SENDS = Counter(
     "switchboard_outbound_sends",
@@ -16,7 +18,8 @@ CHANNEL_API_SECONDS = Histogram(
     ["channel", "endpoint"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15),
 )
-QUEUE_DEPTH = Gauge(
+# Set by the send worker, in the gRPC process only.
+QUEUE_DEPTH = WorkerGauge(
     "switchboard_outbound_queue_depth",
     "Outbound messages QUEUED or RETRYING (as last counted by this process's worker).",
 )
