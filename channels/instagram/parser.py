@@ -55,6 +55,9 @@ ATTACHMENT_TYPES: Mapping[str, str] = {
 }
 _MEDIA_ID_KEYS = ("ig_post_media_id", "reel_video_id", "media_id", "story_id", "id")
 _REFERRAL_KEYS = frozenset({"ref", "source", "type", "ad_id", "product"})
+# orjson reads JSON nested 1024 levels deep but writes at most 254: whatever an item keeps
+# is written again (stored, published), so a delivery nested deeper is cut at this depth.
+MAX_DEPTH = 200
 # Bounds of datetime.fromtimestamp on every platform, in milliseconds.
 _MIN_MS, _MAX_MS = 0, 253_402_300_799_000
 
@@ -67,6 +70,12 @@ def parse_delivery(body: bytes, *, now: datetime | None = None) -> ParsedDeliver
         raise DeliveryRejected("the body is not JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get("entry"), list):
         raise DeliveryRejected("the body is not a webhook envelope (no 'entry' list)")
+    try:
+        # A fraction of a microsecond for a usual delivery; one that fails would fail
+        # every retry of its whole batch later, where the items are written.
+        orjson.dumps(data)
+    except orjson.JSONEncodeError:
+        data = _pruned(data, MAX_DEPTH)
     received = now or datetime.now(UTC)
     items: list[InboundItem] = []
     leftovers: list[Leftover] = []
@@ -393,6 +402,18 @@ def _time(value: Any, fallback_ms: int | None, received: datetime) -> datetime:
     if ms is None:
         return received
     return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _pruned(value: Any, depth: int) -> Any:
+    """``value`` with what nests deeper than ``depth`` replaced by a note saying so: no
+    real payload comes near, and one odd item must not fail its delivery."""
+    if isinstance(value, dict | list) and depth <= 0:
+        return f"<cut: nested deeper than {MAX_DEPTH} levels>"
+    if isinstance(value, dict):
+        return {k: _pruned(v, depth - 1) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_pruned(v, depth - 1) for v in value]
+    return value
 
 
 def _dumps(value: Any) -> str:

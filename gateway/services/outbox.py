@@ -25,6 +25,12 @@ class OutboxWriter:
     def __init__(self, relay: OutboxRelay | None) -> None:
         self._relay = relay
 
+    @property
+    def hands_over(self) -> bool:
+        """Whether :meth:`add` returns the entries it added (events already in the outbox
+        left out), for this process's relay."""
+        return self._relay is not None
+
     async def add(self, tx: Tx, events: Sequence[Event]) -> Handed:
         """Adds the events inside ``tx``; pass the result to :meth:`committed` after it."""
         if not events:

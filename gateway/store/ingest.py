@@ -32,7 +32,7 @@ import orjson
 
 from gateway.domain.codec import encode_event
 from gateway.domain.events import Event, EventKind
-from gateway.domain.ids import new_id
+from gateway.domain.ids import derived_id, new_id
 from gateway.domain.inbound import (
     MESSAGE_KINDS,
     TOMBSTONE_RETENTION,
@@ -354,12 +354,17 @@ class InboundWriter:
             conv = results[i].conversation
             if r.item.kind not in MESSAGE_KINDS or conv is None:
                 continue
-            key = (r.connection.id, r.item.external_id)
-            if r.item.external_id and key in first_of:
+            # Meta's message id names the message; one without (any field may be missing)
+            # is named by its dedupe key, and its id derived from that key, so that Meta's
+            # retries of it hit the primary key and are stored once, as they are published.
+            mid = r.item.external_id
+            key = (r.connection.id, mid or r.item.dedupe_key)
+            if key in first_of:
                 results[i].duplicate = True  # a repeat within this very batch
                 continue
             first_of[key] = i
-            drafts.append((i, message_from_item(r.item, r.connection, conv.id, new_id("msg"))))
+            message_id = new_id("msg") if mid else derived_id("msg", *key)
+            drafts.append((i, message_from_item(r.item, r.connection, conv.id, message_id)))
         drafts.sort(key=lambda d: (d[1].connection_id, d[1].external_id, d[1].id))
         if marked:
             await self._apply_early_changes([m for _, m in drafts if m.conversation_id in marked])
