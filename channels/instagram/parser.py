@@ -8,6 +8,7 @@ item carrying its JSON. Only a body that is not Meta's envelope at all is reject
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -67,7 +68,7 @@ def parse_delivery(body: bytes, *, now: datetime | None = None) -> ParsedDeliver
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise DeliveryRejected("the body is not JSON") from None
+        data = _loads_leniently(body)
     if not isinstance(data, dict) or not isinstance(data.get("entry"), list):
         raise DeliveryRejected("the body is not a webhook envelope (no 'entry' list)")
     try:
@@ -402,6 +403,32 @@ def _time(value: Any, fallback_ms: int | None, received: datetime) -> datetime:
     if ms is None:
         return received
     return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def _loads_leniently(body: bytes) -> Any:
+    """What orjson refuses but is still JSON: a lone surrogate escape (``"\\ud83d"``, as a
+    title cut in the middle of an emoji would carry), which the standard library reads.
+    Each lone surrogate becomes U+FFFD, as nothing downstream can store or send it; one odd
+    character must not cost the whole delivery."""
+    try:
+        # UTF-8 strictly, as Meta sends it (json.loads would also take UTF-16 or a BOM).
+        return _without_lone_surrogates(json.loads(body.decode(), parse_constant=_no_constant))
+    except (ValueError, RecursionError):
+        raise DeliveryRejected("the body is not JSON") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_lone_surrogates(v) for v in value]
+    return value
 
 
 def _pruned(value: Any, depth: int) -> Any:

@@ -150,6 +150,22 @@ def test_a_change_spread_on_the_entry_itself_is_kept_as_raw() -> None:
     assert orjson.loads(kept.raw_json) == {"uid": "u1"}
 
 
+def test_a_lone_surrogate_escape_costs_one_character_not_the_delivery() -> None:
+    # orjson refuses "\ud83d" alone (half an emoji); the delivery is read all the same.
+    raw = orjson.dumps(envelope(inbound({"message": {"mid": "m-cut", "text": "HALF"}})))
+    body = raw.replace(b"HALF", b"cut \\ud83d, whole \\ud83d\\ude00")
+    (item,) = parse_delivery(body).items
+    assert item.text == "cut \ufffd, whole \U0001f600"
+    # Still strictly JSON in UTF-8: no NaN, no BOM, no UTF-16.
+    for bad in (
+        body.replace(b'"mid":"m-cut"', b'"mid":"m-cut","n":NaN'),
+        b"\xef\xbb\xbf" + body,
+        body.decode().encode("utf-16"),
+    ):
+        with pytest.raises(DeliveryRejected):
+            parse_delivery(bad)
+
+
 def test_unknown_kinds_are_raw_with_their_original_json() -> None:
     item = parse_one(samples()["unknown"])
     assert item.raw_kind == "optin"
