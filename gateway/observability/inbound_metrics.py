@@ -6,7 +6,8 @@ from prometheus_client import Counter, Histogram
 
 WEBHOOK_DELIVERIES = Counter(
     "switchboard_webhook_deliveries",
-    "Webhook deliveries by outcome: accepted, test, forbidden, too_large, malformed,"
+    "Webhook deliveries by outcome: accepted, test, forbidden, too_large, bad_encoding"
+    " (a body that does not decode as its Content-Encoding or chunking says), malformed,"
     " unavailable, error.",
     ["channel", "outcome"],
 )

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import ContentEncodingError
 from aiohttp.web_exceptions import HTTPException
 
 from gateway.domain.channel import HttpRequest
@@ -159,6 +160,23 @@ async def webhook(request: web.Request) -> web.Response:
     except web.HTTPRequestEntityTooLarge:
         inbound_metrics.WEBHOOK_DELIVERIES.labels(name, "too_large").inc()
         raise
+    except web.RequestPayloadError as exc:
+        # A body that does not decode as its Content-Encoding (or its chunking) says: the
+        # sender's fault, seen before any signature check, so nothing of it is stored.
+        inbound_metrics.WEBHOOK_DELIVERIES.labels(name, "bad_encoding").inc()
+        log.warning(
+            "webhook body does not decode",
+            extra={"channel": name, "error": type(exc.__cause__ or exc).__name__},
+        )
+        # The parser stopped at the error and reads nothing more of this connection: close
+        # it, and end the payload, which aiohttp would otherwise drain after the answer
+        # (meeting the same error, logged as an unhandled exception).
+        request.content.feed_eof()
+        encoding = isinstance(exc.__cause__, ContentEncodingError)
+        what = "its Content-Encoding" if encoding else "its framing"
+        refused = web.Response(status=400, text=f"the body does not decode as {what} says\n")
+        refused.force_close()
+        return refused
     reply = await deps.inbound.receive(
         name,
         deps.channels[name].inbound,
@@ -170,8 +188,11 @@ async def webhook(request: web.Request) -> web.Response:
             body=body,
         ),
     )
+    # The reply may echo what the caller sent (hub.challenge, as text/plain): a browser must
+    # not sniff it into HTML.
+    headers = {**reply.headers, "X-Content-Type-Options": "nosniff"}
     return web.Response(
-        status=reply.status, body=reply.body, content_type=reply.content_type, headers=reply.headers
+        status=reply.status, body=reply.body, content_type=reply.content_type, headers=headers
     )
 
 
@@ -184,7 +205,8 @@ def create_web_app(deps: WebDeps) -> web.Application:
     app[DEPS] = deps
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/oauth/{channel}/callback", oauth_callback)
+    # GET only: a HEAD (link scanners, previews) would spend the state and the code.
+    app.router.add_get("/oauth/{channel}/callback", oauth_callback, allow_head=False)
     app.router.add_route("GET", "/webhooks/{channel}", webhook)
     app.router.add_route("POST", "/webhooks/{channel}", webhook)
     return app

@@ -2,9 +2,11 @@
 
 The state is consumed first (unknown, expired or reused: an error page, status 400, nothing
 stored). Then the browser goes to the flow's ``return_url`` with ``status=connected``
-(and ``connection_id``), ``status=denied`` or ``status=error`` (and a machine-readable
-``reason``); a flow started without a return_url gets a small page instead. The query
-string carries the code and the state, so nothing here logs it.
+(and ``connection_id``), ``status=denied`` (the user refused on the channel's dialog) or
+``status=error`` (and a machine-readable ``reason``: the channel's dialog reported another
+error, or the exchange failed); a flow started without a return_url gets a small page
+instead. The query string carries the code and the state, so nothing here logs it. GET
+only: a HEAD would spend the state (see ``create_web_app``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,32 @@ def _back(return_url: str, query: dict[str, str], fallback: web.Response) -> web
     return web.Response(status=302, headers={**_PRIVATE, "Location": str(target)})
 
 
+# The error codes of an OAuth 2.0 authorization response (RFC 6749 4.1.2.1), which Meta's
+# dialogs use. Another value becomes OAUTH_ERROR: the reason is never the query's own text.
+_OAUTH_ERRORS = frozenset(
+    {
+        "invalid_request",
+        "unauthorized_client",
+        "access_denied",
+        "unsupported_response_type",
+        "invalid_scope",
+        "server_error",
+        "temporarily_unavailable",
+    }
+)
+_CHANNEL_FAULTS = frozenset({"OAUTH_SERVER_ERROR", "OAUTH_TEMPORARILY_UNAVAILABLE"})
+
+
+def _refused(error: str, error_reason: str) -> bool:
+    """The user's own refusal on the dialog: Meta sends ``error=access_denied`` with
+    ``error_reason=user_denied`` (or none)."""
+    return error == "access_denied" and error_reason in ("", "user_denied")
+
+
+def _reason_of(error: str) -> str:
+    return f"OAUTH_{error.upper()}" if error in _OAUTH_ERRORS else "OAUTH_ERROR"
+
+
 def _status_of(exc: SwitchboardError) -> int:
     if isinstance(exc, AlreadyExists):
         return 409
@@ -72,15 +100,28 @@ async def handle_callback(
             "Start connecting again from your dashboard.",
         )
     context = {"tenant_id": record.tenant_id, "channel": channel, "flow": record.login_flow}
-    if query.get("error"):
-        log.info(
-            "connect declined on the channel's page",
-            extra={**context, "error": query.get("error", "")[:64]},
-        )
+    error = query.get("error", "")
+    if error:
+        if _refused(error, query.get("error_reason", "")):
+            log.info("connect declined on the channel's page", extra=context)
+            return _back(
+                record.return_url,
+                {"status": "denied"},
+                page(
+                    200, "Not connected", "The authorization was declined; nothing was connected."
+                ),
+            )
+        reason = _reason_of(error)
+        log.warning("connect failed on the channel's page", extra={**context, "reason": reason})
         return _back(
             record.return_url,
-            {"status": "denied"},
-            page(200, "Not connected", "The authorization was declined; nothing was connected."),
+            {"status": "error", "reason": reason},
+            page(
+                502 if reason in _CHANNEL_FAULTS else 400,
+                "Not connected",
+                f"The channel's authorization page reported an error ({reason}); "
+                "nothing was connected.",
+            ),
         )
     code = query.get("code", "")
     if not code:

@@ -10,6 +10,7 @@ import grpc
 import grpc.aio
 import pytest
 from switchboard.v1 import connect_pb2
+from yarl import URL
 
 from channels.instagram.sandbox import SandboxClient
 from gateway.security.tokens import create_token
@@ -48,6 +49,75 @@ async def test_a_refused_facebook_dialog_without_return_url_answers_a_page(
     assert landing.status == 200
     assert "declined" in landing.text
     await assert_nothing_stored(gw, api, "acme")
+
+
+async def test_an_access_denied_without_error_reason_is_a_refusal_too(
+    gw: RunningGateway, api: Api, browser: Browser
+) -> None:
+    started = await api.start("acme", "instagram")
+    url = URL(gw.http_url + "/oauth/instagram/callback").with_query(
+        error="access_denied", state=started.state
+    )
+    landing = await browser.get(str(url))
+    assert landing.status == 302
+    assert landing.query == {"tab": "instagram", "status": "denied"}
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ({"error": "server_error"}, "OAUTH_SERVER_ERROR"),
+        ({"error": "temporarily_unavailable"}, "OAUTH_TEMPORARILY_UNAVAILABLE"),
+        ({"error": "invalid_scope", "error_description": "bad scope"}, "OAUTH_INVALID_SCOPE"),
+        ({"error": "access_denied", "error_reason": "other_reason"}, "OAUTH_ACCESS_DENIED"),
+        ({"error": "<b>made up</b>", "error_reason": "user_denied"}, "OAUTH_ERROR"),
+    ],
+)
+async def test_an_error_other_than_the_users_refusal_is_status_error_with_its_reason(
+    gw: RunningGateway, api: Api, browser: Browser, query: dict[str, str], reason: str
+) -> None:
+    started = await api.start("acme", "instagram")
+    url = URL(gw.http_url + "/oauth/instagram/callback").with_query(
+        {**query, "state": started.state}
+    )
+
+    landing = await browser.get(str(url))
+
+    assert landing.status == 302
+    assert landing.location.startswith(RETURN_URL)
+    assert landing.query == {"tab": "instagram", "status": "error", "reason": reason}
+    await assert_nothing_stored(gw, api, "acme")
+    # The flow is over: the state was spent.
+    assert (await browser.get(str(url))).status == 400
+
+
+async def test_a_channel_error_without_return_url_answers_an_error_page(
+    gw: RunningGateway, api: Api, browser: Browser
+) -> None:
+    started = await api.start("acme", "instagram", return_url="")
+    url = URL(gw.http_url + "/oauth/instagram/callback").with_query(
+        error="server_error", state=started.state
+    )
+    landing = await browser.get(str(url))
+    assert landing.status == 502
+    assert "OAUTH_SERVER_ERROR" in landing.text
+    assert "declined" not in landing.text
+
+
+async def test_a_head_on_the_callback_is_405_and_leaves_the_flow_to_the_get(
+    gw: RunningGateway, api: Api, browser: Browser
+) -> None:
+    started = await api.start("acme", "instagram")
+    callback = await browser.authorize(started.authorization_url)
+
+    # A link scanner or a preview fetching the URL first.
+    async with browser.session.head(callback, allow_redirects=False) as reply:
+        assert reply.status == 405
+    await assert_nothing_stored(gw, api, "acme")
+
+    landing = await browser.get(callback)
+    assert landing.status == 302
+    assert landing.query["status"] == "connected"
 
 
 async def test_a_forged_state_is_refused_with_400_and_nothing_stored(

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import asyncio
+import gzip
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client import REGISTRY
 
 from channels.instagram.signature import sign
 from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
@@ -64,6 +67,64 @@ async def test_webhook_verification_echoes_the_challenge_only_for_the_right_toke
     params["hub.verify_token"] = "wrong"
     async with http.get(sidecar.http_url + "/webhooks/instagram", params=params) as reply:
         assert reply.status == 403
+
+
+async def test_the_echoed_challenge_is_never_sniffed_as_another_type(
+    sidecar: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    challenge = "<html><script>alert(1)</script></html>"
+    params = {"hub.mode": "subscribe", "hub.challenge": challenge, "hub.verify_token": VERIFY}
+    async with http.get(sidecar.http_url + "/webhooks/instagram", params=params) as reply:
+        assert reply.status == 200
+        assert await reply.text() == challenge
+        assert reply.content_type == "text/plain"
+        assert reply.headers["X-Content-Type-Options"] == "nosniff"
+
+
+def deliveries(outcome: str) -> float:
+    labels = {"channel": "instagram", "outcome": outcome}
+    return REGISTRY.get_sample_value("switchboard_webhook_deliveries_total", labels) or 0.0
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_does_not_decode_as_its_content_encoding_is_400_and_counted(
+    sidecar: RunningGateway,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    encoding: str,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    body = b'{"object":"instagram","entry":[]}'
+    # Even signed: it is not authentic data until it decodes and its signature checks.
+    headers = {"Content-Encoding": encoding, "X-Hub-Signature-256": sign(body, SECRET.encode())}
+    before = deliveries("bad_encoding")
+    async with http.post(
+        sidecar.http_url + "/webhooks/instagram", data=body, headers=headers
+    ) as reply:
+        assert reply.status == 400
+        assert await reply.text() == "the body does not decode as its Content-Encoding says\n"
+    await asyncio.sleep(0.05)  # anything aiohttp would log after the answer
+
+    assert deliveries("bad_encoding") == before + 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    assert any(r.getMessage() == "webhook body does not decode" for r in caplog.records)
+
+
+async def test_compressed_webhooks_are_still_read_and_other_encodings_refused(
+    sidecar: RunningGateway, http: aiohttp.ClientSession
+) -> None:
+    body = b'{"object":"instagram","entry":[]}'
+    signed = {"X-Hub-Signature-256": sign(body, SECRET.encode())}
+    url = sidecar.http_url + "/webhooks/instagram"
+    gzipped = {**signed, "Content-Encoding": "gzip"}
+    async with http.post(url, data=gzip.compress(body), headers=gzipped) as reply:
+        assert reply.status == 200
+    # Without their decoders installed, aiohttp's parser answers these itself.
+    for encoding in ("br", "zstd"):
+        headers = {**signed, "Content-Encoding": encoding}
+        async with http.post(url, data=body, headers=headers) as reply:
+            assert reply.status == 400
 
 
 async def test_forged_or_unsigned_webhooks_are_403(
