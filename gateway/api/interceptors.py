@@ -42,6 +42,10 @@ log = logging.getLogger("gateway.api")
 _token_var: contextvars.ContextVar[ApiToken | None] = contextvars.ContextVar(
     "api_token", default=None
 )
+# Authenticates the caller's token again: a stream can outlive the token's revocation.
+_recheck_var: contextvars.ContextVar[Callable[[], Awaitable[ApiToken]] | None] = (
+    contextvars.ContextVar("api_token_recheck", default=None)
+)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 API_PACKAGE = "switchboard.v1."
@@ -61,6 +65,14 @@ REQUIRED_SCOPE: dict[str, Scope] = {
     "/switchboard.v1.Messaging/ListMessages": Scope.READ,
     "/switchboard.v1.Messaging/Subscribe": Scope.SUBSCRIBE,
 }
+
+
+async def recheck_caller() -> None:
+    """Raises Unauthenticated once the caller's token is revoked (seen within the token
+    cache's lifetime, as for new calls); StoreUnavailable when that cannot be told now."""
+    recheck = _recheck_var.get()
+    if recheck is not None:
+        await recheck()
 
 
 def current_token() -> ApiToken:
@@ -356,6 +368,7 @@ class AuthInterceptor(_AroundInterceptor):
         except SwitchboardError as exc:
             await context.abort_with_status(to_status(exc))
         _token_var.set(record)
+        _recheck_var.set(functools.partial(self._authority.authenticate, token.strip()))
 
     async def around_unary(
         self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx

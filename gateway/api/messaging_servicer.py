@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from switchboard.v1 import common_pb2, messaging_pb2, messaging_pb2_grpc
@@ -23,6 +24,14 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServicer):
         self._history = history
         self._bus = bus
         self._outbound = outbound
+        # Set when the server stops: open Subscribe streams end at once (see drain).
+        self._stopping = asyncio.Event()
+
+    def drain(self) -> None:
+        """Ends every Subscribe stream now, consumers closed first: held open through the
+        server's grace period, they would keep their conversations from the group's other
+        consumers until their leases lapsed, and take new deliveries meanwhile."""
+        self._stopping.set()
 
     async def SendMessage(
         self, request: messaging_pb2.SendMessageRequest, context: Ctx
@@ -98,5 +107,7 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServicer):
             raise Unimplemented("this process runs no event bus")
         from gateway.api.subscribe import run_subscribe
 
-        async for response in run_subscribe(self._bus, request_iterator, context, current_token()):
+        async for response in run_subscribe(
+            self._bus, request_iterator, context, current_token(), stopping=self._stopping
+        ):
             yield response

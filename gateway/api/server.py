@@ -65,6 +65,7 @@ class GrpcServer:
         )
         connect_pb2_grpc.add_ChannelConnectServicer_to_server(connect, self._server)
         messaging_pb2_grpc.add_MessagingServicer_to_server(messaging, self._server)
+        self._messaging = messaging
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         enable_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name),
@@ -121,6 +122,10 @@ class GrpcServer:
             await asyncio.gather(self._probe_task, return_exceptions=True)
             self._probe_task = None
         await self._health.enter_graceful_shutdown()
+        # Streams would hold on through the whole grace period; unary calls finish in it.
+        drain = getattr(self._messaging, "drain", None)
+        if drain is not None:
+            drain()
         await self._server.stop(grace_s)
 
     async def wait_for_termination(self) -> None:

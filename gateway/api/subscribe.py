@@ -5,6 +5,12 @@ then flow to the client while its acks and nacks are read concurrently. When the
 cancels or the connection breaks, the consumer closes and its unacked deliveries are
 delivered again to the group.
 
+A stream outlives neither its token nor its server: the token is authenticated again every
+``RECHECK_S`` (a revoked one ends the stream UNAUTHENTICATED), and a server that is
+stopping ends its streams at once with UNAVAILABLE, closing their consumers first, so that
+the group's other consumers take their conversations over without waiting for leases to
+lapse and the client reconnects to another replica.
+
 Consumer groups and filters: the bus acks an event outside a consumer's filters for the
 consumer's whole bus group, so consumers with different filters must never share one.
 The bus group a stream joins is therefore the group name *and* the effective filters
@@ -37,8 +43,14 @@ from gateway.api.convert_events import (
     kinds_from_proto,
 )
 from gateway.api.errors import to_status
+from gateway.api.interceptors import recheck_caller
 from gateway.domain.bus import Bus, Consumer, Delivery, Subscription
-from gateway.domain.errors import InvalidArgument, PermissionDenied, SwitchboardError
+from gateway.domain.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    SwitchboardError,
+    Unavailable,
+)
 from gateway.domain.events import EventKind
 from gateway.domain.models import ApiToken
 from gateway.observability.inbound_metrics import EVENT_DELIVERY_SECONDS
@@ -49,6 +61,8 @@ DEFAULT_ACK_DEADLINE_S, MIN_ACK_DEADLINE_S, MAX_ACK_DEADLINE_S = 30.0, 1.0, 600.
 DEFAULT_MAX_BATCH, MAX_BATCH = 1, 500
 # How long one receive waits before checking whether the client went away.
 _POLL_S = 0.5
+# How often a stream's token is authenticated again (the token cache holds 10 s more).
+RECHECK_S = 5.0
 # 64 bits: a tenant's token must not find, by brute force, filters of its own whose digest
 # names another tenant's filtered group (48 bits would take a GPU hours, this takes years).
 _FILTER_DIGEST_HEX = 16
@@ -210,7 +224,10 @@ async def run_subscribe(
     requests: AsyncIterator[messaging_pb2.SubscribeRequest],
     context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     token: ApiToken,
+    *,
+    stopping: asyncio.Event | None = None,
 ) -> AsyncIterator[messaging_pb2.SubscribeResponse]:
+    stopping = stopping or asyncio.Event()
     stream = aiter(requests)
     try:
         first = await anext(stream, None)
@@ -223,14 +240,21 @@ async def run_subscribe(
             # before any event: a client can order its own work after that point.
             await context.send_initial_metadata((("x-subscription", "started"),))
             reader = asyncio.create_task(_read_requests(stream, consumer))
+            recheck_at = time.monotonic() + RECHECK_S
             try:
-                while not reader.done():
+                while not reader.done() and not stopping.is_set():
+                    if time.monotonic() >= recheck_at:
+                        await _recheck()
+                        recheck_at = time.monotonic() + RECHECK_S
                     deliveries = await consumer.receive(max_batch, _POLL_S)
                     if not deliveries:
                         continue
                     response = _response(deliveries)
                     _observe_latency(deliveries)
                     yield response
+                if stopping.is_set():
+                    # Left after the consumer closed (below), so its leases are released.
+                    raise _ShuttingDown("the server is shutting down: subscribe again")
                 # The client half-closed (no more acks can come) or sent something wrong.
                 reader.result()
             finally:
@@ -241,3 +265,14 @@ async def run_subscribe(
         # The same rich status (ErrorInfo, request id) as every unary RPC gets from the
         # error interceptor, which this stream's own handling would otherwise bypass.
         await context.abort_with_status(to_status(exc))
+
+
+class _ShuttingDown(Unavailable):
+    reason = "SHUTTING_DOWN"
+
+
+async def _recheck() -> None:
+    """Unauthenticated ends the stream; a store that cannot say now does not: the stream
+    goes on and the next check asks again."""
+    with contextlib.suppress(Unavailable):
+        await recheck_caller()

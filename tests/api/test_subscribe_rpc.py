@@ -9,16 +9,19 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
+import redis.asyncio
 from google.protobuf import duration_pb2, json_format
 from prometheus_client import REGISTRY
 from switchboard.v1 import messaging_pb2, messaging_pb2_grpc
 
+from gateway.api import subscribe as subscribe_module
 from gateway.api.subscribe import (
     _observe_latency,
     _response,
@@ -125,6 +128,11 @@ class Client:
         self._call: Any = None
         self._reader: asyncio.Task[None] | None = None
         self.inbox = inbox or Inbox()
+
+    @property
+    def reader(self) -> asyncio.Task[None] | None:
+        """The task reading the stream: it ends with what ended the call."""
+        return self._reader
 
     async def _stream(self) -> AsyncIterator[messaging_pb2.SubscribeRequest]:
         while (request := await self._requests.get()) is not None:
@@ -400,3 +408,67 @@ async def test_bad_requests_on_a_live_stream_name_the_field(
     bad_ack = await refused(stub, running.token, start("ai", "c1"), ack("not-an-id"))
     assert bad_ack.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_info(bad_ack).metadata["field"] == "delivery_id"
+
+
+async def test_a_stream_ends_once_its_token_is_revoked(
+    running: RunningGateway,
+    stub: messaging_pb2_grpc.MessagingStub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """New calls stop within the token cache's lifetime; an open stream must too, or a
+    revoked backend would go on reading every tenant's messages."""
+    monkeypatch.setattr(subscribe_module, "RECHECK_S", 0.2)
+    store = running.gateway.store
+    token, record = await create_token(store, name="leaving", tenants=["*"], scopes=["subscribe"])
+    client = await Client(stub, token).open("ai", "soon-revoked")
+    await publish(running, [make_event("before")])
+    assert len(await client.inbox.wait(1)) == 1
+    async with store.transaction() as tx:
+        assert await tx.revoke_api_token(record.id, datetime.now(UTC)) == 1
+    assert running.gateway.authority is not None
+    running.gateway.authority.forget()  # as the cache's 10 s would
+    assert client.reader is not None
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(client.reader, 10)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_stopping_server_ends_its_streams_at_once_and_releases_their_conversations(
+    database: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Held open through the grace period, a stream kept its conversations from the group's
+    other consumers until its leases lapsed, and took new deliveries meanwhile."""
+    extra = {"SWITCHBOARD_SHUTDOWN_GRACE_SECONDS": "30"}
+    redis_url = prefix = ""
+    if database.startswith("postgresql"):
+        redis_url = str(request.getfixturevalue("redis_url"))
+        prefix = f"{request.getfixturevalue('redis_prefix')}{secrets.token_hex(3)}:"
+        extra |= {"SWITCHBOARD_REDIS_URL": redis_url, "SWITCHBOARD_REDIS_KEY_PREFIX": prefix}
+    loop = asyncio.get_running_loop()
+    async with run_gateway(gateway_environ(database, str(tmp_path), **extra)) as running:
+        channel = grpc.aio.insecure_channel(running.grpc_target)
+        client = await Client(messaging_pb2_grpc.MessagingStub(channel), running.token).open(
+            "ai", "on-a-stopping-server"
+        )
+        await publish(running, [make_event(f"conv{i}") for i in range(3)])
+        await client.inbox.wait(3)
+        stopping_at = loop.time()
+    # Leaving run_gateway stopped the server: within the 30 s grace, but not after it.
+    assert loop.time() - stopping_at < 15
+    assert client.reader is not None
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(client.reader, 5)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert error_info(caught.value).reason == "SHUTTING_DOWN"
+    await channel.close()
+    if redis_url:
+        # The consumer left its group and released its leases: the other consumers take
+        # its conversations at their next heartbeat, not when the leases lapse.
+        r = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            leases = [key async for key in r.scan_iter(match=f"*{prefix}*:lease:*")]
+            members = [key async for key in r.scan_iter(match=f"*{prefix}*:members")]
+            assert leases == []
+            assert all([await r.zcard(key) == 0 for key in members])
+        finally:
+            await r.aclose()
