@@ -16,7 +16,8 @@ import aiosqlite
 import pytest
 
 from gateway.observability.logging import configure_logging
-from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
+from tests.gateway_harness import RunningGateway
+from tests.web.conftest import running_sidecar
 
 CODE = "AQlongcode" + "Z" * 9000
 TOKEN = "EAAGsecrettoken" + "Y" * 9000
@@ -50,14 +51,7 @@ def service_logging(fmt: str, level: str = "debug") -> Iterator[io.StringIO]:
 
 @pytest.fixture
 async def sidecar(tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    env = gateway_environ(
-        f"sqlite:///{tmp_path}/sb.db",
-        str(tmp_path),
-        INSTAGRAM_APP_ID="1234567890",
-        INSTAGRAM_APP_SECRET="It's a Secret to Everybody",
-        INSTAGRAM_WEBHOOK_VERIFY_TOKEN="verify-token-for-tests",
-    )
-    async with run_gateway(env) as running:
+    async with running_sidecar(tmp_path) as running:
         yield running
 
 

@@ -11,23 +11,13 @@ import pytest
 from prometheus_client import REGISTRY
 
 from channels.instagram.signature import sign
-from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
-
-SECRET = "It's a Secret to Everybody"
-VERIFY = "verify-token-for-tests"
+from tests.gateway_harness import RunningGateway
+from tests.web.conftest import SECRET, VERIFY, running_sidecar
 
 
 @pytest.fixture
 async def sidecar(tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    env = gateway_environ(
-        f"sqlite:///{tmp_path}/sb.db",
-        str(tmp_path),
-        SWITCHBOARD_HTTP_MAX_BODY_BYTES="2048",
-        INSTAGRAM_APP_ID="1234567890",
-        INSTAGRAM_APP_SECRET=SECRET,
-        INSTAGRAM_WEBHOOK_VERIFY_TOKEN=VERIFY,
-    )
-    async with run_gateway(env) as running:
+    async with running_sidecar(tmp_path, SWITCHBOARD_HTTP_MAX_BODY_BYTES="2048") as running:
         yield running
 
 
