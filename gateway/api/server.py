@@ -18,6 +18,7 @@ from gateway.api.interceptors import (
     MetricsInterceptor,
     RequestIdInterceptor,
 )
+from gateway.api.messaging_servicer import MessagingServicer
 from gateway.api.reflection import enable_reflection
 from gateway.config import Address
 from gateway.security.tokens import TokenAuthority
@@ -40,7 +41,7 @@ class GrpcServer:
         address: Address,
         *,
         connect: connect_pb2_grpc.ChannelConnectServicer,
-        messaging: messaging_pb2_grpc.MessagingServicer,
+        messaging: MessagingServicer,
         authority: TokenAuthority,
         probe: Probe,
         probe_interval_s: float = 2.0,
@@ -123,9 +124,7 @@ class GrpcServer:
             self._probe_task = None
         await self._health.enter_graceful_shutdown()
         # Streams would hold on through the whole grace period; unary calls finish in it.
-        drain = getattr(self._messaging, "drain", None)
-        if drain is not None:
-            drain()
+        self._messaging.drain()
         await self._server.stop(grace_s)
 
     async def wait_for_termination(self) -> None:

@@ -48,6 +48,7 @@ from gateway.domain.bus import Bus, Consumer, Delivery, Subscription
 from gateway.domain.errors import (
     InvalidArgument,
     PermissionDenied,
+    ShuttingDown,
     SwitchboardError,
     Unavailable,
 )
@@ -254,7 +255,7 @@ async def run_subscribe(
                     yield response
                 if stopping.is_set():
                     # Left after the consumer closed (below), so its leases are released.
-                    raise _ShuttingDown("the server is shutting down: subscribe again")
+                    raise ShuttingDown("the server is shutting down: subscribe again")
                 # The client half-closed (no more acks can come) or sent something wrong.
                 reader.result()
             finally:
@@ -265,10 +266,6 @@ async def run_subscribe(
         # The same rich status (ErrorInfo, request id) as every unary RPC gets from the
         # error interceptor, which this stream's own handling would otherwise bypass.
         await context.abort_with_status(to_status(exc))
-
-
-class _ShuttingDown(Unavailable):
-    reason = "SHUTTING_DOWN"
 
 
 async def _recheck() -> None:

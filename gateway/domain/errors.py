@@ -118,6 +118,12 @@ class BusUnavailable(Unavailable):
     reason = "BUS_UNAVAILABLE"
 
 
+class ShuttingDown(Unavailable):
+    """This process is stopping: the work was not taken, another replica (or a retry) will."""
+
+    reason = "SHUTTING_DOWN"
+
+
 class ConfigError(SwitchboardError):
     """The configuration is invalid; ``problems`` holds one line per problem."""
 

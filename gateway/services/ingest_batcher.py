@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from gateway.domain.errors import Unavailable
+from gateway.domain.errors import ShuttingDown, Unavailable
 from gateway.observability import metrics
 
 log = logging.getLogger(__name__)
@@ -39,10 +39,8 @@ class _Pending(Generic[J, R]):
     patient_until: float = 0.0
 
 
-class Closed(Unavailable):
+class Closed(ShuttingDown):
     """The batcher is shutting down; the job was not processed."""
-
-    reason = "SHUTTING_DOWN"
 
 
 class GroupCommitter(Generic[J, R]):

@@ -96,31 +96,11 @@ _TARGET_COLUMNS = f"{rows.CONVERSATION_COLUMNS}, {_PENDING_AT}"
 # document's order: of two rows with one idempotency key the first wins.
 _MESSAGE_TYPES = {
     column: bulk.PG_TYPES[column]
-    for column in [
-        "id",
-        "tenant_id",
-        "connection_id",
-        "conversation_id",
-        "channel",
-        "direction",
-        "status",
-        "external_id",
-        "sender_id",
-        "text",
-        "attachments",
-        "content",
-        "idempotency_key",
-        "error",
-        "attempts",
-        "next_attempt_at",
-        "created_at",
-        "sent_at",
-        "confirmed_at",
-        "deleted",
-        "edit_count",
-        "claimed_until",
-        "unordered",
-    ]
+    for column in (
+        *("id", "tenant_id", "connection_id", "conversation_id", "channel", "direction"),
+        *("idempotency_key", "created_at", *rows.MESSAGE_MUTABLE_COLUMNS),
+        *("claimed_until", "unordered"),
+    )
 }
 _INSERT_MESSAGES = (
     f"INSERT INTO messages ({', '.join(_MESSAGE_TYPES)})"  # noqa: S608 - the names are ours

@@ -311,6 +311,24 @@ def message_params(codec: Codec, m: Message, now: datetime) -> Params:
     }
 
 
+# The columns of a message that change after it is stored (delivery, edits, unsends).
+MESSAGE_MUTABLE_COLUMNS = (
+    "status",
+    "external_id",
+    "sender_id",
+    "text",
+    "attachments",
+    "content",
+    "error",
+    "attempts",
+    "next_attempt_at",
+    "sent_at",
+    "confirmed_at",
+    "deleted",
+    "edit_count",
+)
+
+
 # The columns a received or echoed message sets; the others (the send queue's) keep their
 # defaults. Kept beside message_params, which sets every column.
 RECEIVED_MESSAGE_COLUMNS = (

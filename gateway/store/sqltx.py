@@ -154,21 +154,7 @@ def _now() -> datetime:
 
 _LAPSED = "(claimed_until IS NULL OR claimed_until <= :now)"
 
-_MESSAGE_MUTABLE = (
-    "status",
-    "external_id",
-    "sender_id",
-    "text",
-    "attachments",
-    "content",
-    "error",
-    "attempts",
-    "next_attempt_at",
-    "sent_at",
-    "confirmed_at",
-    "deleted",
-    "edit_count",
-)
+_MESSAGE_MUTABLE = rows.MESSAGE_MUTABLE_COLUMNS
 
 
 class SqlTx:
