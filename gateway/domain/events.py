@@ -32,6 +32,21 @@ class EventKind(enum.StrEnum):
     RAW = "raw"
 
 
+# Kinds the store makes once, from a change to its own record: a new message row, a status
+# that moves. A source that repeats itself (Meta resends a delivery) makes none of them again.
+# Events of every other kind (reactions, reads, edits, unsends, postbacks, raw items...) are
+# built again for each repeat, and only their outbox entry, unique on event_id, stops a second
+# publish: the relay keeps those entries, published, for the retention window.
+RECORDED_ONCE_KINDS = frozenset(
+    {
+        EventKind.MESSAGE_RECEIVED,
+        EventKind.MESSAGE_ECHOED,
+        EventKind.DELIVERY_UPDATE,
+        EventKind.CONNECTION_CHANGED,
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     event_id: str

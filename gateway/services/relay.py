@@ -10,11 +10,15 @@ A sweep every ``sweep_interval_s`` republishes whatever was committed but never
 published: a process that died right after a commit, or a claim whose lease lapsed.
 Republishing keeps each event's ``event_id``; consumers dedupe on it.
 
-What becomes of a published entry depends on the bus. Redis keeps the events in its
-streams for the retention window, so the entry is deleted: PostgreSQL need not hold a
-second copy of three days of events, and a delete costs it less than the update that
-marks. The in-process bus has no log but the outbox: there the entry is marked published,
-and purged past the retention window, which must not be shorter than the bus's. The same
+What becomes of a published entry depends on the bus and on the event. Redis keeps the
+events in its streams for the retention window, so the entry of an event the store makes
+only once (``RECORDED_ONCE_KINDS``: a new message, a status change) is deleted: PostgreSQL
+need not hold a second copy of three days of events, and a delete costs it less than the
+update that marks. Any other entry is marked published, and purged past the retention
+window: it is what stops Meta's repeat of a reaction, a read or an edit, which may come
+hours later (Meta retries for 36 hours), from being published again. The in-process bus has
+no log but the outbox: there every entry is marked, and purged past the retention window,
+which must not be shorter than the bus's. The same
 periodic purge drops what ingestion keeps of unsends and edits that came before their
 message (tombstones, early edits), past their own retention (``TOMBSTONE_RETENTION``).
 """
@@ -30,6 +34,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 from gateway.domain.bus import Bus
+from gateway.domain.events import RECORDED_ONCE_KINDS
 from gateway.domain.inbound import TOMBSTONE_RETENTION
 from gateway.domain.store import OutboxEntry, Store
 from gateway.services.rounds import Rounds
@@ -61,8 +66,8 @@ class OutboxRelay:
         self._tombstone_retention = timedelta(seconds=tombstone_retention_s)
         self._purge_interval_s = purge_interval_s
         self._settle_interval_s = settle_interval_s
-        # Seqs of handed-over entries published but not yet settled, and when to settle them.
-        self._unsettled: list[int] = []
+        # Handed-over entries published but not yet settled, and when to settle them.
+        self._unsettled: list[OutboxEntry] = []
         self._settle_due = 0.0
         self._wake = asyncio.Event()
         # Work in commit order: handed-over entries, and None where a producer notified
@@ -70,7 +75,9 @@ class OutboxRelay:
         self._work: deque[Sequence[OutboxEntry] | None] = deque()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Events published, and of those, settled (deleted or marked in the outbox).
         self.published = 0
+        self.settled = 0
 
     @property
     def lease(self) -> timedelta:
@@ -136,7 +143,7 @@ class OutboxRelay:
             self.published += len(batch)
             if not self._unsettled:
                 self._settle_due = time.monotonic() + self._settle_interval_s
-            self._unsettled.extend(e.seq for e in batch)
+            self._unsettled.extend(batch)
         if len(self._unsettled) >= self._batch_size or time.monotonic() >= self._settle_due:
             await self._settle()
 
@@ -146,18 +153,23 @@ class OutboxRelay:
         again (same event_id) once the lease lapses."""
         if not self._unsettled:
             return
-        seqs, self._unsettled = self._unsettled, []
+        entries, self._unsettled = self._unsettled, []
         try:
-            await self._published(seqs)
+            await self._published(entries)
         except BaseException:
-            self._unsettled[:0] = seqs
+            self._unsettled[:0] = entries
             raise
 
-    async def _published(self, seqs: Sequence[int]) -> None:
+    async def _published(self, entries: Sequence[OutboxEntry]) -> None:
+        kept = [e.seq for e in entries]
         if self._bus.keeps_events:
-            await self._store.delete_published(seqs)
-        else:
-            await self._store.mark_published(seqs, datetime.now(UTC))
+            dropped = [e.seq for e in entries if e.event.kind in RECORDED_ONCE_KINDS]
+            if dropped:
+                await self._store.delete_published(dropped)
+                kept = [e.seq for e in entries if e.event.kind not in RECORDED_ONCE_KINDS]
+        if kept:
+            await self._store.mark_published(kept, datetime.now(UTC))
+        self.settled += len(entries)
 
     async def run_once(self) -> int:
         """Publishes every claimable entry; returns how many were published."""
@@ -170,7 +182,7 @@ class OutboxRelay:
             if not entries:
                 return total
             await self._bus.publish_outbox(entries)
-            await self._published([e.seq for e in entries])
+            await self._published(entries)
             total += len(entries)
             self.published += len(entries)
             if len(entries) < self._batch_size:

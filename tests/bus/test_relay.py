@@ -121,6 +121,39 @@ async def test_published_entries_are_kept_for_the_retention_only_when_the_outbox
         assert await relay.purge() == 0
 
 
+async def test_entries_that_alone_stop_a_repeat_are_kept_whatever_the_bus(
+    harness: Harness,
+) -> None:
+    # A message is deduped by its row, a reaction only by its outbox entry: Meta may resend
+    # it long after it was published, and the entry must still be there to refuse it.
+    store = harness.store
+    assert store is not None
+    swept = [make_event("conv1", 0), make_event("conv1", 1, kind=EventKind.REACTION_CHANGED)]
+    handed = [make_event("conv2", 0), make_event("conv2", 1, kind=EventKind.MESSAGES_READ)]
+    async with store.transaction() as tx:
+        await tx.add_events(swept)
+    relay = OutboxRelay(store, harness.bus, sweep_interval_s=60.0)
+    writer = OutboxWriter(relay)
+    async with relay:
+        assert await relay.run_once() == 2
+        async with store.transaction() as tx:
+            taken = await writer.add(tx, handed)
+        writer.committed(taken)
+        async with asyncio.timeout(5):
+            while relay.published < 4:  # noqa: ASYNC110 - the relay's own task publishes
+                await asyncio.sleep(0.01)
+    assert relay.settled == 4
+    kept, _ = await store.bus_load(since=datetime.now(UTC) - timedelta(minutes=5))
+    if harness.backend == "memory":
+        assert [e.event.event_id for e in kept] == [e.event_id for e in swept + handed]
+    else:
+        assert [e.event.event_id for e in kept] == [swept[1].event_id, handed[1].event_id]
+    # The repeats: nothing is added, so nothing is published again.
+    async with store.transaction() as tx:
+        repeats = [swept[1], handed[1]]
+        assert await tx.add_claimed_events(repeats, datetime.now(UTC)) == []
+
+
 class _FailsOnce:
     """The bus, except that its first publish fails (Redis blinked)."""
 

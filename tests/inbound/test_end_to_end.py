@@ -235,6 +235,32 @@ async def test_meta_retries_and_duplicates_are_published_once(stack: Stack) -> N
     assert len(await stored_messages(stack, events[0].conversation_id)) == 1
 
 
+async def test_a_repeat_that_comes_after_publishing_is_not_published_again(
+    stack: Stack,
+) -> None:
+    # Meta resends a delivery whose 200 it missed, maybe long after the gateway published
+    # it. A message is deduped by its row; a reaction, a read or an edit only by its event.
+    async with stack.subscriber() as sub:
+        sent = await stack.control.send_dm(stack.ig_id, "once")
+        reacted = await stack.control.event(
+            "reaction", stack.ig_id, customer=sent["customer"], mid=sent["mid"]
+        )
+        read = await stack.control.event(
+            "read", stack.ig_id, customer=sent["customer"], mid=sent["mid"]
+        )
+        first = await sub.take(3)
+        relay = stack.gateway.gateway.relay
+        assert relay is not None
+        async with asyncio.timeout(5):
+            while relay.settled < relay.published:  # noqa: ASYNC110 - the relay's task settles
+                await asyncio.sleep(0.05)
+        for delivery in (reacted, read, sent):
+            retried = await stack.control.retry_delivery(delivery["delivery_id"])
+            assert retried["status"] == 200
+        await sub.nothing_more(1.5)
+    assert kinds(first) == ["message_received", "reaction_changed", "messages_read"]
+
+
 async def test_a_batch_of_many_entries_is_stored_whole(stack: Stack) -> None:
     other, other_conn = await stack.connect_account(username="second")
     items = [{"kind": "message", "account": stack.ig_id, "text": f"m{n}"} for n in range(40)]
