@@ -11,7 +11,8 @@ Ordering design: shard streams + one leased reader per (group, shard) + local ho
   of heartbeats), so consumers that join take over shards and consumers that leave (or
   stop heartbeating) hand theirs over; a shard changes hands only after its owner's
   deliveries are acked or past their deadline (drain), so two consumers never hold
-  deliveries of one conversation at once.
+  deliveries of one conversation at once, and after its owner's read of it returned, so
+  that nothing that read takes is left pending under a name that no longer reads it.
 - The owner reads its shards in bulk (``XREADGROUP COUNT n BLOCK t`` over all of them in
   one call) into a hold-back buffer that hands out a conversation's next entry only after
   the previous one is acked, nacked or past its deadline. Many conversations of one shard

@@ -201,6 +201,10 @@ class RedisConsumer:
         self._active: set[int] = set()
         self._held: set[int] = set()
         self._draining: dict[int, float] = {}
+        # Shards named by a blocking read still waiting for its reply; and entries such a
+        # read brought for shards given up meanwhile, to hand back (see _read_once).
+        self._reading: set[int] = set()
+        self._strays: defaultdict[int, list[str]] = defaultdict(list)
         self._buffer: HoldbackQueue[_Item] = HoldbackQueue()
         self._buffer_limit = max(bus.read_count * 2, subscription.max_in_flight * 4)
         self._flights: dict[tuple[int, str], _Flight] = {}
@@ -481,9 +485,28 @@ class RedisConsumer:
                 backoff = min(backoff * 2, 2.0)
 
     async def _read_once(self, shards: frozenset[int]) -> None:
+        """Reads the active shards among ``shards`` into the buffer.
+
+        A shard given up while the read waits is not released until it returns
+        (``_release_drained``): Redis may still answer the read with entries appended to
+        the shard meanwhile, pending under our name from then on, and a next owner that
+        had already taken the shard over would never see them. Held back, it takes them
+        over with the rest: the read's entries for given-up shards are handed back to the
+        group, their delivery count reset, before the lease goes."""
         active = self._active & shards
-        if not active:
-            return
+        self._reading |= active
+        try:
+            if active:
+                await self._read_into_buffer(active)
+            strays = {s: self._strays.pop(s) for s in list(self._strays) if s in shards}
+            if strays:
+                # Before the shards are let go: a claim of ours after the next owner's
+                # would take the entries back from it.
+                await self._unread(strays)
+        finally:
+            self._reading -= active
+
+    async def _read_into_buffer(self, active: set[int]) -> None:
         streams: dict[Any, Any] = {self._streams[s]: ">" for s in sorted(active)}
         reply = await self._xreadgroup(streams, count=self._room(), block=self._bus.block_ms)
         if not reply:
@@ -561,7 +584,9 @@ class RedisConsumer:
         for stream_name, entries in reply:
             shard = self._keys.shard_from_stream(_text(stream_name))
             if shard not in self._active:
-                continue  # given up meanwhile: stays pending for the next owner
+                # Given up meanwhile: back to the group for the next owner (_read_once).
+                self._strays[shard].extend(_text(raw_id) for raw_id, _ in entries)
+                continue
             for raw_id, fields in entries:
                 payload = _payload(fields)
                 if payload is None:
@@ -679,7 +704,7 @@ class RedisConsumer:
         out, while we still hold their shards: the next owner's claim then counts their
         first delivery as attempt 1, not as a redelivery. (Not after a lease was lost: the
         new owner may have claimed them already, and a claim of ours would take them back.)"""
-        dropped = {shard: ids for shard, ids in dropped.items() if ids}
+        dropped = {shard: ids for shard, ids in dropped.items() if ids and shard in self._held}
         if not dropped:
             return
         pipe = self._r.pipeline(transaction=False)
@@ -699,7 +724,11 @@ class RedisConsumer:
     async def _release_drained(self) -> None:
         now = time.monotonic()
         busy = {shard for shard, _ in self._flights}
-        done = [s for s, until in self._draining.items() if s not in busy or now >= until]
+        done = [
+            s
+            for s, until in self._draining.items()
+            if s not in self._reading and (s not in busy or now >= until)
+        ]
         if not done:
             return
         pipe = self._r.pipeline(transaction=False)

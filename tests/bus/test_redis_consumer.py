@@ -135,3 +135,26 @@ async def test_reads_of_the_other_streams_are_mostly_skipped_while_they_find_not
     # One that finds something again (the caller resets the count) restores them all.
     consumer._empty_follow_ups = 0
     assert all(consumer._follow_up_worth_it() for _ in range(8))
+
+
+async def test_an_entry_read_for_a_shard_being_handed_over_reaches_the_next_owner(
+    bus: RedisBus,
+) -> None:
+    # a holds every shard and waits in a 2 s XREADGROUP naming them all when b joins. a's
+    # heartbeat gives half the shards up; should it let them go while that read still
+    # waits, an entry appended to one of them meanwhile is read by a (pending under its
+    # name) after b took the shard over: b never sees it.
+    async with bus.subscribe(Subscription("g", "a")) as a:
+        await asyncio.sleep(0.3)
+        async with bus.subscribe(Subscription("g", "b")) as b:
+            async with asyncio.timeout(10):
+                while not b._active:  # noqa: ASYNC110 - b's heartbeat takes the shards
+                    await asyncio.sleep(0.01)
+            shard = min(b._active)
+            event = next(
+                e for e in across_shards(bus, 64) if bus.keys.shard_of(e.ordering_key) == shard
+            )
+            await bus.publish([event])
+            got = await drain(b, 1, timeout=5.0)
+            assert await a.receive(10, 0.2) == []
+    assert [(d.event.event_id, d.attempt) for d in got] == [(event.event_id, 1)]
