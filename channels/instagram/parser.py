@@ -77,6 +77,11 @@ def parse_delivery(body: bytes, *, now: datetime | None = None) -> ParsedDeliver
         orjson.dumps(data)
     except orjson.JSONEncodeError:
         data = _pruned(data, MAX_DEPTH)
+    if b"\\u0000" in body:
+        # PostgreSQL stores U+0000 neither in text nor in jsonb: one such character would
+        # fail its delivery on every retry. It becomes U+FFFD, as a lone surrogate does
+        # (after the cut above, which bounds the walk's depth).
+        data = _without_nul(data)
     received = now or datetime.now(UTC)
     items: list[InboundItem] = []
     leftovers: list[Leftover] = []
@@ -428,6 +433,16 @@ def _without_lone_surrogates(value: Any) -> Any:
         return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_without_lone_surrogates(v) for v in value]
+    return value
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
     return value
 
 

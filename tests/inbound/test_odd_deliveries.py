@@ -99,3 +99,20 @@ async def test_a_fault_answered_500_is_counted_as_an_error(
     before = counted(name, outcome="error")
     assert await post(stack, body, signed(stack, body)) == 500
     assert counted(name, outcome="error") - before == 1
+
+
+async def test_a_nul_character_costs_one_character_not_the_whole_delivery(stack: Stack) -> None:
+    """PostgreSQL stores no U+0000 in text nor jsonb: a message saying one failed its whole
+    delivery with 500 on every retry of Meta's there, losing the messages beside it."""
+    customer = (await stack.control.create_customer(stack.ig_id))["igsid"]
+    body = delivery(
+        stack,
+        item(stack, customer, message={"mid": "m-with-a-nul", "text": "a\x00b"}),
+        item(stack, customer, message={"mid": "m-beside-the-nul", "text": "plain"}),
+    )
+    async with stack.subscriber() as sub:
+        assert await post(stack, body, signed(stack, body)) == 200
+        events = await sub.take(2)
+    assert [e.payload["message"]["text"] for e in events] == ["a\ufffdb", "plain"]
+    stored = await stored_messages(stack, events[0].conversation_id)
+    assert sorted(m.text for m in stored) == ["a\ufffdb", "plain"]
