@@ -260,6 +260,10 @@ def _message(
     ts: int,
     occurred: datetime,
 ) -> InboundItem:
+    if not customer:
+        # No conversation can hold a message without its customer: stored nowhere, it would
+        # go out as a message without an id, and every repeat of it again. Kept whole, raw.
+        return _raw(raw, "message", _ids(*account_candidates), "", occurred)
     mid = _str(message.get("mid"))
     text = _str(message.get("text"))
     reply = message.get("reply_to")

@@ -4,6 +4,7 @@ and a fault answered 500 in the per-outcome count. On PostgreSQL + Redis and emb
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -116,3 +117,27 @@ async def test_a_nul_character_costs_one_character_not_the_whole_delivery(stack:
     assert [e.payload["message"]["text"] for e in events] == ["a\ufffdb", "plain"]
     stored = await stored_messages(stack, events[0].conversation_id)
     assert sorted(m.text for m in stored) == ["a\ufffdb", "plain"]
+
+
+async def test_a_message_without_its_sender_is_kept_raw_and_published_once(
+    stack: Stack,
+) -> None:
+    """Without the customer there is no conversation to store a message in: it went out as
+    a MessageReceived with no message id, stored nowhere, and on Redis Meta's every repeat
+    of it was published again (only a stored row refuses a message's repeat there)."""
+    lone = item(stack, "", message={"mid": "m-without-sender", "text": "who am I"})
+    del lone["sender"]
+    body = delivery(stack, lone)
+    async with stack.subscriber() as sub:
+        assert await post(stack, body, signed(stack, body)) == 200
+        (first,) = await sub.take(1)
+        relay = stack.gateway.gateway.relay
+        assert relay is not None
+        async with asyncio.timeout(5):
+            while relay.settled < relay.published:  # noqa: ASYNC110 - the relay's task settles
+                await asyncio.sleep(0.05)
+        assert await post(stack, body, signed(stack, body)) == 200
+        await sub.nothing_more(1.0)
+    assert first.kind == "raw"
+    assert first.payload["kind"] == "message"
+    assert orjson.loads(first.payload["json"])["message"]["text"] == "who am I"
