@@ -82,6 +82,10 @@ from gateway.tasks import finish_or_cancel
 log = logging.getLogger(__name__)
 
 OWN_ID_PREFIX = "msg_"
+# A key is stored under the unique (tenant, key) index, whose entries PostgreSQL bounds
+# (about 2.7 kB): a longer one would fail the insert, and with it the transaction every
+# call and outcome batched with it shares.
+MAX_IDEMPOTENCY_KEY_BYTES = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +313,12 @@ class OutboundService:
         return _Found(conversations, connections, by_recipient, pending_at)
 
     async def _check(self, tx: Tx, request: SendRequest, found: _Found) -> _Checked:
+        size = len(request.idempotency_key.encode("utf-8"))
+        if size > MAX_IDEMPOTENCY_KEY_BYTES:
+            raise InvalidArgument(
+                "idempotency_key",
+                f"is {size} bytes of UTF-8; at most {MAX_IDEMPOTENCY_KEY_BYTES} are allowed",
+            )
         conn = self._connection(request, found)
         sender = self.deliverer.sender_of(conn.channel)
         if sender is None:

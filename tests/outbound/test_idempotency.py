@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import grpc.aio
 import pytest
 from switchboard.v1 import common_pb2, messaging_pb2_grpc
 
+from gateway.api.convert_send import send_request
+from gateway.domain.errors import InvalidArgument
+from gateway.services.outbound import SendOutcome
 from tests.gateway_harness import run_gateway
 from tests.helpers import bearer
 from tests.outbound.conftest import Out
@@ -64,3 +68,27 @@ async def test_identical_calls_racing_on_two_replicas_send_once(
             assert sum(not r.duplicate for r in replies) == 1
     bodies = await out.bodies()
     assert sorted(b["message"]["text"] for b in bodies) == [f"Race {i}" for i in range(5)]
+
+
+async def test_an_oversized_key_is_refused_alone_and_its_batch_goes_on(out: Out) -> None:
+    """A key too long for the (tenant, key) index is INVALID_ARGUMENT before anything is
+    stored: written, it would fail the whole transaction the calls (and the outcomes of
+    sends) that queued with it share."""
+    service = out.gateway.gateway.outbound
+    assert service is not None
+    oversized = secrets.token_urlsafe(6000)  # random: PostgreSQL cannot compress it small
+    # Submitted in one turn of the loop: one group commit holds both.
+    good, bad = await asyncio.gather(
+        service.send(send_request(out.request(text="Fine", idempotency_key="fine-1"))),
+        service.send(send_request(out.request(text="Too long", idempotency_key=oversized))),
+        return_exceptions=True,
+    )
+    assert isinstance(good, SendOutcome), (good, bad)
+    assert isinstance(bad, InvalidArgument), bad
+    assert bad.field == "idempotency_key"
+    sent = await out.wait_status(good.message.id, "MESSAGE_STATUS_SENT")
+    assert sent.text == "Fine"
+    assert [b["message"]["text"] for b in await out.bodies()] == ["Fine"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await out.send(text="Too long", idempotency_key=oversized)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
