@@ -1,8 +1,9 @@
 """Per-account send rate limits: a token bucket per account and category, and pauses.
 
-A bucket refills at ``rate`` tokens per second up to one second's worth; each send takes a
-token. A pause (Meta said the account is throttled until a time) stops every category of
-the account until then. :class:`RedisRateLimiter` shares buckets and pauses across
+A bucket refills at ``rate`` tokens per second up to one second's worth, and at least one
+token (a rate below one a second would otherwise never fill it enough for a send); each
+send takes a token. A pause (Meta said the account is throttled until a time) stops every
+category of the account until then. :class:`RedisRateLimiter` shares buckets and pauses across
 replicas with one atomic script per decision (on one Redis or a Redis Cluster: an
 account's keys share a hash tag, so each script stays within one slot);
 :class:`MemoryRateLimiter` is the embedded default's in-process equivalent. Times come
@@ -56,6 +57,11 @@ def _from_ms(value: int) -> datetime:
     return datetime.fromtimestamp(value / 1000, UTC)
 
 
+def _capacity(rate: float) -> float:
+    """What a bucket holds when full: one second's worth, and never less than a send."""
+    return max(rate, 1.0)
+
+
 class MemoryRateLimiter:
     def __init__(self, rates: Mapping[RateCategory, float]) -> None:
         self._rates = dict(rates)
@@ -71,9 +77,10 @@ class MemoryRateLimiter:
                 return Admission(False, (paused - now).total_seconds(), paused)
             del self._paused[account]
         rate = self._rates[category]
+        capacity = _capacity(rate)
         now_s = now.timestamp()
-        tokens, at = self._buckets.get((account, category), (rate, now_s))
-        tokens = min(rate, tokens + max(0.0, now_s - at) * rate)
+        tokens, at = self._buckets.get((account, category), (capacity, now_s))
+        tokens = min(capacity, tokens + max(0.0, now_s - at) * rate)
         if tokens >= 1:
             if take:
                 self._buckets[(account, category)] = (tokens - 1, max(at, now_s))
@@ -116,9 +123,10 @@ class RateLimitKeys:
 # decision, flattened.
 _ACQUIRE = """
 local rate = tonumber(ARGV[1])
+local cap = math.max(rate, 1)
 local paused = tonumber(redis.call('GET', KEYS[2]) or '0')
 local b = redis.call('HMGET', KEYS[1], 't', 'ts')
-local tokens = tonumber(b[1]) or rate
+local tokens = tonumber(b[1]) or cap
 local ts = tonumber(b[2])
 local taken = false
 local out = {}
@@ -131,7 +139,7 @@ for i = 2, #ARGV, 2 do
   else
     local t, at = tokens, ts or now
     if now > at then
-      t = math.min(rate, t + (now - at) * rate / 1000)
+      t = math.min(cap, t + (now - at) * rate / 1000)
       at = now
     end
     local ok, wait = 0, 0
@@ -151,7 +159,8 @@ for i = 2, #ARGV, 2 do
 end
 if taken then
   redis.call('HSET', KEYS[1], 't', tostring(tokens), 'ts', tostring(ts))
-  redis.call('PEXPIRE', KEYS[1], 2000)
+  -- Kept at least until it would be full again: a bucket that vanished would be full.
+  redis.call('PEXPIRE', KEYS[1], math.max(2000, math.ceil(cap * 1000 / rate)))
 end
 return out
 """
