@@ -40,7 +40,11 @@ class OutboundWorker:
         self._store = store
         self._deliverer = deliverer
         self._poll_s = poll_s
-        self._batch_size = batch_size
+        # No more claimed at once than attempted at once: a claim's lease runs from the
+        # claim, so a message claimed to wait for a slot would spend its lease waiting
+        # (up to a Send API timeout per message ahead of it), and another replica would
+        # claim it again, and send it again, while this one still attempts it.
+        self._batch_size = min(batch_size, concurrency)
         self._slots = asyncio.Semaphore(concurrency)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None

@@ -1,0 +1,72 @@
+"""A worker claims no more messages than it attempts at once: a message claimed only to
+wait for a free slot would spend its lease waiting, and another replica would claim it
+again, and send it again, while the first still attempts it."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from switchboard.v1 import common_pb2
+
+from gateway.services.outbound_delivery import Deliverer
+from gateway.services.outbound_worker import OutboundWorker
+from gateway.services.outbox import OutboxWriter
+from gateway.store import open_store
+from tests.outbound.conftest import Out, customer_writes
+from tests.outbound.test_send_order import accepted
+
+
+async def test_a_message_waiting_for_a_slot_is_not_sent_again_by_another_worker(
+    out: Out,
+) -> None:
+    second, _, _ = await customer_writes(out.gateway, out.control, out.connection)
+    await out.throttle()
+    # Two conversations, so that both messages are due together once the pause ends.
+    ids = []
+    for c, customer in enumerate([out.customer, second]):
+        reply = await out.send(text=f"c{c}", recipient_id=customer)
+        assert reply.message.status == common_pb2.MESSAGE_STATUS_QUEUED
+        ids.append(reply.message.id)
+    gateway = out.gateway.gateway
+    service, worker = gateway.outbound, gateway.outbound_worker
+    assert service is not None
+    assert worker is not None
+    assert gateway.keyring is not None
+    await worker.aclose()
+    first = service.deliverer
+    # Meta takes two seconds a call; a claim is leased for three.
+    policy = replace(first.policy, lease_s=3.0)
+    await out.control.update_settings(latency_ms=2000)
+    async with open_store(gateway.config.database_url.reveal()) as store:
+        deliverers = [
+            Deliverer(
+                store,
+                gateway.channels,
+                gateway.keyring,
+                first.limiter,
+                policy,
+                clock=first.clock,
+                outbox=OutboxWriter(None),
+            )
+            for _ in range(2)
+        ]
+        one_at_a_time = OutboundWorker(store, deliverers[0], poll_s=0.01, concurrency=1)
+        other = OutboundWorker(store, deliverers[1], poll_s=0.01)
+        try:
+            out.advance(130)
+            await one_at_a_time.start()
+            for _ in range(400):
+                if await accepted(out):
+                    break
+                await asyncio.sleep(0.02)
+            # One is sent; another replica starts while the first worker goes on.
+            await other.start()
+            for message_id in ids:
+                await out.wait_status(message_id, "MESSAGE_STATUS_SENT", timeout_s=20)
+        finally:
+            await other.aclose()
+            await one_at_a_time.aclose()
+            for deliverer in deliverers:
+                await deliverer.aclose()
+    assert sorted(await accepted(out)) == ["c0", "c1"]
