@@ -443,15 +443,24 @@ class MemoryBus:
         if self._store is None or not self._pending_acks:
             return
         pending, self._pending_acks = self._pending_acks, {}
-        for group, seqs in pending.items():
-            try:
-                await self._store.bus_ack(group, seqs)
-            except StoreUnavailable:
-                # Kept for the next flush; if the process dies first, these events are
-                # delivered again after the restart, which at-least-once allows.
-                log.warning("bus acks not stored yet, retrying", extra={"group": group})
+        unwritten = dict(pending)
+        try:
+            for group, seqs in pending.items():
+                try:
+                    await self._store.bus_ack(group, seqs)
+                except StoreUnavailable:
+                    # Kept for the next flush; if the process dies first, these events are
+                    # delivered again after the restart, which at-least-once allows.
+                    log.warning("bus acks not stored yet, retrying", extra={"group": group})
+                    self._acks_waiting.set()
+                else:
+                    del unwritten[group]
+        finally:
+            # A write cut short (``aclose`` cancels this loop mid-flush) may not have
+            # committed: its acks stay pending for the final flush (writing twice is
+            # harmless), instead of being lost and delivered again after the restart.
+            for group, seqs in unwritten.items():
                 self._pending_acks.setdefault(group, []).extend(seqs)
-                self._acks_waiting.set()
 
     async def _trim_loop(self) -> None:
         while True:

@@ -1,0 +1,63 @@
+"""What only the in-process bus has: acks written to the store behind the consumers' backs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from gateway.bus import MemoryBus
+from gateway.domain.bus import Subscription
+from gateway.services.relay import OutboxRelay
+from gateway.store import SqliteStore
+from tests.bus.conftest import make_event
+from tests.bus.test_contract import drain
+
+
+class _FirstAckWriteHangs:
+    """The store, except that the first write of acks hangs until it is cancelled (a disk
+    that stalls just as the process shuts down)."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+        self.hanging = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def bus_ack(self, group: str, seqs: Sequence[int]) -> None:
+        if not self.hanging.is_set():
+            self.hanging.set()
+            await asyncio.Event().wait()
+        await self._store.bus_ack(group, seqs)
+
+
+async def test_acks_being_written_when_the_bus_closes_are_written_before_it_closes(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(str(tmp_path / "bus.db"))
+    await store.open()
+    try:
+        await store.migrate()
+        events = [make_event("conv1", 0), make_event("conv2", 0)]
+        async with store.transaction() as tx:
+            await tx.add_events(events)
+        slow = _FirstAckWriteHangs(store)
+        bus = MemoryBus(slow, ack_flush_interval_s=0.01)  # type: ignore[arg-type]
+        await bus.start()
+        try:
+            assert await OutboxRelay(store, bus).run_once() == 2
+            async with bus.subscribe(Subscription("g", "c")) as c:
+                got = await drain(c, 2)
+                async with asyncio.timeout(5):
+                    await slow.hanging.wait()
+        finally:
+            # A graceful stop: the write in progress is cut short, its acks must still go.
+            await bus.aclose()
+        assert len(got) == 2
+        _, acks = await store.bus_load(since=datetime.now(UTC) - timedelta(minutes=5))
+        assert len(acks["g"]) == 2
+    finally:
+        await store.aclose()
