@@ -181,7 +181,13 @@ class OutboxRelay:
             )
             if not entries:
                 return total
-            await self._bus.publish_outbox(entries)
+            try:
+                await self._bus.publish_outbox(entries)
+            except BaseException:
+                # Claimed for this relay: published first by the next round, as a failed
+                # hand-over is, rather than left to wait for the lease to lapse.
+                self._work.appendleft(entries)
+                raise
             await self._published(entries)
             total += len(entries)
             self.published += len(entries)

@@ -191,3 +191,29 @@ async def test_a_failed_hand_over_is_published_again_before_what_came_after(
         got = await drain(c, 2, timeout=3.0)
     assert bus.failed
     assert [d.event.event_id for d in got] == [first.event_id, second.event_id]
+
+
+async def test_a_failed_sweep_is_published_again_before_what_came_after(
+    harness: Harness,
+) -> None:
+    # The same for entries the relay claimed itself (notify, sweep): claimed under its
+    # 30 s lease, they must not wait for it to lapse while later events go out first.
+    store = harness.store
+    assert store is not None
+    bus = _FailsOnce(harness.bus)
+    relay = OutboxRelay(store, bus, sweep_interval_s=60.0)
+    writer = OutboxWriter(relay)
+    first, second = make_event("conv1", 0), make_event("conv1", 1)
+    async with relay, harness.bus.subscribe(Subscription("g", "c")) as c:
+        await asyncio.sleep(0.05)  # the relay's first sweep found nothing
+        async with store.transaction() as tx:
+            await tx.add_events([first])
+        relay.notify()
+        async with asyncio.timeout(5):
+            while not bus.failed:  # noqa: ASYNC110 - the relay's own task publishes
+                await asyncio.sleep(0.01)
+        async with store.transaction() as tx:
+            handed = await writer.add(tx, [second])
+        writer.committed(handed)
+        got = await drain(c, 2, timeout=3.0)
+    assert [d.event.event_id for d in got] == [first.event_id, second.event_id]
