@@ -436,7 +436,10 @@ class MemoryBus:
             await self._acks_waiting.wait()
             # Waiting a little batches the acks of many deliveries into one write.
             await asyncio.sleep(self._ack_flush_interval_s)
-            await self._flush_acks()
+            try:
+                await self._flush_acks()
+            except Exception:  # the loop must outlive any failed write: the acks stay pending
+                log.exception("bus acks not stored, retrying")
 
     async def _flush_acks(self) -> None:
         self._acks_waiting.clear()
@@ -452,15 +455,15 @@ class MemoryBus:
                     # Kept for the next flush; if the process dies first, these events are
                     # delivered again after the restart, which at-least-once allows.
                     log.warning("bus acks not stored yet, retrying", extra={"group": group})
-                    self._acks_waiting.set()
                 else:
                     del unwritten[group]
         finally:
-            # A write cut short (``aclose`` cancels this loop mid-flush) may not have
-            # committed: its acks stay pending for the final flush (writing twice is
-            # harmless), instead of being lost and delivered again after the restart.
+            # What was not written stays pending for the next flush, whatever stopped it:
+            # the store, an unexpected error, or ``aclose`` cancelling this loop mid-write
+            # (the final flush then writes it; writing an ack twice is harmless).
             for group, seqs in unwritten.items():
                 self._pending_acks.setdefault(group, []).extend(seqs)
+                self._acks_waiting.set()
 
     async def _trim_loop(self) -> None:
         while True:

@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from psycopg import errors as pg_errors
+
 from gateway.bus import MemoryBus
 from gateway.domain.bus import Subscription
 from gateway.services.relay import OutboxRelay
@@ -59,5 +61,57 @@ async def test_acks_being_written_when_the_bus_closes_are_written_before_it_clos
         assert len(got) == 2
         _, acks = await store.bus_load(since=datetime.now(UTC) - timedelta(minutes=5))
         assert len(acks["g"]) == 2
+    finally:
+        await store.aclose()
+
+
+class _FirstAckWriteRefused:
+    """The store, except that its first write of acks fails with an error that says
+    nothing of availability: PostgreSQL's answer once a failover turned it read-only."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+        self.refused = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def bus_ack(self, group: str, seqs: Sequence[int]) -> None:
+        if not self.refused.is_set():
+            self.refused.set()
+            raise pg_errors.ReadOnlySqlTransaction(
+                "cannot execute INSERT in a read-only transaction"
+            )
+        await self._store.bus_ack(group, seqs)
+
+
+async def test_acks_are_still_written_after_a_write_failed_unexpectedly(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(str(tmp_path / "bus.db"))
+    await store.open()
+    try:
+        await store.migrate()
+        events = [make_event("conv1", 0), make_event("conv2", 0)]
+        async with store.transaction() as tx:
+            await tx.add_events(events)
+        refusing = _FirstAckWriteRefused(store)
+        bus = MemoryBus(refusing, ack_flush_interval_s=0.01)  # type: ignore[arg-type]
+        async with bus:
+            assert await OutboxRelay(store, bus).run_once() == 2
+            async with bus.subscribe(Subscription("g", "c")) as c:
+                got = await drain(c, 2, ack=False)
+                await c.ack([got[0].delivery_id])
+                async with asyncio.timeout(5):
+                    await refusing.refused.wait()
+                await c.ack([got[1].delivery_id])
+                # Both written while the bus runs: a crash now would deliver neither again.
+                since = datetime.now(UTC) - timedelta(minutes=5)
+                acked: set[int] = set()
+                async with asyncio.timeout(5):
+                    while len(acked) < 2:
+                        await asyncio.sleep(0.01)
+                        _, acks = await store.bus_load(since=since)
+                        acked = acks["g"]
     finally:
         await store.aclose()
