@@ -206,7 +206,8 @@ class OutboxRelay:
         # them: a failed round delays events, never loses them.
         rounds = Rounds("outbox relay", log)
         schedule = _Schedule(self._sweep_interval_s, self._purge_interval_s)
-        while not self._stopping:
+        # Until stopped: a stop asked for during a round finds ``_wake`` set, and ends below.
+        while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), schedule.until_sweep())
             self._wake.clear()

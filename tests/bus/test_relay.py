@@ -217,3 +217,50 @@ async def test_a_failed_sweep_is_published_again_before_what_came_after(
         writer.committed(handed)
         got = await drain(c, 2, timeout=3.0)
     assert [d.event.event_id for d in got] == [first.event_id, second.event_id]
+
+
+class _HeldPublish:
+    """The bus, except that its first publish waits until let go (a slow round)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self._bus = bus
+        self.held = asyncio.Event()
+        self.go = asyncio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bus, name)
+
+    async def publish_outbox(self, entries: Sequence[OutboxEntry]) -> None:
+        if not self.held.is_set():
+            self.held.set()
+            await self.go.wait()
+        await self._bus.publish_outbox(entries)
+
+
+async def test_a_relay_stopped_in_the_middle_of_a_round_still_settles_what_it_holds(
+    harness: Harness,
+) -> None:
+    # Left unsettled, what it published would be published again by the next process's
+    # sweep once the lease lapsed: after newer events, and to groups that had acked it.
+    store = harness.store
+    assert store is not None
+    bus = _HeldPublish(harness.bus)
+    relay = OutboxRelay(store, bus, sweep_interval_s=60.0)
+    writer = OutboxWriter(relay)
+    first, second = make_event("conv1", 0), make_event("conv1", 1)
+    await relay.start()
+    async with store.transaction() as tx:
+        handed = await writer.add(tx, [first])
+    writer.committed(handed)
+    async with asyncio.timeout(5):
+        await bus.held.wait()
+    async with store.transaction() as tx:
+        handed = await writer.add(tx, [second])
+    writer.committed(handed)
+    stopping = asyncio.create_task(relay.aclose())
+    await asyncio.sleep(0)  # the stop is asked for while the round is in hand
+    bus.go.set()
+    await stopping
+    assert relay.published == relay.settled == 2
+    later = datetime.now(UTC) + timedelta(minutes=5)  # every lease lapsed
+    assert await store.claim_outbox(now=later, lease_until=later, limit=10) == []
