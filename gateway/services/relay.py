@@ -120,14 +120,21 @@ class OutboxRelay:
             self._wake.set()
 
     async def _drain(self) -> None:
-        """Publishes the queued work in order; consecutive hand-overs share one bus call."""
-        while self._work:
+        """Publishes the work queued so far in order; consecutive hand-overs share one bus
+        call. What comes in meanwhile is for the next round: under a steady stream of
+        hand-overs the queue is never empty, and the round must still settle and sweep."""
+        todo = len(self._work)
+        while todo and self._work:
             if self._work[0] is None:
                 self._work.popleft()
+                todo -= 1
                 await self.run_once()
                 continue
             batch: list[OutboxEntry] = []
-            while self._work and self._work[0] is not None and len(batch) < self._batch_size:
+            while (
+                todo and self._work and self._work[0] is not None and len(batch) < self._batch_size
+            ):
+                todo -= 1
                 taken = self._work.popleft()
                 assert taken is not None
                 batch.extend(taken)
@@ -146,6 +153,10 @@ class OutboxRelay:
             self._unsettled.extend(batch)
         if len(self._unsettled) >= self._batch_size or time.monotonic() >= self._settle_due:
             await self._settle()
+
+    async def _drain_all(self) -> None:
+        while self._work:
+            await self._drain()
 
     async def _settle(self) -> None:
         """Settles what was handed over and published, for many small batches at once: they
@@ -215,7 +226,7 @@ class OutboxRelay:
                 # What was handed over is published and settled before leaving, so that
                 # the next process does not publish it again; the rest waits for a sweep
                 # (the lease keeps it, nothing is lost).
-                for last in (self._drain, self._settle):
+                for last in (self._drain_all, self._settle):
                     try:
                         await last()
                     except Exception as exc:

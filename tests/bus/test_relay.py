@@ -14,6 +14,7 @@ from gateway.domain.store import OutboxEntry
 from gateway.services.connection_status import mark_needs_reauth
 from gateway.services.outbox import OutboxWriter
 from gateway.services.relay import OutboxRelay
+from gateway.store import SqliteStore
 from tests.bus.conftest import Harness, make_event
 from tests.bus.test_contract import drain
 from tests.store.factories import connection
@@ -264,3 +265,54 @@ async def test_a_relay_stopped_in_the_middle_of_a_round_still_settles_what_it_ho
     assert relay.published == relay.settled == 2
     later = datetime.now(UTC) + timedelta(minutes=5)  # every lease lapsed
     assert await store.claim_outbox(now=later, lease_until=later, limit=10) == []
+
+
+class _SteadyStream:
+    """The bus, and a producer that commits one more event during each publish: a steady
+    stream of hand-overs, never all published when a publish returns."""
+
+    def __init__(self, bus: Bus, store: SqliteStore) -> None:
+        self._bus = bus
+        self._store = store
+        self.writer: OutboxWriter | None = None
+        self.flowing = True
+        self._n = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bus, name)
+
+    async def publish_outbox(self, entries: Sequence[OutboxEntry]) -> None:
+        if self.flowing and self.writer is not None:
+            self._n += 1
+            async with self._store.transaction() as tx:
+                handed = await self.writer.add(tx, [make_event("conv1", self._n)])
+            self.writer.committed(handed)
+        await self._bus.publish_outbox(entries)
+
+
+async def test_a_steady_stream_of_hand_overs_lets_the_relay_settle_and_sweep(
+    harness: Harness,
+) -> None:
+    store = harness.store
+    assert store is not None
+    stream = _SteadyStream(harness.bus, store)
+    relay = OutboxRelay(store, stream, sweep_interval_s=0.05)
+    writer = stream.writer = OutboxWriter(relay)
+    # Committed by a process that runs no relay: only a sweep publishes it.
+    swept = make_event("conv2", 0, tenant="t2")
+    only_swept = Subscription("g", "c", tenant_ids=frozenset({"t2"}))
+    async with relay, harness.bus.subscribe(only_swept) as c:
+        async with store.transaction() as tx:
+            handed = await writer.add(tx, [make_event("conv1", 0)])
+        writer.committed(handed)
+        async with store.transaction() as tx:
+            await tx.add_events([swept])
+        try:
+            got = await drain(c, 1, timeout=3.0)
+            # And what was published is settled while the stream goes on.
+            async with asyncio.timeout(3):
+                while relay.settled == 0:  # noqa: ASYNC110 - the relay's own task settles
+                    await asyncio.sleep(0.01)
+        finally:
+            stream.flowing = False
+    assert [d.event.event_id for d in got] == [swept.event_id]
