@@ -71,6 +71,10 @@ class GroupCommitter(Generic[J, R]):
         self._last_count = 0
         # Batches of patient jobs being held: resolved when company comes (see _hold).
         self._holds: list[asyncio.Future[None]] = []
+        # The batch being held, if any: patient jobs another worker collects meanwhile join
+        # it rather than wait in a hold of their own, which could be released after a
+        # later job was committed.
+        self._held: list[_Pending[J, R]] | None = None
 
     async def start(self) -> None:
         if not self._tasks:
@@ -131,6 +135,8 @@ class GroupCommitter(Generic[J, R]):
     async def _run(self) -> None:
         while True:
             batch = await self._collect()
+            if not batch:
+                continue  # joined the batch another worker holds
             started = time.perf_counter()
             # The first job is the oldest: the queue is first in, first out.
             self._wait_seconds.observe(started - batch[0].queued_at)
@@ -144,6 +150,9 @@ class GroupCommitter(Generic[J, R]):
         count = self._take_queued(batch, count)
         try:
             if count < self._max_items and all(p.patient_until for p in batch):
+                if self._held is not None:
+                    self._held.extend(batch)
+                    return []
                 count = await self._hold(batch, count)
             elif count < self._max_items and self._max_wait_s > 0 and self._busy(count):
                 # Linger once, on one timer: requests arriving together share one commit.
@@ -162,19 +171,24 @@ class GroupCommitter(Generic[J, R]):
 
     async def _hold(self, batch: list[_Pending[J, R]], count: int) -> int:
         """Holds a batch of patient jobs until company comes or the most pressed of them
-        has waited its patience out, then takes whatever queued meanwhile."""
+        has waited its patience out, then takes whatever queued meanwhile. Patient jobs
+        other workers collect meanwhile join the batch (``_held``), in the order they came.
+        """
         remaining = min(p.patient_until for p in batch) - time.perf_counter()
         if remaining > 0:
             loop = asyncio.get_running_loop()
             hold: asyncio.Future[None] = loop.create_future()
             self._holds.append(hold)
+            self._held = batch
             timer = loop.call_later(remaining, _release, hold)
             try:
                 await hold
             finally:
+                self._held = None
                 timer.cancel()
                 if hold in self._holds:
                     self._holds.remove(hold)
+            count = sum(self._size(p.job) for p in batch)
         return self._take_queued(batch, count)
 
     def _busy(self, count: int) -> bool:

@@ -175,6 +175,27 @@ async def test_a_job_that_cannot_wait_ends_the_hold_and_commits_after_the_patien
     assert flushed == [["echo", "customer"]]
 
 
+async def test_patient_jobs_held_by_two_workers_all_commit_before_a_later_job() -> None:
+    flush: Recorder[str] = Recorder()
+    flushed = flush.flushed
+
+    committer: GroupCommitter[str, str] = GroupCommitter(flush, max_wait_s=0.0, workers=2)
+    await committer.start()
+    try:
+        # The second echo comes while the first is held: an idle worker takes it.
+        first = asyncio.ensure_future(committer.submit("echo-1", patience_s=3600))
+        await asyncio.sleep(0.02)
+        second = asyncio.ensure_future(committer.submit("echo-2", patience_s=3600))
+        await asyncio.sleep(0.02)
+        assert flushed == []
+        assert await asyncio.wait_for(committer.submit("customer"), 5) == "customer"
+        assert await asyncio.wait_for(asyncio.gather(first, second), 5) == ["echo-1", "echo-2"]
+    finally:
+        await committer.aclose()
+    # One batch, in the order they came: no echo committed after the message that followed.
+    assert flushed == [["echo-1", "echo-2", "customer"]]
+
+
 async def test_jobs_held_when_the_committer_closes_are_answered_closed() -> None:
     committer: GroupCommitter[str, str] = GroupCommitter(Recorder[str](), max_wait_s=0.0)
     await committer.start()
