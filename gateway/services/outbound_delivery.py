@@ -44,6 +44,7 @@ from gateway.domain.errors import (
     ChannelRateLimited,
     ChannelRequestError,
     ChannelTransientError,
+    ShuttingDown,
     Unavailable,
 )
 from gateway.domain.events import Event
@@ -425,7 +426,27 @@ class Deliverer:
 
     async def _record(self, message: Message, attempt: DeliveryAttempt | None) -> Message:
         job = _Job(_OUTCOMES, _Outcome(message, attempt, event=True))
-        return cast(Message, await self._submit(job))
+        if attempt is None:
+            return cast(Message, await self._submit(job))
+        # The channel has answered: an answer left unrecorded would have the message sent
+        # again once its lease lapsed. A store that blinks is given part of the lease.
+        give_up = time.monotonic() + self.policy.lease_s / 3
+        delay = 0.1
+        while True:
+            try:
+                return cast(Message, await self._submit(job))
+            except ShuttingDown:
+                raise
+            except Unavailable:
+                if time.monotonic() + delay > give_up:
+                    raise
+                log.warning(
+                    "send outcome not recorded yet, retrying",
+                    extra={"message_id": message.id},
+                    exc_info=True,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     async def _submit(self, job: _Job) -> Any:
         if not self._started:
