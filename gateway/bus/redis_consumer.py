@@ -204,7 +204,7 @@ class RedisConsumer:
         # Shards named by a blocking read still waiting for its reply; and entries such a
         # read brought for shards given up meanwhile, to hand back (see _read_once).
         self._reading: set[int] = set()
-        self._strays: defaultdict[int, list[str]] = defaultdict(list)
+        self._strays: defaultdict[int, list[tuple[str, int]]] = defaultdict(list)
         self._buffer: HoldbackQueue[_Item] = HoldbackQueue()
         self._buffer_limit = max(bus.read_count * 2, subscription.max_in_flight * 4)
         self._flights: dict[tuple[int, str], _Flight] = {}
@@ -585,7 +585,7 @@ class RedisConsumer:
             shard = self._keys.shard_from_stream(_text(stream_name))
             if shard not in self._active:
                 # Given up meanwhile: back to the group for the next owner (_read_once).
-                self._strays[shard].extend(_text(raw_id) for raw_id, _ in entries)
+                self._strays[shard].extend((_text(raw_id), 0) for raw_id, _ in entries)
                 continue
             for raw_id, fields in entries:
                 payload = _payload(fields)
@@ -667,7 +667,7 @@ class RedisConsumer:
         share = {
             s for s in range(keys.shards) if members and members[s % len(members)] == self.name
         }
-        dropped: dict[int, list[str]] = {}
+        dropped: dict[int, list[tuple[str, int]]] = {}
         for shard in self._active - share:
             dropped[shard] = self._give_up(shard)
             self._draining[shard] = time.monotonic() + self._sub.ack_deadline_s
@@ -684,39 +684,45 @@ class RedisConsumer:
                     self._held.add(shard)
                     await self._take_over(shard)
 
-    def _give_up(self, shard: int) -> list[str]:
-        """Stops handing out the shard's entries; returns the ids of those read but never
-        handed out."""
+    def _give_up(self, shard: int) -> list[tuple[str, int]]:
+        """Stops handing out the shard's entries; returns the ids of those read (or
+        claimed) but not handed out since, each with the delivery count Redis had for it
+        before: the deliveries it had before ours."""
         self._active.discard(shard)
-        dropped: list[str] = []
+        dropped: list[tuple[str, int]] = []
 
         def of_shard(item: _Item) -> bool:
             if item.shard != shard:
                 return False
-            dropped.append(item.entry_id)
+            dropped.append((item.entry_id, item.deliveries - 1))
             return True
 
         self._buffer.remove_if(of_shard)
         return dropped
 
-    async def _unread(self, dropped: dict[int, list[str]]) -> None:
-        """Resets Redis's delivery count of entries read into the buffer but never handed
-        out, while we still hold their shards: the next owner's claim then counts their
-        first delivery as attempt 1, not as a redelivery. (Not after a lease was lost: the
-        new owner may have claimed them already, and a claim of ours would take them back.)"""
-        dropped = {shard: ids for shard, ids in dropped.items() if ids and shard in self._held}
-        if not dropped:
+    async def _unread(self, dropped: dict[int, list[tuple[str, int]]]) -> None:
+        """Puts Redis's delivery count of entries read (or claimed) into the buffer but not
+        handed out back to what it was before, while we still hold their shards: the next
+        owner's claim then counts the delivery it makes as the entry's next attempt, 1 for
+        an entry never delivered, and one more for a redelivery held back (never reset to
+        1: it was delivered before). (Not after a lease was lost: the new owner may have
+        claimed them already, and a claim of ours would take them back.)"""
+        by_count: dict[tuple[int, int], list[Any]] = defaultdict(list)
+        for shard, entries in dropped.items():
+            if shard in self._held:
+                for entry_id, count in entries:
+                    by_count[shard, count].append(entry_id)
+        if not by_count:
             return
         pipe = self._r.pipeline(transaction=False)
-        for shard, ids in dropped.items():
-            entry_ids: list[Any] = list(ids)
+        for (shard, count), entry_ids in by_count.items():
             pipe.xclaim(
                 self._keys.stream(shard),
                 self._group,
                 self.name,
                 0,
                 entry_ids,
-                retrycount=0,
+                retrycount=count,
                 justid=True,
             )
         await pipe.execute()

@@ -263,3 +263,22 @@ async def test_entries_never_handed_out_come_first_as_attempt_one(harness: Harne
         (events[0].event_id, 2),
         *((e.event_id, 1) for e in events[1:]),
     ]
+
+
+async def test_a_redelivery_let_go_before_it_was_handed_out_stays_a_redelivery(
+    harness: Harness,
+) -> None:
+    """A consumer that takes a departed one's unacked delivery over (held back, ready to go
+    out again) and leaves before handing it out: for the next consumer it is still a
+    redelivery, not a first delivery."""
+    bus = harness.bus
+    event = make_event("conv1", 0)
+    await harness.publish([event])
+    async with bus.subscribe(sub("g", "a", ack_deadline_s=30.0)) as a:
+        [first] = await drain(a, 1, ack=False)
+    async with bus.subscribe(sub("g", "b", ack_deadline_s=30.0)):
+        pass  # b claims it as it starts, to hand out next, and leaves before it does
+    async with bus.subscribe(sub("g", "c", ack_deadline_s=30.0)) as c:
+        got = await drain(c, 1, timeout=5.0)
+    assert (first.event.event_id, first.attempt) == (event.event_id, 1)
+    assert [(d.event.event_id, d.attempt) for d in got] == [(event.event_id, 2)]
