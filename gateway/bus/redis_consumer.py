@@ -297,8 +297,8 @@ class RedisConsumer:
         by_shard: dict[int, list[str]] = defaultdict(list)
         acked = 0
         flights = self._flights
-        for delivery_id in delivery_ids:
-            key = _parse_delivery_id(delivery_id)
+        # All parsed first: an ack refused for a malformed id takes nothing out of flight.
+        for key in [_parse_delivery_id(delivery_id) for delivery_id in delivery_ids]:
             # Acked even when no longer in flight here: the work is done either way.
             by_shard[key[0]].append(key[1])
             flight = flights.pop(key, None)

@@ -17,6 +17,7 @@ from gateway.bus import RedisBus
 from gateway.bus import redis_consumer as consumer_module
 from gateway.bus.redis_consumer import RedisConsumer
 from gateway.domain.bus import Delivery, Subscription
+from gateway.domain.errors import InvalidArgument
 from gateway.domain.events import Event
 from tests.bus.conftest import make_event
 from tests.bus.test_contract import drain
@@ -158,3 +159,26 @@ async def test_an_entry_read_for_a_shard_being_handed_over_reaches_the_next_owne
             got = await drain(b, 1, timeout=5.0)
             assert await a.receive(10, 0.2) == []
     assert [(d.event.event_id, d.attempt) for d in got] == [(event.event_id, 1)]
+
+
+async def test_an_ack_refused_for_a_malformed_id_acks_and_releases_nothing(
+    bus: RedisBus,
+) -> None:
+    # The valid id before the malformed one must not leave flight while its ack is refused:
+    # its conversation would go on (the next event handed out) although Redis still holds
+    # it unacked, to be delivered again after that next event; and the in-flight gauge
+    # would keep counting it for good.
+    group = f"g{secrets.token_hex(3)}"
+    first, second = make_event("conv1", 0), make_event("conv1", 1)
+    await bus.publish([first, second])
+    async with bus.subscribe(Subscription(group, "c")) as consumer:
+        [d1] = await consumer.receive(10, 2.0)
+        with pytest.raises(InvalidArgument):
+            await consumer.ack([d1.delivery_id, "not-a-delivery-id"])
+        assert await consumer.receive(10, 0.3) == []
+        assert await pending(bus, group) == 2  # the second read, held back
+        assert sample("switchboard_bus_in_flight", group) == 1
+        await consumer.ack([d1.delivery_id])
+        [d2] = await consumer.receive(10, 2.0)
+        assert d2.event.event_id == second.event_id
+    assert sample("switchboard_bus_in_flight", group) == 0
