@@ -403,8 +403,8 @@ class RedisConsumer:
 
     async def _redeliver(self, due: list[tuple[_Item, str]]) -> None:
         """Claims the entries again (Redis counts the delivery) and puts each back at the
-        head of its key; entries acked meanwhile, trimmed, or on a shard given up are
-        dropped and free their key."""
+        head of its key; entries acked meanwhile, trimmed, or on a shard given up (before
+        the claim or while it ran) are dropped and free their key."""
         mine = [(item, reason) for item, reason in due if item.shard in self._active]
         for item, _ in due:
             if item.shard not in self._active:
@@ -435,7 +435,9 @@ class RedisConsumer:
         }
         for item, reason in mine:
             key = item.event.ordering_key
-            if (item.shard, item.entry_id) in still:
+            # Not if the shard was given up during the claim: the next owner takes the
+            # entry over, and handed out here too it would be out twice at once.
+            if (item.shard, item.entry_id) in still and item.shard in self._active:
                 item.deliveries += 1
                 self._buffer.push_front(key, item)
                 if reason == metrics.REASON_DEADLINE:

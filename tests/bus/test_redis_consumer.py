@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -182,3 +183,28 @@ async def test_an_ack_refused_for_a_malformed_id_acks_and_releases_nothing(
         [d2] = await consumer.receive(10, 2.0)
         assert d2.event.event_id == second.event_id
     assert sample("switchboard_bus_in_flight", group) == 0
+
+
+async def test_a_redelivery_claimed_as_its_shard_is_given_up_is_not_handed_out(
+    bus: RedisBus,
+) -> None:
+    # A delivery's deadline passes and the consumer claims the entry again (XCLAIM, one
+    # round trip); meanwhile its heartbeat gives the shard up. Put back into the buffer
+    # when the claim answers, the entry would go out again from a shard that is no longer
+    # this consumer's, while the next owner, taking the shard over, delivers it too.
+    event = make_event(f"conv-{secrets.token_hex(3)}", 0)
+    shard = bus.keys.shard_of(event.ordering_key)
+    await bus.publish([event])
+    async with bus.subscribe(Subscription("g", "a", ack_deadline_s=0.3)) as a:
+        [first] = await a.receive(10, 5.0)
+        await asyncio.sleep(0.35)  # past the deadline
+        again = asyncio.create_task(a.receive(10, 0.1))
+        async with asyncio.timeout(5):
+            while a._flights:  # noqa: ASYNC110 - until the redelivery's claim is sent
+                await asyncio.sleep(0)
+        assert not again.done()
+        # What the heartbeat does to a shard that leaves a's share.
+        a._give_up(shard)
+        a._draining[shard] = time.monotonic() + 0.3
+        assert await again == []
+    assert first.event.event_id == event.event_id
