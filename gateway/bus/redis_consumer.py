@@ -681,10 +681,11 @@ class RedisConsumer:
             for shard in wanted:
                 pipe.set(keys.lease(group, shard), self.name, nx=True, px=self._lease_ms)
             got = await pipe.execute()
-            for shard, ok in zip(wanted, got, strict=True):
-                if ok:
-                    self._held.add(shard)
-                    await self._take_over(shard)
+            self._held.update(shard for shard, ok in zip(wanted, got, strict=True) if ok)
+        # The shards just leased, and any whose take-over failed (a Redis error) at an
+        # earlier heartbeat: leased, renewed, and so read by nobody else until it succeeds.
+        for shard in sorted(self._held - self._active - self._draining.keys()):
+            await self._take_over(shard)
 
     def _give_up(self, shard: int) -> list[tuple[str, int]]:
         """Stops handing out the shard's entries; returns the ids of those read (or
@@ -771,16 +772,19 @@ class RedisConsumer:
             )
             counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
         filtered: list[str] = []
+        items: list[_Item] = []
         for entry_id, event in claimed:
             if (shard, entry_id) in self._flights:
                 continue
             if not self._sub.matches(event):
                 filtered.append(entry_id)
                 continue
-            item = _Item(shard, entry_id, event, counts.get(entry_id, 2))
-            self._buffer.push(event.ordering_key, item)
+            items.append(_Item(shard, entry_id, event, counts.get(entry_id, 2)))
         if filtered:
             await self._r.xack(stream, self._group, *filtered)
+        # Only once nothing can fail: a take-over that fails is tried again from the start.
+        for item in items:
+            self._buffer.push(item.event.ordering_key, item)
         self._active.add(shard)
         self._reader_wake.set()
         if claimed:
