@@ -755,9 +755,18 @@ class RedisConsumer:
         start = "0-0"
         claimed: list[tuple[str, Event]] = []
         while True:
-            reply: Any = await self._r.xautoclaim(
-                stream, self._group, self.name, 0, start_id=start, count=500
-            )
+            try:
+                reply: Any = await self._r.xautoclaim(
+                    stream, self._group, self.name, 0, start_id=start, count=500
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc) or start != "0-0":
+                    raise
+                # Redis lost the stream, and the group with it (a restart, a flush), after
+                # the bus made the group: made again (as a read refused NOGROUP does), it
+                # has nothing pending to claim.
+                await self._bus.ensure_group(self._group, force=True)
+                break
             next_start, entries = _text(reply[0]), reply[1]
             for raw_id, fields in entries:
                 if fields:

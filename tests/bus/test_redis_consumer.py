@@ -237,3 +237,20 @@ async def test_a_shard_whose_take_over_failed_is_taken_over_at_a_later_heartbeat
         await bus.publish([event])
         got = await drain(a, 1, timeout=5.0)
     assert [d.event.event_id for d in got] == [event.event_id]
+
+
+async def test_a_consumer_takes_over_a_shard_whose_stream_redis_lost(bus: RedisBus) -> None:
+    # Redis lost a shard's stream, and the group with it (a restart without persistence, a
+    # flush), after the bus had made the group: what is published since lands in a new
+    # stream with no group. The take-over's claim is refused NOGROUP; the group must be
+    # made again, as a read refused NOGROUP makes it, or the shard is never read.
+    client: redis.asyncio.Redis = bus.client  # type: ignore[assignment]
+    event = make_event(f"conv-{secrets.token_hex(3)}", 0)
+    shard = bus.keys.shard_of(event.ordering_key)
+    async with bus.subscribe(Subscription("g", "a")):
+        pass
+    await client.delete(bus.keys.stream(shard))
+    await bus.publish([event])
+    async with bus.subscribe(Subscription("g", "b")) as b:
+        got = await drain(b, 1, timeout=5.0)
+    assert [(d.event.event_id, d.attempt) for d in got] == [(event.event_id, 1)]
