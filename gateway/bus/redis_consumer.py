@@ -470,7 +470,14 @@ class RedisConsumer:
                 backoff = 0.05
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):
-                    await self._bus.ensure_group(self._group, force=True)
+                    try:
+                        await self._bus.ensure_group(self._group, force=True)
+                    except BusUnavailable:
+                        # Not the end of the reader: the next read is refused NOGROUP again,
+                        # and the group made then.
+                        log.warning("bus could not make the group again", exc_info=True)
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, 2.0)
                 else:
                     log.warning("bus read failed", exc_info=True)
                     await asyncio.sleep(backoff)

@@ -254,3 +254,27 @@ async def test_a_consumer_takes_over_a_shard_whose_stream_redis_lost(bus: RedisB
     async with bus.subscribe(Subscription("g", "b")) as b:
         got = await drain(b, 1, timeout=5.0)
     assert [(d.event.event_id, d.attempt) for d in got] == [(event.event_id, 1)]
+
+
+async def test_the_reader_lives_through_a_failure_to_make_the_group_again(
+    bus: RedisBus,
+) -> None:
+    # A read refused NOGROUP (Redis lost a stream: a restart, a flush) makes the group
+    # again; should that fail too (Redis still loading, a connection reset; here another
+    # shard's key holding a value of the wrong type), the reader must try again later, not
+    # end: its shards would go unread for good, their leases still renewed.
+    client: redis.asyncio.Redis = bus.client  # type: ignore[assignment]
+    event = make_event(f"conv-{secrets.token_hex(3)}", 0)
+    async with bus.subscribe(Subscription("g", "a")) as a:
+        # Streams are read in shard order: the read meets the lost group of shard 0 first.
+        await client.delete(bus.keys.stream(0))
+        await client.set(bus.keys.stream(1), "not a stream")
+        async with asyncio.timeout(10):
+            # Making the group again makes shard 0's stream, then fails at shard 1's key.
+            while not await client.exists(bus.keys.stream(0)):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        await client.delete(bus.keys.stream(1))
+        await bus.ensure_group("g", force=True)
+        await bus.publish([event])
+        got = await drain(a, 1, timeout=5.0)
+    assert [d.event.event_id for d in got] == [event.event_id]
