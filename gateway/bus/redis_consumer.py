@@ -789,8 +789,11 @@ class RedisConsumer:
             counts = {_text(p["message_id"]): int(p["times_delivered"]) for p in pending}
         filtered: list[str] = []
         items: list[_Item] = []
+        # Our own, after a lease lost and taken again: out with the client, or a nacked
+        # retry waiting for its delay (its retry puts it back).
+        retrying = {(item.shard, item.entry_id) for _, _, item in self._delayed}
         for entry_id, event in claimed:
-            if (shard, entry_id) in self._flights:
+            if (shard, entry_id) in self._flights or (shard, entry_id) in retrying:
                 continue
             if not self._sub.matches(event):
                 filtered.append(entry_id)

@@ -278,3 +278,33 @@ async def test_the_reader_lives_through_a_failure_to_make_the_group_again(
         await bus.publish([event])
         got = await drain(a, 1, timeout=5.0)
     assert [d.event.event_id for d in got] == [event.event_id]
+
+
+async def test_a_nacked_entry_comes_once_after_its_shard_was_taken_again(bus: RedisBus) -> None:
+    # The consumer loses a shard's lease (its heartbeat late, or here the key gone) while a
+    # nacked entry of it waits for its delay, and takes the shard again: its take-over
+    # claims what is pending there, the nacked entry too, which its retry then puts back as
+    # well. Delivered twice, the second time after the client acked it.
+    client: redis.asyncio.Redis = bus.client  # type: ignore[assignment]
+    conversation = f"conv-{secrets.token_hex(3)}"
+    first, second = make_event(conversation, 0), make_event(conversation, 1)
+    shard = bus.keys.shard_of(first.ordering_key)
+    lease = bus.keys.lease("g", shard)
+    await bus.publish([first, second])
+    async with bus.subscribe(Subscription("g", "a")) as a:
+        [d1] = await a.receive(10, 5.0)
+        await a.nack(d1.delivery_id, 1.5)
+        await client.delete(lease)
+        async with asyncio.timeout(5):
+            while await client.get(lease) != a.name.encode():  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        got: list[Delivery] = []
+        async with asyncio.timeout(10):
+            while not got or got[-1].event.event_id != second.event_id:
+                batch = await a.receive(10, 0.5)
+                got.extend(batch)
+                if batch:
+                    await a.ack([d.delivery_id for d in batch])
+        assert await a.receive(10, 0.3) == []
+    assert [d.event.event_id for d in got] == [first.event_id, second.event_id]
+    assert got[0].attempt == 2
