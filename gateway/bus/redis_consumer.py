@@ -625,6 +625,8 @@ class RedisConsumer:
     async def _reload_own_pending(self, shards: set[int]) -> None:
         """Rebuilds the buffer from this consumer's own pending entries (history read)."""
         self._buffer.remove_if(lambda item: item.shard in shards)
+        # Not the nacked retries waiting for their delay: their retry puts them back.
+        retrying = {(item.shard, item.entry_id) for _, _, item in self._delayed}
         for shard in sorted(shards):
             start = "0"
             while True:
@@ -634,7 +636,8 @@ class RedisConsumer:
                 entries = reply[0][1] if reply else []
                 if not entries:
                     break
-                if self._accept(reply, deliveries=1):
+                rest = [e for e in entries if (shard, _text(e[0])) not in retrying]
+                if rest and self._accept([(reply[0][0], rest)], deliveries=1):
                     self._notify()
                 start = _text(entries[-1][0])
 

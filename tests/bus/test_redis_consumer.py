@@ -308,3 +308,42 @@ async def test_a_nacked_entry_comes_once_after_its_shard_was_taken_again(bus: Re
         assert await a.receive(10, 0.3) == []
     assert [d.event.event_id for d in got] == [first.event_id, second.event_id]
     assert got[0].attempt == 2
+
+
+async def test_a_nacked_entry_comes_once_after_a_read_was_cut_off(
+    bus: RedisBus, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A read cut off (its connection broken) may have left entries pending under the
+    # consumer's name unseen: before reading on, the consumer reads its own pending entries
+    # again. A nacked entry waiting for its delay is one of them: queued by that reload,
+    # and again by its retry, it would come twice.
+    caplog.set_level(logging.WARNING, logger=consumer_module.__name__)
+    client: redis.asyncio.Redis = bus.client  # type: ignore[assignment]
+    conversation = f"conv-{secrets.token_hex(3)}"
+    first, second = make_event(conversation, 0), make_event(conversation, 1)
+    await bus.publish([first, second])
+    async with bus.subscribe(Subscription("g", "a")) as a:
+        [d1] = await a.receive(10, 5.0)
+        await a.nack(d1.delivery_id, 1.5)
+        assert a._read_link is not None
+        reading = a._read_link._conn
+        assert reading is not None
+        host, port = reading._writer.get_extra_info("sockname")[:2]  # type: ignore[attr-defined]
+        await client.client_kill(f"{host}:{port}")  # the reader's own connection
+        async with asyncio.timeout(5):
+            while not any(  # noqa: ASYNC110
+                r.getMessage() == "bus read failed, retrying" for r in caplog.records
+            ):
+                await asyncio.sleep(0.02)
+        got: list[Delivery] = []
+        async with asyncio.timeout(10):
+            while not got or got[-1].event.event_id != second.event_id:
+                batch = await a.receive(10, 0.5)
+                got.extend(batch)
+                if batch:
+                    await a.ack([d.delivery_id for d in batch])
+        assert await a.receive(10, 0.3) == []
+    assert [(d.event.event_id, d.attempt) for d in got] == [
+        (first.event_id, 2),
+        (second.event_id, 1),
+    ]
