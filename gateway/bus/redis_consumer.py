@@ -18,6 +18,7 @@ import hashlib
 import heapq
 import itertools
 import logging
+import re
 import secrets
 import time
 from collections import defaultdict, deque
@@ -99,12 +100,17 @@ def _delivery_id(item: _Item) -> str:
     return f"{item.shard}/{item.entry_id}/{item.deliveries}"
 
 
-def _parse_delivery_id(delivery_id: str) -> tuple[int, str]:
-    try:
-        shard, entry_id, _ = delivery_id.split("/")
-        return int(shard), entry_id
-    except ValueError:
-        raise InvalidArgument("delivery_id", f"not a delivery id: {delivery_id!r}") from None
+# shard / stream entry id / deliveries, as _delivery_id writes it.
+_DELIVERY_ID = re.compile(r"(\d{1,4})/(\d{1,20}-\d{1,20})/\d{1,10}")
+
+
+def _parse_delivery_id(delivery_id: str, shards: int) -> tuple[int, str]:
+    """The (shard, entry id) a delivery id names; INVALID_ARGUMENT for anything else, as a
+    shard beyond the bus's or an entry id Redis would refuse (failing the whole ack)."""
+    found = _DELIVERY_ID.fullmatch(delivery_id)
+    if found is None or int(found[1]) >= shards:
+        raise InvalidArgument("delivery_id", f"not a delivery id: {delivery_id!r}")
+    return int(found[1]), found[2]
 
 
 def _text(value: bytes | str) -> str:
@@ -298,7 +304,7 @@ class RedisConsumer:
         acked = 0
         flights = self._flights
         # All parsed first: an ack refused for a malformed id takes nothing out of flight.
-        for key in [_parse_delivery_id(delivery_id) for delivery_id in delivery_ids]:
+        for key in [_parse_delivery_id(d, self._keys.shards) for d in delivery_ids]:
             # Acked even when no longer in flight here: the work is done either way.
             by_shard[key[0]].append(key[1])
             flight = flights.pop(key, None)
@@ -344,7 +350,7 @@ class RedisConsumer:
             await self._ack_link.call("EVALSHA", sha, len(keys), *keys, *args)
 
     async def nack(self, delivery_id: str, delay_s: float = 0.0) -> None:
-        shard, entry_id = _parse_delivery_id(delivery_id)
+        shard, entry_id = _parse_delivery_id(delivery_id, self._keys.shards)
         flight = self._flights.pop((shard, entry_id), None)
         if flight is None:
             return

@@ -186,6 +186,29 @@ async def test_an_ack_refused_for_a_malformed_id_acks_and_releases_nothing(
     assert sample("switchboard_bus_in_flight", group) == 0
 
 
+@pytest.mark.parametrize(
+    "wrong",
+    [f"{SHARDS}/1-0/1", "-1/1-0/1", "0/not-an-entry/1", "0/1-0", "0/1-0/1/2"],
+)
+async def test_an_ack_naming_no_delivery_of_the_bus_is_invalid_argument(
+    bus: RedisBus, wrong: str
+) -> None:
+    # A shard beyond the bus's (or a negative one, which named the last) and an entry id
+    # Redis refuses failed the whole ack with an unexpected error, or acked elsewhere.
+    group = f"g{secrets.token_hex(3)}"
+    await bus.publish([make_event("conv1", 0)])
+    async with bus.subscribe(Subscription(group, "c")) as consumer:
+        [d1] = await consumer.receive(10, 2.0)
+        with pytest.raises(InvalidArgument) as refused:
+            await consumer.ack([d1.delivery_id, wrong])
+        assert refused.value.field == "delivery_id"
+        with pytest.raises(InvalidArgument):
+            await consumer.nack(wrong)
+        assert await pending(bus, group) == 1
+        await consumer.ack([d1.delivery_id])
+        assert await pending(bus, group) == 0
+
+
 async def test_a_redelivery_claimed_as_its_shard_is_given_up_is_not_handed_out(
     bus: RedisBus,
 ) -> None:
