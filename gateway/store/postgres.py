@@ -79,6 +79,10 @@ class PgCodec:
         return value
 
 
+# SQLSTATE class 54: psycopg files it under OperationalError with the server's troubles.
+_PROGRAM_LIMIT_EXCEEDED = "54"
+
+
 @contextmanager
 def translate_errors() -> Iterator[None]:
     """psycopg errors -> domain errors; the driver's text stays in the chained cause."""
@@ -88,6 +92,10 @@ def translate_errors() -> Iterator[None]:
         constraint = exc.diag.constraint_name or "unique constraint"
         raise AlreadyExists(f"conflicts with an existing row ({constraint})") from exc
     except psycopg.OperationalError as exc:
+        if (exc.sqlstate or "").startswith(_PROGRAM_LIMIT_EXCEEDED):
+            # A limit one statement went past (an index entry too large, say): that
+            # request's error, not the server's. Callers batching it retry each job alone.
+            raise
         # Includes the pool's timeout, a lost connection, a server shutting down.
         raise StoreUnavailable(f"PostgreSQL is unavailable ({type(exc).__name__})") from exc
 
