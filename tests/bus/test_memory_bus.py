@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from psycopg import errors as pg_errors
 
 from gateway.bus import MemoryBus
@@ -16,6 +17,20 @@ from gateway.services.relay import OutboxRelay
 from gateway.store import SqliteStore
 from tests.bus.conftest import make_event
 from tests.bus.test_contract import drain
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    """A store with two events of two conversations in its outbox, not yet published."""
+    store = SqliteStore(str(tmp_path / "bus.db"))
+    await store.open()
+    try:
+        await store.migrate()
+        async with store.transaction() as tx:
+            await tx.add_events([make_event("conv1", 0), make_event("conv2", 0)])
+        yield store
+    finally:
+        await store.aclose()
 
 
 class _FirstAckWriteHangs:
@@ -37,32 +52,23 @@ class _FirstAckWriteHangs:
 
 
 async def test_acks_being_written_when_the_bus_closes_are_written_before_it_closes(
-    tmp_path: Path,
+    store: SqliteStore,
 ) -> None:
-    store = SqliteStore(str(tmp_path / "bus.db"))
-    await store.open()
+    slow = _FirstAckWriteHangs(store)
+    bus = MemoryBus(slow, ack_flush_interval_s=0.01)  # type: ignore[arg-type]
+    await bus.start()
     try:
-        await store.migrate()
-        events = [make_event("conv1", 0), make_event("conv2", 0)]
-        async with store.transaction() as tx:
-            await tx.add_events(events)
-        slow = _FirstAckWriteHangs(store)
-        bus = MemoryBus(slow, ack_flush_interval_s=0.01)  # type: ignore[arg-type]
-        await bus.start()
-        try:
-            assert await OutboxRelay(store, bus).run_once() == 2
-            async with bus.subscribe(Subscription("g", "c")) as c:
-                got = await drain(c, 2)
-                async with asyncio.timeout(5):
-                    await slow.hanging.wait()
-        finally:
-            # A graceful stop: the write in progress is cut short, its acks must still go.
-            await bus.aclose()
-        assert len(got) == 2
-        _, acks = await store.bus_load(since=datetime.now(UTC) - timedelta(minutes=5))
-        assert len(acks["g"]) == 2
+        assert await OutboxRelay(store, bus).run_once() == 2
+        async with bus.subscribe(Subscription("g", "c")) as c:
+            got = await drain(c, 2)
+            async with asyncio.timeout(5):
+                await slow.hanging.wait()
     finally:
-        await store.aclose()
+        # A graceful stop: the write in progress is cut short, its acks must still go.
+        await bus.aclose()
+    assert len(got) == 2
+    _, acks = await store.bus_load(since=datetime.now(UTC) - timedelta(minutes=5))
+    assert len(acks["g"]) == 2
 
 
 class _FirstAckWriteRefused:
@@ -86,32 +92,23 @@ class _FirstAckWriteRefused:
 
 
 async def test_acks_are_still_written_after_a_write_failed_unexpectedly(
-    tmp_path: Path,
+    store: SqliteStore,
 ) -> None:
-    store = SqliteStore(str(tmp_path / "bus.db"))
-    await store.open()
-    try:
-        await store.migrate()
-        events = [make_event("conv1", 0), make_event("conv2", 0)]
-        async with store.transaction() as tx:
-            await tx.add_events(events)
-        refusing = _FirstAckWriteRefused(store)
-        bus = MemoryBus(refusing, ack_flush_interval_s=0.01)  # type: ignore[arg-type]
-        async with bus:
-            assert await OutboxRelay(store, bus).run_once() == 2
-            async with bus.subscribe(Subscription("g", "c")) as c:
-                got = await drain(c, 2, ack=False)
-                await c.ack([got[0].delivery_id])
-                async with asyncio.timeout(5):
-                    await refusing.refused.wait()
-                await c.ack([got[1].delivery_id])
-                # Both written while the bus runs: a crash now would deliver neither again.
-                since = datetime.now(UTC) - timedelta(minutes=5)
-                acked: set[int] = set()
-                async with asyncio.timeout(5):
-                    while len(acked) < 2:
-                        await asyncio.sleep(0.01)
-                        _, acks = await store.bus_load(since=since)
-                        acked = acks["g"]
-    finally:
-        await store.aclose()
+    refusing = _FirstAckWriteRefused(store)
+    bus = MemoryBus(refusing, ack_flush_interval_s=0.01)  # type: ignore[arg-type]
+    async with bus:
+        assert await OutboxRelay(store, bus).run_once() == 2
+        async with bus.subscribe(Subscription("g", "c")) as c:
+            got = await drain(c, 2, ack=False)
+            await c.ack([got[0].delivery_id])
+            async with asyncio.timeout(5):
+                await refusing.refused.wait()
+            await c.ack([got[1].delivery_id])
+            # Both written while the bus runs: a crash now would deliver neither again.
+            since = datetime.now(UTC) - timedelta(minutes=5)
+            acked: set[int] = set()
+            async with asyncio.timeout(5):
+                while len(acked) < 2:
+                    await asyncio.sleep(0.01)
+                    _, acks = await store.bus_load(since=since)
+                    acked = acks["g"]

@@ -27,6 +27,9 @@ from channels.instagram.sandbox import (
 )
 from gateway.domain.events import Event, EventKind
 from gateway.domain.models import Connection, Conversation
+from gateway.domain.store import Store
+from gateway.services.outbound_delivery import Deliverer, DeliveryPolicy
+from gateway.services.outbox import OutboxWriter
 from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway, store_connection
 from tests.helpers import bearer, fresh_database, published_events
 
@@ -114,6 +117,23 @@ class Out:
         outbound = self.gateway.gateway.outbound
         assert outbound is not None
         outbound.deliverer.clock.advance(seconds)
+
+    def other_deliverer(self, store: Store, policy: DeliveryPolicy | None = None) -> Deliverer:
+        """A deliverer like the gateway's, as another replica's would be, on ``store``: the
+        same channels, keys, limiter and clock (the caller closes it)."""
+        gateway = self.gateway.gateway
+        assert gateway.outbound is not None
+        assert gateway.keyring is not None
+        first = gateway.outbound.deliverer
+        return Deliverer(
+            store,
+            gateway.channels,
+            gateway.keyring,
+            first.limiter,
+            policy or first.policy,
+            clock=first.clock,
+            outbox=OutboxWriter(None),
+        )
 
     async def events(self, kind: EventKind, count: int = 1, timeout_s: float = 10.0) -> list[Event]:
         """Published events of this connection of ``kind``, once at least ``count`` came."""

@@ -10,9 +10,7 @@ from switchboard.v1 import common_pb2
 
 from gateway.domain.errors import StoreUnavailable
 from gateway.domain.store import Store, Tx
-from gateway.services.outbound_delivery import Deliverer
 from gateway.services.outbound_worker import OutboundWorker
-from gateway.services.outbox import OutboxWriter
 from gateway.store import open_store
 from tests.outbound.conftest import Out
 from tests.outbound.test_send_order import accepted
@@ -41,23 +39,12 @@ async def test_an_accepted_send_is_recorded_after_the_store_blinked(out: Out) ->
     reply = await out.send(text="once")
     assert reply.message.status == common_pb2.MESSAGE_STATUS_QUEUED
     gateway = out.gateway.gateway
-    service, worker = gateway.outbound, gateway.outbound_worker
-    assert service is not None
+    worker = gateway.outbound_worker
     assert worker is not None
-    assert gateway.keyring is not None
     await worker.aclose()
-    first = service.deliverer
     async with open_store(gateway.config.database_url.reveal()) as store:
         flaky = _BlinksOnce(store)
-        deliverer = Deliverer(
-            flaky,  # type: ignore[arg-type]
-            gateway.channels,
-            gateway.keyring,
-            first.limiter,
-            first.policy,
-            clock=first.clock,
-            outbox=OutboxWriter(None),
-        )
+        deliverer = out.other_deliverer(flaky)  # type: ignore[arg-type]
         attempts = OutboundWorker(store, deliverer, poll_s=0.01)
         try:
             out.advance(130)  # past the pause

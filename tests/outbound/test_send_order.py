@@ -10,9 +10,7 @@ from typing import Any
 from switchboard.v1 import common_pb2
 
 from gateway.domain.events import EventKind
-from gateway.services.outbound_delivery import Deliverer
 from gateway.services.outbound_worker import OutboundWorker
-from gateway.services.outbox import OutboxWriter
 from gateway.store import open_store
 from tests.outbound.conftest import Out, customer_writes
 
@@ -156,21 +154,10 @@ async def test_two_workers_on_one_store_keep_each_conversations_order(out: Out) 
             ids.append(reply.message.id)
     assert len(await out.bodies()) == 1
     gateway = out.gateway.gateway
-    service, worker = gateway.outbound, gateway.outbound_worker
-    assert service is not None
+    worker = gateway.outbound_worker
     assert worker is not None
-    assert gateway.keyring is not None
-    first = service.deliverer
     async with open_store(gateway.config.database_url.reveal()) as store:
-        second = Deliverer(
-            store,
-            gateway.channels,
-            gateway.keyring,
-            first.limiter,
-            first.policy,
-            clock=first.clock,
-            outbox=OutboxWriter(None),
-        )
+        second = out.other_deliverer(store)
         other = OutboundWorker(store, second, poll_s=0.01)
         await other.start()
         try:

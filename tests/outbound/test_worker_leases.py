@@ -9,9 +9,7 @@ from dataclasses import replace
 
 from switchboard.v1 import common_pb2
 
-from gateway.services.outbound_delivery import Deliverer
 from gateway.services.outbound_worker import OutboundWorker
-from gateway.services.outbox import OutboxWriter
 from gateway.store import open_store
 from tests.outbound.conftest import Out, customer_writes
 from tests.outbound.test_send_order import accepted
@@ -32,25 +30,13 @@ async def test_a_message_waiting_for_a_slot_is_not_sent_again_by_another_worker(
     service, worker = gateway.outbound, gateway.outbound_worker
     assert service is not None
     assert worker is not None
-    assert gateway.keyring is not None
     await worker.aclose()
     first = service.deliverer
     # Meta takes two seconds a call; a claim is leased for three.
     policy = replace(first.policy, lease_s=3.0)
     await out.control.update_settings(latency_ms=2000)
     async with open_store(gateway.config.database_url.reveal()) as store:
-        deliverers = [
-            Deliverer(
-                store,
-                gateway.channels,
-                gateway.keyring,
-                first.limiter,
-                policy,
-                clock=first.clock,
-                outbox=OutboxWriter(None),
-            )
-            for _ in range(2)
-        ]
+        deliverers = [out.other_deliverer(store, policy) for _ in range(2)]
         one_at_a_time = OutboundWorker(store, deliverers[0], poll_s=0.01, concurrency=1)
         other = OutboundWorker(store, deliverers[1], poll_s=0.01)
         try:
