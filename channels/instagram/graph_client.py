@@ -43,6 +43,7 @@ POLICY_BLOCK_CODE = 368
 OUTSIDE_WINDOW_SUBCODES = frozenset({2018278, 2534022})
 OUTSIDE_WINDOW_CODE = 2534022
 _POLICY_PAUSE = timedelta(hours=1)
+_TOO_MANY_REQUESTS = 429
 _MAX_MESSAGE = 300
 
 Params = Mapping[str, str]
@@ -175,7 +176,9 @@ def error_from_body(
     """Meta's error (Graph's ``{"error": {...}}`` or Instagram Login's flat shape) as a
     channel error; the code and subcode land in its metadata."""
     if body is None:
-        if status >= 500 or status in (408, 429):
+        if status == _TOO_MANY_REQUESTS:
+            return _throttled(f"Meta answered HTTP {status}", 0, 0, headers)
+        if status >= 500 or status == 408:
             return ChannelTransientError(f"Meta answered HTTP {status}")
         return ChannelRequestError(f"Meta answered HTTP {status} without an error body")
     if isinstance(body.get("error"), dict):
@@ -209,15 +212,24 @@ def _classify(
     if code == 10 or 200 <= code <= 299:
         return ChannelAuthError(message, reason="PERMISSION_MISSING", **kw)
     if code in THROTTLE_CODES:
-        return ChannelRateLimited(
-            message, retry_at=regain_at(parse_usage(headers), datetime.now(UTC)), **kw
-        )
+        return _throttled(message, code, subcode, headers)
     if code == POLICY_BLOCK_CODE:
         return ChannelRateLimited(
             message, retry_at=datetime.now(UTC) + _POLICY_PAUSE, reason="POLICY_BLOCKED", **kw
         )
     if transient or code in TRANSIENT_CODES or (status >= 500 and code == 0):
         return ChannelTransientError(message, **kw)
+    if status == _TOO_MANY_REQUESTS:
+        # A 429 whose code says nothing more (an edge in front of the Graph API answers
+        # these): the account is throttled, not the message wrong.
+        return _throttled(message, code, subcode, headers)
     if code == 551:
         return ChannelRequestError(message, reason="RECIPIENT_UNAVAILABLE", **kw)
     return ChannelRequestError(message, **kw)
+
+
+def _throttled(
+    message: str, code: int, subcode: int, headers: Mapping[str, str]
+) -> ChannelRateLimited:
+    retry_at = regain_at(parse_usage(headers), datetime.now(UTC), headers)
+    return ChannelRateLimited(message, retry_at=retry_at, code=code, subcode=subcode)

@@ -17,6 +17,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import orjson
@@ -104,6 +105,27 @@ def resume_at(usage: Usage, now: datetime) -> datetime | None:
     return None
 
 
-def regain_at(usage: Usage, now: datetime) -> datetime:
-    """When an account Meta has throttled may call again: its estimate, else the default."""
-    return resume_at(usage, now) or now + DEFAULT_THROTTLE
+def retry_after(headers: Mapping[str, str], now: datetime) -> datetime | None:
+    """The time an HTTP ``Retry-After`` header names (seconds or an HTTP date), capped like
+    Meta's estimates; None when it is absent or unreadable."""
+    value = headers.get("retry-after", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        wait = timedelta(seconds=min(int(value), MAX_REGAIN.total_seconds()))
+        return now + wait
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return min(max(when, now), now + MAX_REGAIN)
+
+
+def regain_at(usage: Usage, now: datetime, headers: Mapping[str, str] | None = None) -> datetime:
+    """When an account Meta has throttled may call again: the latest of its estimate and
+    the response's ``Retry-After``, else the default."""
+    waits = [resume_at(usage, now), retry_after(headers, now) if headers is not None else None]
+    known = [w for w in waits if w is not None]
+    return max(known) if known else now + DEFAULT_THROTTLE

@@ -49,6 +49,9 @@ def graph(code: int, subcode: int | None = None, **extra: Any) -> dict[str, Any]
             "CHANNEL_REQUEST_INVALID",
         ),
         (502, None, ChannelTransientError, "CHANNEL_TRANSIENT"),
+        (429, None, ChannelRateLimited, "CHANNEL_RATE_LIMITED"),
+        (429, graph(100), ChannelRateLimited, "CHANNEL_RATE_LIMITED"),
+        (429, graph(190, 460), ChannelAuthError, "NEEDS_REAUTH"),
         (404, None, ChannelRequestError, "CHANNEL_REQUEST_INVALID"),
     ],
 )
@@ -72,3 +75,34 @@ def test_throttling_waits_for_metas_estimate() -> None:
     assert isinstance(error, ChannelRateLimited)
     wait = error.retry_at - datetime.now(UTC)
     assert timedelta(minutes=6) < wait <= timedelta(minutes=7)
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "minutes"),
+    [("180", 3), ("86400000", 24 * 60)],
+)
+def test_a_429_waits_for_its_retry_after(retry_after: str, minutes: int) -> None:
+    error = error_from_body(429, None, {"retry-after": retry_after})
+    assert isinstance(error, ChannelRateLimited)
+    wait = error.retry_at - datetime.now(UTC)
+    assert timedelta(minutes=minutes) - timedelta(seconds=5) < wait <= timedelta(minutes=minutes)
+
+
+def test_a_retry_after_date_counts_and_the_later_of_two_waits_wins() -> None:
+    at = datetime.now(UTC) + timedelta(minutes=10)
+    usage = '{"17841": [{"type": "instagram", "estimated_time_to_regain_access": 3}]}'
+    headers = {
+        "retry-after": at.strftime("%a, %d %b %Y %H:%M:%S GMT"),
+        "x-business-use-case-usage": usage,
+    }
+    error = error_from_body(429, graph(4), headers)
+    assert isinstance(error, ChannelRateLimited)
+    assert abs((error.retry_at - at).total_seconds()) < 1.5
+
+
+@pytest.mark.parametrize("retry_after", ["soon", "", "-5", "Thu, 99 Foo 2026 25:00:00 GMT"])
+def test_an_unreadable_retry_after_falls_back_to_the_default(retry_after: str) -> None:
+    error = error_from_body(429, None, {"retry-after": retry_after})
+    assert isinstance(error, ChannelRateLimited)
+    wait = error.retry_at - datetime.now(UTC)
+    assert timedelta(seconds=55) < wait <= timedelta(minutes=1)

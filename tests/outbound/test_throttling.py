@@ -35,6 +35,22 @@ async def test_throttling_pauses_the_account_until_meta_allows_then_resumes(out:
     assert sorted(b["message"]["text"] for b in await out.bodies()) == ["one", "one", "two"]
 
 
+async def test_an_http_429_pauses_the_account_whatever_its_error_code(out: Out) -> None:
+    """A 429 is throttling even when the code in its body is one that alone would fail the
+    message (an edge in front of the Graph API answers these)."""
+    await out.control.inject_error(
+        100, account=out.ig_id, http_status=429, estimated_time_to_regain_access=2
+    )
+    first = await out.send(text="one")
+    assert first.message.status == common_pb2.MESSAGE_STATUS_QUEUED
+    assert not first.message.HasField("error")
+    out.advance(60)  # inside the two minutes the usage header gives
+    await out.wait_status(first.message.id, "MESSAGE_STATUS_QUEUED")
+    out.advance(70)
+    await out.wait_status(first.message.id, "MESSAGE_STATUS_SENT")
+    assert [b["message"]["text"] for b in await out.bodies()] == ["one", "one"]
+
+
 @pytest.fixture
 def out_extra() -> dict[str, str]:
     return {"SWITCHBOARD_SEND_RATE_TEXT_PER_SECOND": "2"}
