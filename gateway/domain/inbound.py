@@ -193,6 +193,9 @@ class IngestResult:
     # An echo stored before the outcome of the gateway's own send it echoes: not announced
     # (that send's DeliveryUpdates will say it was confirmed).
     own_echo: bool = False
+    # An edit older than one already applied or kept (Meta reorders): not announced, as a
+    # subscriber would show the older wording.
+    superseded: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,8 @@ _ATTACHMENT_TYPES = frozenset(
 
 def build_events(routed: Sequence[RoutedItem], results: Sequence[IngestResult]) -> list[Event]:
     """One event per item, except received or echoed messages already stored or already
-    unsent (their MessageDeleted was published when the unsend came)."""
+    unsent (their MessageDeleted was published when the unsend came) and edits older than
+    one already known."""
     events: list[Event] = []
     for r, result in zip(routed, results, strict=True):
         if r.item.kind in MESSAGE_KINDS and result.duplicate:
@@ -55,7 +56,7 @@ def build_events(routed: Sequence[RoutedItem], results: Sequence[IngestResult]) 
                 # Our own message's echo: a confirmation, not a message from another app.
                 events.append(delivery_update(result.confirmed, r.received_at, confirmed=True))
             continue
-        if result.own_echo:
+        if result.own_echo or result.superseded:
             continue
         if r.item.kind in MESSAGE_KINDS and result.deleted_before_arrival:
             # Announcing it now would have subscribers answer a message the customer

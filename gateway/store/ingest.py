@@ -505,6 +505,8 @@ class InboundWriter:
         deletes: set[str] = set()
         tombstones: dict[tuple[str, str], datetime] = {}
         early_edits: dict[tuple[str, str], tuple[str, int]] = {}
+        # The item whose edit is the newest of its message in this batch.
+        early_results: dict[tuple[str, str], IngestResult] = {}
         marks: set[str] = set()
         inserted_at: dict[str, int] | None = None
         for j, (r, result) in enumerate(zip(routed, results, strict=True)):
@@ -528,6 +530,9 @@ class InboundWriter:
                         # An edit that does not say its text keeps the text known so far.
                         text = item.text or (kept[0] if kept else "")
                         early_edits[key] = (text, item.edit_count)
+                        early_results[key] = result
+                    elif item.edit_count < kept[1]:
+                        result.superseded = True
                     marks.add(result.conversation.id)
                 continue
             if not result.message_id:
@@ -541,7 +546,9 @@ class InboundWriter:
                     # Its unsend came earlier in this very batch, so its MessageDeleted
                     # precedes it in the outbox: not announced, as with a tombstone.
                     _deleted_before_arrival(results[late])
-            elif item.kind == EventKind.MESSAGE_EDITED and item.edit_count >= target.edit_count:
+            elif item.kind == EventKind.MESSAGE_EDITED and item.edit_count < target.edit_count:
+                result.superseded = True
+            elif item.kind == EventKind.MESSAGE_EDITED:
                 # An older edit arriving late does not overwrite a newer one.
                 target.edit_count = max(item.edit_count, target.edit_count)
                 # Empty when the edit does not say its text: the text stored is kept.
@@ -566,16 +573,22 @@ class InboundWriter:
                 [{"d": True, "id": k} for k in sorted(deletes)],
             )
         if marks:
-            await self._add_early_changes(tombstones, early_edits, marks)
+            replaced = await self._add_early_changes(tombstones, early_edits, marks)
+            for key, result in early_results.items():
+                # One kept already is as new or newer: this edit changes nothing (a repeat
+                # of that one was announced with it).
+                if key not in replaced:
+                    result.superseded = True
 
     async def _add_early_changes(
         self,
         tombstones: dict[tuple[str, str], datetime],
         early_edits: dict[tuple[str, str], tuple[str, int]],
         conversation_ids: set[str],
-    ) -> None:
+    ) -> set[tuple[str, str]]:
         """Unsends and edits of messages not stored: the message may still come, as Meta
-        reorders deliveries and retries a failed one for up to 36 hours."""
+        reorders deliveries and retries a failed one for up to 36 hours. Answers the
+        messages whose early edit this batch's replaced or created."""
         now = self._codec.ts(datetime.now(UTC))
         unsent = [
             {
@@ -603,18 +616,20 @@ class InboundWriter:
             }
             for (conn_id, external_id), (text, edit_count) in sorted(early_edits.items())
         ]
+        kept: set[tuple[str, str]] = set()
         for chunk in _chunks(edited):
             # Only a newer edit replaces the one kept (a retried or older one arriving late
             # does not), and its retention starts over.
-            await self._insert(
+            rows_ = await self._insert(
                 "message_early_edits",
                 chunk,
                 "ON CONFLICT (connection_id, external_id) DO UPDATE"
                 " SET text = COALESCE(NULLIF(excluded.text, ''), message_early_edits.text),"
                 " edit_count = excluded.edit_count, created_at = excluded.created_at"
                 " WHERE excluded.edit_count > message_early_edits.edit_count"
-                " RETURNING external_id",
+                " RETURNING connection_id, external_id",
             )
+            kept.update((row["connection_id"], row["external_id"]) for row in rows_)
         # This transaction upserted these conversations: it holds their rows already.
         for chunk in _chunks(sorted(conversation_ids)):
             ids_sql, params = in_list("v", chunk)
@@ -622,6 +637,7 @@ class InboundWriter:
                 f"UPDATE conversations SET tombstone_at = :now WHERE id IN {ids_sql}",  # noqa: S608
                 {"now": now, **params},
             )
+        return kept
 
     async def _fill_conversations(
         self,

@@ -76,3 +76,63 @@ async def test_a_textless_edit_ahead_of_its_message_keeps_the_messages_text(
     (stored,) = await stored_messages(stack, events[1].conversation_id)
     assert stored.text == "first words"
     assert stored.edit_count == 1
+
+
+async def test_an_older_edit_arriving_after_a_newer_one_is_neither_stored_nor_announced(
+    stack: Stack,
+) -> None:
+    async with stack.subscriber() as sub:
+        sent = await stack.control.send_dm(stack.ig_id, "at 5")
+        who, mid = sent["customer"], sent["mid"]
+        await deliver_edit(stack, who, {"mid": mid, "text": "at 7", "num_edit": 2})
+        await deliver_edit(stack, who, {"mid": mid, "text": "at 6", "num_edit": 1})
+        events = await sub.take(2)
+        await sub.nothing_more(0.5)
+    assert kinds(events) == ["message_received", "message_edited"]
+    assert events[1].payload["text"] == "at 7"
+    (stored,) = await stored_messages(stack, events[0].conversation_id)
+    assert (stored.text, stored.edit_count) == ("at 7", 2)
+
+
+async def test_an_older_edit_of_a_message_not_arrived_yet_is_not_announced(
+    stack: Stack,
+) -> None:
+    sent = await stack.control.send_dm(stack.ig_id, "at 5", deliver=False)
+    who, mid = sent["customer"], sent["mid"]
+    async with stack.subscriber() as sub:
+        await deliver_edit(stack, who, {"mid": mid, "text": "at 7", "num_edit": 2})
+        await deliver_edit(stack, who, {"mid": mid, "text": "at 6", "num_edit": 1})
+        assert await post(stack, sent["raw"].encode(), sent["signature"]) == 200
+        events = await sub.take(2)
+        await sub.nothing_more(0.5)
+    assert kinds(events) == ["message_edited", "message_received"]
+    assert events[0].payload["text"] == "at 7"
+    message = events[1].payload["message"]
+    assert (message["text"], message["edit_count"]) == ("at 7", 2)
+
+
+async def test_within_one_delivery_an_older_edit_after_a_newer_one_is_not_announced(
+    stack: Stack,
+) -> None:
+    async with stack.subscriber() as sub:
+        sent = await stack.control.send_dm(stack.ig_id, "at 5")
+        who, mid = sent["customer"], sent["mid"]
+        (received,) = await sub.take(1)
+        now = int(time.time() * 1000)
+        items = [
+            {
+                "sender": {"id": who},
+                "recipient": {"id": stack.ig_id},
+                "timestamp": now + n,
+                "message_edit": {"mid": mid, "text": text, "num_edit": n},
+            }
+            for n, text in ((2, "at 7"), (1, "at 6"))
+        ]
+        entry = {"id": stack.ig_id, "time": now, "messaging": items}
+        body = orjson.dumps({"object": "instagram", "entry": [entry]})
+        assert await post(stack, body, signed(stack, body)) == 200
+        (edited,) = await sub.take(1)
+        await sub.nothing_more(0.5)
+    assert (edited.payload["text"], edited.payload["edit_count"]) == ("at 7", 2)
+    (stored,) = await stored_messages(stack, received.conversation_id)
+    assert (stored.text, stored.edit_count) == ("at 7", 2)
