@@ -78,14 +78,19 @@ async def test_a_textless_edit_ahead_of_its_message_keeps_the_messages_text(
     assert stored.edit_count == 1
 
 
+async def newer_then_older(stack: Stack, customer: str, mid: str) -> None:
+    """Edit 2 ("at 7"), then edit 1 ("at 6") as Meta may reorder them, in two deliveries."""
+    await deliver_edit(stack, customer, {"mid": mid, "text": "at 7", "num_edit": 2})
+    await deliver_edit(stack, customer, {"mid": mid, "text": "at 6", "num_edit": 1})
+
+
 async def test_an_older_edit_arriving_after_a_newer_one_is_neither_stored_nor_announced(
     stack: Stack,
 ) -> None:
     async with stack.subscriber() as sub:
         sent = await stack.control.send_dm(stack.ig_id, "at 5")
         who, mid = sent["customer"], sent["mid"]
-        await deliver_edit(stack, who, {"mid": mid, "text": "at 7", "num_edit": 2})
-        await deliver_edit(stack, who, {"mid": mid, "text": "at 6", "num_edit": 1})
+        await newer_then_older(stack, who, mid)
         events = await sub.take(2)
         await sub.nothing_more(0.5)
     assert kinds(events) == ["message_received", "message_edited"]
@@ -100,8 +105,7 @@ async def test_an_older_edit_of_a_message_not_arrived_yet_is_not_announced(
     sent = await stack.control.send_dm(stack.ig_id, "at 5", deliver=False)
     who, mid = sent["customer"], sent["mid"]
     async with stack.subscriber() as sub:
-        await deliver_edit(stack, who, {"mid": mid, "text": "at 7", "num_edit": 2})
-        await deliver_edit(stack, who, {"mid": mid, "text": "at 6", "num_edit": 1})
+        await newer_then_older(stack, who, mid)
         assert await post(stack, sent["raw"].encode(), sent["signature"]) == 200
         events = await sub.take(2)
         await sub.nothing_more(0.5)
