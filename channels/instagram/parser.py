@@ -59,8 +59,9 @@ _REFERRAL_KEYS = frozenset({"ref", "source", "type", "ad_id", "product"})
 # orjson reads JSON nested 1024 levels deep but writes at most 254: whatever an item keeps
 # is written again (stored, published), so a delivery nested deeper is cut at this depth.
 MAX_DEPTH = 200
-# Bounds of datetime.fromtimestamp on every platform, in milliseconds.
-_MIN_MS, _MAX_MS = 0, 253_402_300_799_000
+# Bounds of datetime.fromtimestamp on every platform, in milliseconds, with a month's margin
+# at the top: the windows reckoned from a message's time (24 hours, 7 days) must fit too.
+_MIN_MS, _MAX_MS = 0, 253_399_622_400_000
 
 
 def parse_delivery(body: bytes, *, now: datetime | None = None) -> ParsedDelivery:

@@ -141,3 +141,17 @@ async def test_a_message_without_its_sender_is_kept_raw_and_published_once(
     assert first.kind == "raw"
     assert first.payload["kind"] == "message"
     assert orjson.loads(first.payload["json"])["message"]["text"] == "who am I"
+
+
+async def test_a_message_stamped_at_the_end_of_year_9999_is_stored_and_published(
+    stack: Stack,
+) -> None:
+    """The last millisecond datetime can hold: its 24-hour window does not fit in one."""
+    customer = (await stack.control.create_customer(stack.ig_id))["igsid"]
+    late = item(stack, customer, message={"mid": "m-from-9999", "text": "far future"})
+    late["timestamp"] = 253_402_300_799_000
+    body = delivery(stack, late)
+    async with stack.subscriber() as sub:
+        assert await post(stack, body, signed(stack, body)) == 200
+        (event,) = await sub.take(1)
+    assert event.payload["message"]["text"] == "far future"
