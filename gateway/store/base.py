@@ -155,15 +155,17 @@ class SqlStore(abc.ABC):
     async def purge_published(self, before: datetime) -> int:
         params = {"before": self.codec.ts(rows.utc(before))}
         async with self._session() as ex:
-            await ex.execute(
-                "DELETE FROM bus_acks WHERE seq IN (SELECT seq FROM outbox"
-                " WHERE published_at IS NOT NULL AND published_at < :before)",
-                params,
-            )
-            return await ex.execute(
+            purged = await ex.execute(
                 "DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < :before",
                 params,
             )
+            # Every ack whose entry is gone, including those written after it was purged
+            # (an ack for an entry delivered before a restart lands whenever it lands).
+            await ex.execute(
+                "DELETE FROM bus_acks WHERE NOT EXISTS"
+                " (SELECT 1 FROM outbox o WHERE o.seq = bus_acks.seq)"
+            )
+            return purged
 
     async def purge_tombstones(self, before: datetime) -> int:
         """Tombstones and early edits alike: both wait for a message that may never come."""

@@ -102,6 +102,27 @@ async def test_purging_removes_published_entries_older_than_retention_and_their_
     assert [e.seq for e in waiting] == [seqs[3]]
 
 
+async def test_purging_also_removes_acks_that_came_after_their_entry_was_purged(
+    store: AnyStore,
+) -> None:
+    seqs = await claimed(store, 2)
+    t = now()
+    await store.mark_published(seqs, t - timedelta(days=2))
+    await store.bus_add_group("ai", t)
+    await store.bus_ack("ai", seqs[:1])
+    assert await store.purge_published(t - timedelta(days=1)) == 2
+    await store.bus_ack("ai", seqs)  # late: their entries are gone
+    assert await ack_rows(store) == 2
+    assert await store.purge_published(t - timedelta(days=1)) == 0
+    assert await ack_rows(store) == 0
+
+
+async def ack_rows(store: AnyStore) -> int:
+    async with store._session() as ex:
+        (row,) = await ex.fetch("SELECT COUNT(*) AS n FROM bus_acks")
+    return int(row["n"])
+
+
 async def test_bus_state_reloads_published_entries_and_each_groups_acks(store: AnyStore) -> None:
     conn = await with_connection(store)
     events = [event(conn, f"cnv_{i}") for i in range(5)]
