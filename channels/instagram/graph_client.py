@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from channels.instagram.usage import parse_usage, regain_at
+from channels.instagram.usage import parse_usage, regain_at, retry_after
 from gateway.config import Secret
 from gateway.domain.errors import (
     ChannelAuthError,
@@ -231,5 +231,6 @@ def _classify(
 def _throttled(
     message: str, code: int, subcode: int, headers: Mapping[str, str]
 ) -> ChannelRateLimited:
-    retry_at = regain_at(parse_usage(headers), datetime.now(UTC), headers)
+    now = datetime.now(UTC)
+    retry_at = regain_at(parse_usage(headers), now, retry_after(headers, now))
     return ChannelRateLimited(message, retry_at=retry_at, code=code, subcode=subcode)

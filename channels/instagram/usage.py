@@ -123,9 +123,8 @@ def retry_after(headers: Mapping[str, str], now: datetime) -> datetime | None:
     return min(max(when, now), now + MAX_REGAIN)
 
 
-def regain_at(usage: Usage, now: datetime, headers: Mapping[str, str] | None = None) -> datetime:
-    """When an account Meta has throttled may call again: the latest of its estimate and
-    the response's ``Retry-After``, else the default."""
-    waits = [resume_at(usage, now), retry_after(headers, now) if headers is not None else None]
-    known = [w for w in waits if w is not None]
-    return max(known) if known else now + DEFAULT_THROTTLE
+def regain_at(usage: Usage, now: datetime, retry_at: datetime | None = None) -> datetime:
+    """When an account Meta has throttled may call again: the later of its estimate and
+    ``retry_at`` (the response's ``Retry-After``), else the default."""
+    known = [w for w in (resume_at(usage, now), retry_at) if w is not None]
+    return max(known, default=now + DEFAULT_THROTTLE)

@@ -588,7 +588,7 @@ class InboundWriter:
     ) -> set[tuple[str, str]]:
         """Unsends and edits of messages not stored: the message may still come, as Meta
         reorders deliveries and retries a failed one for up to 36 hours. Answers the
-        messages whose early edit this batch's replaced or created."""
+        messages whose kept early edit this batch created or replaced."""
         now = self._codec.ts(datetime.now(UTC))
         unsent = [
             {
@@ -616,7 +616,7 @@ class InboundWriter:
             }
             for (conn_id, external_id), (text, edit_count) in sorted(early_edits.items())
         ]
-        kept: set[tuple[str, str]] = set()
+        replaced: set[tuple[str, str]] = set()
         for chunk in _chunks(edited):
             # Only a newer edit replaces the one kept (a retried or older one arriving late
             # does not), and its retention starts over.
@@ -629,7 +629,7 @@ class InboundWriter:
                 " WHERE excluded.edit_count > message_early_edits.edit_count"
                 " RETURNING connection_id, external_id",
             )
-            kept.update((row["connection_id"], row["external_id"]) for row in rows_)
+            replaced.update((row["connection_id"], row["external_id"]) for row in rows_)
         # This transaction upserted these conversations: it holds their rows already.
         for chunk in _chunks(sorted(conversation_ids)):
             ids_sql, params = in_list("v", chunk)
@@ -637,7 +637,7 @@ class InboundWriter:
                 f"UPDATE conversations SET tombstone_at = :now WHERE id IN {ids_sql}",  # noqa: S608
                 {"now": now, **params},
             )
-        return kept
+        return replaced
 
     async def _fill_conversations(
         self,
