@@ -111,7 +111,7 @@ def retry_after(headers: Mapping[str, str], now: datetime) -> datetime | None:
     value = headers.get("retry-after", "").strip()
     if not value:
         return None
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         wait = timedelta(seconds=min(int(value), MAX_REGAIN.total_seconds()))
         return now + wait
     try:

@@ -505,8 +505,9 @@ class InboundWriter:
         deletes: set[str] = set()
         tombstones: dict[tuple[str, str], datetime] = {}
         early_edits: dict[tuple[str, str], tuple[str, int]] = {}
-        # The item whose edit is the newest of its message in this batch.
-        early_results: dict[tuple[str, str], IngestResult] = {}
+        # The early edits of each message in this batch that are not older than another one
+        # of the batch: all older than the one kept already, if it is not replaced.
+        early_results: dict[tuple[str, str], list[IngestResult]] = {}
         marks: set[str] = set()
         inserted_at: dict[str, int] | None = None
         for j, (r, result) in enumerate(zip(routed, results, strict=True)):
@@ -530,9 +531,10 @@ class InboundWriter:
                         # An edit that does not say its text keeps the text known so far.
                         text = item.text or (kept[0] if kept else "")
                         early_edits[key] = (text, item.edit_count)
-                        early_results[key] = result
-                    elif item.edit_count < kept[1]:
+                    if kept is not None and item.edit_count < kept[1]:
                         result.superseded = True
+                    else:
+                        early_results.setdefault(key, []).append(result)
                     marks.add(result.conversation.id)
                 continue
             if not result.message_id:
@@ -574,11 +576,12 @@ class InboundWriter:
             )
         if marks:
             replaced = await self._add_early_changes(tombstones, early_edits, marks)
-            for key, result in early_results.items():
-                # One kept already is as new or newer: this edit changes nothing (a repeat
+            for key, edited in early_results.items():
+                # One kept already is as new or newer: these edits change nothing (a repeat
                 # of that one was announced with it).
                 if key not in replaced:
-                    result.superseded = True
+                    for result in edited:
+                        result.superseded = True
 
     async def _add_early_changes(
         self,

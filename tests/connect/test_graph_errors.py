@@ -100,7 +100,9 @@ def test_a_retry_after_date_counts_and_the_later_of_two_waits_wins() -> None:
     assert abs((error.retry_at - at).total_seconds()) < 1.5
 
 
-@pytest.mark.parametrize("retry_after", ["soon", "", "-5", "Thu, 99 Foo 2026 25:00:00 GMT"])
+@pytest.mark.parametrize(
+    "retry_after", ["soon", "", "-5", "\u00b2", "Thu, 99 Foo 2026 25:00:00 GMT"]
+)
 def test_an_unreadable_retry_after_falls_back_to_the_default(retry_after: str) -> None:
     error = error_from_body(429, None, {"retry-after": retry_after})
     assert isinstance(error, ChannelRateLimited)

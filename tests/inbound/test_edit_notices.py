@@ -14,15 +14,20 @@ from tests.inbound.subscriber import kinds
 from tests.inbound.test_end_to_end import post, signed, stored_messages
 
 
-async def deliver_edit(stack: Stack, customer: str, edit: dict[str, Any]) -> None:
-    """A message_edit item as Meta posts it, signed with the app secret."""
-    item = {
-        "sender": {"id": customer},
-        "recipient": {"id": stack.ig_id},
-        "timestamp": int(time.time() * 1000),
-        "message_edit": edit,
-    }
-    entry = {"id": stack.ig_id, "time": item["timestamp"], "messaging": [item]}
+async def deliver_edit(stack: Stack, customer: str, *edits: dict[str, Any]) -> None:
+    """message_edit items, in this order, in one delivery as Meta posts it, signed with the
+    app secret."""
+    now = int(time.time() * 1000)
+    items = [
+        {
+            "sender": {"id": customer},
+            "recipient": {"id": stack.ig_id},
+            "timestamp": now + i,
+            "message_edit": edit,
+        }
+        for i, edit in enumerate(edits)
+    ]
+    entry = {"id": stack.ig_id, "time": now, "messaging": items}
     body = orjson.dumps({"object": "instagram", "entry": [entry]})
     assert await post(stack, body, signed(stack, body)) == 200
 
@@ -122,21 +127,34 @@ async def test_within_one_delivery_an_older_edit_after_a_newer_one_is_not_announ
         sent = await stack.control.send_dm(stack.ig_id, "at 5")
         who, mid = sent["customer"], sent["mid"]
         (received,) = await sub.take(1)
-        now = int(time.time() * 1000)
-        items = [
-            {
-                "sender": {"id": who},
-                "recipient": {"id": stack.ig_id},
-                "timestamp": now + n,
-                "message_edit": {"mid": mid, "text": text, "num_edit": n},
-            }
-            for n, text in ((2, "at 7"), (1, "at 6"))
-        ]
-        entry = {"id": stack.ig_id, "time": now, "messaging": items}
-        body = orjson.dumps({"object": "instagram", "entry": [entry]})
-        assert await post(stack, body, signed(stack, body)) == 200
+        await deliver_edit(
+            stack,
+            who,
+            {"mid": mid, "text": "at 7", "num_edit": 2},
+            {"mid": mid, "text": "at 6", "num_edit": 1},
+        )
         (edited,) = await sub.take(1)
         await sub.nothing_more(0.5)
     assert (edited.payload["text"], edited.payload["edit_count"]) == ("at 7", 2)
     (stored,) = await stored_messages(stack, received.conversation_id)
     assert (stored.text, stored.edit_count) == ("at 7", 2)
+
+
+async def test_older_edits_in_order_behind_a_newer_one_kept_early_are_not_announced(
+    stack: Stack,
+) -> None:
+    """Edit 3 is kept for a message not arrived; then one delivery brings edits 1 and 2,
+    oldest first: neither is newer than what is kept."""
+    sent = await stack.control.send_dm(stack.ig_id, "at 5", deliver=False)
+    who, mid = sent["customer"], sent["mid"]
+    async with stack.subscriber() as sub:
+        await deliver_edit(stack, who, {"mid": mid, "text": "at 8", "num_edit": 3})
+        (newest,) = await sub.take(1)
+        await deliver_edit(
+            stack,
+            who,
+            {"mid": mid, "text": "at 6", "num_edit": 1},
+            {"mid": mid, "text": "at 7", "num_edit": 2},
+        )
+        await sub.nothing_more(0.5)
+    assert (newest.payload["text"], newest.payload["edit_count"]) == ("at 8", 3)
