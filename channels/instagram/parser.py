@@ -59,6 +59,9 @@ _REFERRAL_KEYS = frozenset({"ref", "source", "type", "ad_id", "product"})
 # orjson reads JSON nested 1024 levels deep but writes at most 254: whatever an item keeps
 # is written again (stored, published), so a delivery nested deeper is cut at this depth.
 MAX_DEPTH = 200
+# Meta's ids are tens of characters; one past this (up to 4 bytes a character) would not
+# fit in an index entry of PostgreSQL's.
+MAX_ID_CHARS = 512
 # Bounds of datetime.fromtimestamp on every platform, in milliseconds, with a month's margin
 # at the top: the windows reckoned from a message's time (24 hours, 7 days) must fit too.
 _MIN_MS, _MAX_MS = 0, 253_399_622_400_000
@@ -95,7 +98,7 @@ def parse_delivery(body: bytes, *, now: datetime | None = None) -> ParsedDeliver
         if entry_id == TEST_ACCOUNT_ID:
             test_items += _count_items(entry)
             continue
-        entry_time = _entry_ms(entry.get("time"))
+        entry_time = _epoch_ms(entry.get("time"))
         for key in _ENTRY_LISTS:
             found = entry.get(key)
             if found is None:
@@ -131,10 +134,23 @@ def _safe_item(
     raw: dict[str, Any], entry_id: str, entry_time: int | None, received: datetime
 ) -> InboundItem:
     try:
-        return _item(raw, entry_id, entry_time, received)
+        item = _item(raw, entry_id, entry_time, received)
     except (TypeError, ValueError, AttributeError, OverflowError):
         # A shape no branch foresaw: keep it whole as a raw item rather than lose it.
-        return _raw(raw, "unparsed", _ids(entry_id), "", _time(None, entry_time, received))
+        occurred = _time(None, entry_time, received)
+        return _raw(raw, "unparsed", _ids(entry_id), "", occurred, entry_time or 0)
+    if _oversized_ids(item):
+        # Stored as a message, such an id would fail its whole batch on every retry (an
+        # index entry has room for about 2.7 kB): the item is kept whole, as raw.
+        return _raw(raw, "oversized_id", _ids(entry_id), "", item.occurred_at, entry_time or 0)
+    return item
+
+
+def _oversized_ids(item: InboundItem) -> bool:
+    return any(
+        len(value) > MAX_ID_CHARS
+        for value in (item.external_id, item.customer_id, *item.account_ids)
+    )
 
 
 def _item(
@@ -143,7 +159,7 @@ def _item(
     sender = _id(raw.get("sender"))
     recipient = _id(raw.get("recipient"))
     occurred = _time(raw.get("timestamp"), entry_time, received)
-    ts = _ms(raw.get("timestamp")) or entry_time or 0
+    ts = _epoch_ms(raw.get("timestamp")) or entry_time or 0
     message = raw.get("message")
     if isinstance(message, dict):
         echo = _true(message.get("is_echo")) or _true(message.get("is_self"))
@@ -177,7 +193,7 @@ def _item(
         if count == 0:
             # Instagram also sends this notice for messages never edited (num_edit 0, often
             # without text): it changes nothing, so it is not an edit; kept whole, as raw.
-            return _raw(raw, "message_edit", accounts, sender, occurred)
+            return _raw(raw, "message_edit", accounts, sender, occurred, ts)
         # Without text the new wording is unknown: the stored text stays as it was.
         text = _str(edit.get("text"))
         return InboundItem(
@@ -249,7 +265,7 @@ def _item(
             referral=info,
         )
     kind = next((k for k in raw if k not in _HEADER_KEYS), "unknown")
-    return _raw(raw, kind, accounts, sender, occurred)
+    return _raw(raw, kind, accounts, sender, occurred, ts)
 
 
 def _message(
@@ -264,7 +280,7 @@ def _message(
     if not customer:
         # No conversation can hold a message without its customer: stored nowhere, it would
         # go out as a message without an id, and every repeat of it again. Kept whole, raw.
-        return _raw(raw, "message", _ids(*account_candidates), "", occurred)
+        return _raw(raw, "message", _ids(*account_candidates), "", occurred, ts)
     mid = _str(message.get("mid"))
     text = _str(message.get("text"))
     reply = message.get("reply_to")
@@ -307,7 +323,8 @@ def _attachment(raw: Any) -> Attachment:
     media_id = next((_str(payload[k]) for k in _MEDIA_ID_KEYS if payload.get(k)), "")
     return Attachment(
         type=ATTACHMENT_TYPES.get(raw_type.lower(), "other"),
-        url="" if raw_type == "ephemeral" else _str(payload.get("url")),
+        # Fallback attachments (links) carry url and title beside type, payload null.
+        url="" if raw_type == "ephemeral" else _str(payload.get("url") or raw.get("url")),
         title=_str(payload.get("title") or raw.get("title")),
         media_id=media_id,
         raw_type=raw_type,
@@ -328,14 +345,21 @@ def _referral(raw: dict[str, Any]) -> ReferralInfo:
 
 def _change(raw: Any, entry_id: str, entry_time: int | None, received: datetime) -> InboundItem:
     field = _str(raw.get("field")) if isinstance(raw, dict) else ""
-    return _raw(raw, field or "changes", _ids(entry_id), "", _time(None, entry_time, received))
+    occurred = _time(None, entry_time, received)
+    return _raw(raw, field or "changes", _ids(entry_id), "", occurred, entry_time or 0)
 
 
 def _raw(
-    raw: Any, kind: str, accounts: tuple[str, ...], customer: str, occurred: datetime
+    raw: Any,
+    kind: str,
+    accounts: tuple[str, ...],
+    customer: str,
+    occurred: datetime,
+    stamp: int,
 ) -> InboundItem:
+    """A raw item; ``stamp`` is the time the delivery itself gives it (milliseconds, 0 for
+    none): never the time it was received, or each of Meta's retries would be a new item."""
     text = _dumps(raw)
-    stamp = int(occurred.timestamp() * 1000)
     return InboundItem(
         source=raw,
         kind=EventKind.RAW,
@@ -399,9 +423,11 @@ def _ms(value: Any) -> int | None:
     return None
 
 
-def _entry_ms(value: Any) -> int | None:
-    """An entry's ``time``: milliseconds for messaging, but seconds for ``changes``
-    (comments, mentions). No real event is from before 1973, the first 10^11 ms."""
+def _epoch_ms(value: Any) -> int | None:
+    """A time of Meta's in milliseconds: an entry's ``time`` is in milliseconds for
+    messaging but in seconds for ``changes`` (comments, mentions), and Meta's own samples
+    give an item's ``timestamp`` in seconds too. No real event is from before 1973, the
+    first 10^11 ms: anything under that is taken for seconds."""
     ms = _ms(value)
     if ms is not None and ms < 100_000_000_000:
         ms *= 1000
@@ -409,7 +435,7 @@ def _entry_ms(value: Any) -> int | None:
 
 
 def _time(value: Any, fallback_ms: int | None, received: datetime) -> datetime:
-    ms = _ms(value) or fallback_ms
+    ms = _epoch_ms(value) or fallback_ms
     if ms is None:
         return received
     return datetime.fromtimestamp(ms / 1000, UTC)
@@ -422,9 +448,18 @@ def _loads_leniently(body: bytes) -> Any:
     character must not cost the whole delivery."""
     try:
         # UTF-8 strictly, as Meta sends it (json.loads would also take UTF-16 or a BOM).
-        return _without_lone_surrogates(json.loads(body.decode(), parse_constant=_no_constant))
+        return _without_lone_surrogates(
+            json.loads(body.decode(), parse_constant=_no_constant, parse_int=_int_as_orjson)
+        )
     except (ValueError, RecursionError):
         raise DeliveryRejected("the body is not JSON") from None
+
+
+def _int_as_orjson(digits: str) -> int | float:
+    """An integer as orjson reads it: beyond 64 bits, a float (orjson could not write the
+    int back, and every later step writes the item)."""
+    value = int(digits)
+    return value if -(2**63) <= value < 2**64 else float(value)
 
 
 def _no_constant(name: str) -> Any:

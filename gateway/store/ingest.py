@@ -446,9 +446,11 @@ class InboundWriter:
     async def _own_echoes(self, routed: Sequence[RoutedItem], results: list[IngestResult]) -> None:
         """Meta may echo a message before answering the Send API call that sent it, or
         before that answer is recorded: the echo's message id is then unknown and it is
-        stored as a new message. When its conversation has a message of the same text still
-        to send through the gateway, it is taken for that message's echo and not announced
-        as one sent from another app; recording the send's outcome folds it into ours."""
+        stored as a new message. When its conversation has a message of the same text being
+        sent through the gateway right now (leased), it is taken for that message's echo and
+        not announced as one sent from another app; recording the send's outcome folds it
+        into ours. A message waiting for a retry is not being sent: an echo of its text
+        meanwhile is another app's (a human agent's) and is announced."""
         fresh = [
             result
             for r, result in zip(routed, results, strict=True)
@@ -459,7 +461,8 @@ class InboundWriter:
         if not fresh:
             return
         pending = await OutboundWriter(self._ex, self._codec).pending_texts(
-            [result.message.conversation_id for result in fresh if result.message is not None]
+            [result.message.conversation_id for result in fresh if result.message is not None],
+            datetime.now(UTC),
         )
         if not pending:
             return

@@ -713,17 +713,22 @@ class OutboundWriter:
         )
         return int(found[0]["n"])
 
-    async def pending_texts(self, conversation_ids: Sequence[str]) -> set[tuple[str, str]]:
-        """(conversation id, text) of the messages these conversations have still to send
-        (a first attempt under way included): what an echo of ours may be seen as before
-        its outcome is recorded."""
+    async def pending_texts(
+        self, conversation_ids: Sequence[str], now: datetime
+    ) -> set[tuple[str, str]]:
+        """(conversation id, text) of the messages these conversations have an attempt of
+        under way (leased, first attempt included): what an echo of ours may be seen as
+        before its outcome is recorded. A message waiting for a retry is not out, so an
+        echo of its text meanwhile is another app's message."""
         if not conversation_ids:
             return set()
         where, params = any_of(
             "conversation_id", "v", sorted(set(conversation_ids)), arrays=self._arrays
         )
+        params["now"] = self._codec.ts(rows.utc(now))
         found = await self._ex.fetch(
-            f"SELECT conversation_id, text FROM messages w WHERE {where} AND {_pending('w')}",  # noqa: S608
+            "SELECT conversation_id, text FROM messages w"  # noqa: S608
+            f" WHERE {where} AND {_pending('w')} AND w.claimed_until > :now",
             params,
             replan=True,
         )
