@@ -119,7 +119,8 @@ def send_request(req: messaging_pb2.SendMessageRequest) -> SendRequest:
         message=message,
         conversation_id=req.conversation_id.strip(),
         recipient_id=req.recipient_id.strip(),
-        idempotency_key=req.idempotency_key.strip(),
+        # Opaque, as the caller made it: "k" and "k " are two keys, "  " is one.
+        idempotency_key=req.idempotency_key,
         reply_to_message_id=req.reply_to_message_id.strip(),
         reaction_message_id=reaction_message_id,
         fail_fast=req.fail_fast,

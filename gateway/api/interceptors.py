@@ -3,7 +3,8 @@
 Each interceptor wraps the method handler's behaviour (unary or response-streaming) with
 an ``around`` step; they are installed outermost first::
 
-    RequestIdInterceptor -> MetricsInterceptor -> AuthInterceptor -> ErrorInterceptor -> servicer
+    RequestIdInterceptor -> MetricsInterceptor -> AuthInterceptor -> ErrorInterceptor
+        -> TextInterceptor -> servicer
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import grpc.aio
 
 from gateway.api.context import Ctx, Handler
 from gateway.api.errors import to_status
+from gateway.api.text_fields import refuse_nul
 from gateway.domain.errors import (
     InvalidArgument,
     NotFound,
@@ -422,3 +424,17 @@ class ErrorInterceptor(_AroundInterceptor):
         except Exception as exc:  # mapped, never swallowed: _abort always raises
             await self._abort(context, exc)
             raise
+
+
+class TextInterceptor(_AroundInterceptor):
+    """A request whose text holds U+0000 is INVALID_ARGUMENT naming the field, whatever the
+    RPC (see :mod:`gateway.api.text_fields`); inside ErrorInterceptor, which maps it."""
+
+    def applies(self, info: MethodInfo) -> bool:
+        return info.is_api
+
+    async def around_unary(
+        self, info: MethodInfo, behavior: Behavior, request: Any, context: Ctx
+    ) -> Any:
+        refuse_nul(request)
+        return await behavior(request, context)

@@ -17,6 +17,7 @@ from gateway.api.interceptors import (
     ErrorInterceptor,
     MetricsInterceptor,
     RequestIdInterceptor,
+    TextInterceptor,
 )
 from gateway.api.messaging_servicer import MessagingServicer
 from gateway.api.reflection import enable_reflection
@@ -56,6 +57,7 @@ class GrpcServer:
                 MetricsInterceptor(),
                 AuthInterceptor(authority),
                 ErrorInterceptor(),
+                TextInterceptor(),
             ],
             options=[
                 ("grpc.so_reuseport", 0),

@@ -92,3 +92,19 @@ async def test_an_oversized_key_is_refused_alone_and_its_batch_goes_on(out: Out)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await out.send(text="Too long", idempotency_key=oversized)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_key_is_taken_as_sent_spaces_included(out: Out) -> None:
+    """Keys are opaque: a key of spaces is a key (a repeat sends nothing), and keys that
+    differ by a trailing space are two keys (neither message is lost as the other's
+    repeat)."""
+    first = await out.send(text="Once", idempotency_key="   ")
+    again = await out.send(text="Once", idempotency_key="   ")
+    assert again.duplicate
+    assert again.message.id == first.message.id
+    order = await out.send(text="first order", idempotency_key="order-7")
+    other = await out.send(text="second order", idempotency_key="order-7 ")
+    assert not other.duplicate
+    assert other.message.id != order.message.id
+    texts = [b["message"]["text"] for b in await out.bodies()]
+    assert texts == ["Once", "first order", "second order"]

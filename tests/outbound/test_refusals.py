@@ -65,6 +65,14 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         "conversation_id",
     ),
     ("bad_tag", {"text": "hi", "tag": "CONFIRMED_EVENT_UPDATE"}, "tag"),
+    # U+0000 is valid in a proto3 string but PostgreSQL stores it nowhere: refused on every
+    # backend rather than INTERNAL on one and sent on the other.
+    ("nul_in_text", {"text": "a\x00b"}, "text"),
+    (
+        "nul_in_quick_reply_payload",
+        {"text": "pick", "quick_replies": [messaging_pb2.QuickReply(title="A", payload="p\x00")]},
+        "quick_replies[0].payload",
+    ),
 ]
 
 
@@ -77,6 +85,13 @@ async def test_invalid_requests_name_the_field_and_store_nothing(
     assert info.metadata["field"] == field
     assert await stored_messages(out) == 0
     assert await out.bodies() == []
+
+
+async def test_a_nul_in_the_idempotency_key_is_refused_naming_it(out: Out) -> None:
+    code, info = await refused(out, text="hi", idempotency_key="k\x00")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.metadata["field"] == "idempotency_key"
+    assert await stored_messages(out) == 0
 
 
 async def details(out: Out, **fields: Any) -> tuple[grpc.StatusCode, str]:
