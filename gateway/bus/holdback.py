@@ -52,6 +52,25 @@ class HoldbackQueue(Generic[T]):
             return key, item
         return None
 
+    def is_busy(self, key: str) -> bool:
+        return key in self._busy
+
+    def queued(self, key: str) -> int:
+        queue = self._queues.get(key)
+        return len(queue) if queue else 0
+
+    def has_ready(self) -> bool:
+        """Whether ``pop`` would hand something out."""
+        return any(self._queues.get(key) for key in self._ready)
+
+    def take_all(self) -> dict[str, list[T]]:
+        """Every item queued, by key in queue order; keys stay busy as they were."""
+        taken = {key: list(queue) for key, queue in self._queues.items() if queue}
+        self._queues.clear()
+        self._ready.clear()
+        self.size = 0
+        return taken
+
     def hold(self, key: str) -> None:
         """Keeps ``key`` busy although none of its items is out (e.g. a delayed retry)."""
         self._busy.add(key)

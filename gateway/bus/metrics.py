@@ -24,6 +24,13 @@ EVENTS_FILTERED = Counter(
     "Events acked for a group without delivery because the consumer's filters exclude them.",
     ["backend", "group"],
 )
+EVENTS_PARKED = Counter(
+    "switchboard_bus_buffer_parks",
+    "Times a consumer's buffer, full of conversations each waiting for a delivery of its "
+    "own, was parked (entries kept by id, fetched again in their turn) so that the other "
+    "conversations could be read.",
+    ["backend", "group"],
+)
 EVENTS_REDELIVERED = Counter(
     "switchboard_bus_events_redelivered",
     "Deliveries made again, by reason: deadline, nack, consumer_gone.",

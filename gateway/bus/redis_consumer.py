@@ -22,7 +22,7 @@ import re
 import secrets
 import time
 from collections import defaultdict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -96,19 +96,36 @@ class _Flight:
     delivery_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Parked:
+    """An entry read, parked out of the buffer: fetched again by id when its turn comes."""
+
+    shard: int
+    entry_id: str
+    deliveries: int
+
+
 def _delivery_id(item: _Item) -> str:
     return f"{item.shard}/{item.entry_id}/{item.deliveries}"
 
 
 # shard / stream entry id / deliveries, as _delivery_id writes it.
 _DELIVERY_ID = re.compile(r"(\d{1,4})/(\d{1,20}-\d{1,20})/\d{1,10}")
+# How long past a delivery's deadline a consumer that has not received since is stalled.
+_STALL_GRACE_S = 1.0
+# Each part of a stream entry id is an unsigned 64-bit number to Redis.
+_MAX_ID_PART = 2**64 - 1
 
 
 def _parse_delivery_id(delivery_id: str, shards: int) -> tuple[int, str]:
     """The (shard, entry id) a delivery id names; INVALID_ARGUMENT for anything else, as a
     shard beyond the bus's or an entry id Redis would refuse (failing the whole ack)."""
     found = _DELIVERY_ID.fullmatch(delivery_id)
-    if found is None or int(found[1]) >= shards:
+    if (
+        found is None
+        or int(found[1]) >= shards
+        or any(int(part) > _MAX_ID_PART for part in found[2].split("-"))
+    ):
         raise InvalidArgument("delivery_id", f"not a delivery id: {delivery_id!r}")
     return int(found[1]), found[2]
 
@@ -213,6 +230,11 @@ class RedisConsumer:
         self._strays: defaultdict[int, list[tuple[str, int]]] = defaultdict(list)
         self._buffer: HoldbackQueue[_Item] = HoldbackQueue()
         self._buffer_limit = max(bus.read_count * 2, subscription.max_in_flight * 4)
+        # Entries read but parked out of the buffer, by conversation (see _park_buffered):
+        # ids only, pending under our name, fetched again when their conversation can go on.
+        # A conversation parked parks what is read of it next too, so that order holds.
+        self._parked: dict[str, deque[_Parked]] = {}
+        self._refill_lock = asyncio.Lock()
         self._flights: dict[tuple[int, str], _Flight] = {}
         # One entry per batch handed out: its deadline and its flights' keys and delivery
         # ids. Every batch gets now + the same ack deadline, so this is in deadline order.
@@ -300,31 +322,38 @@ class RedisConsumer:
         return []
 
     async def ack(self, delivery_ids: Sequence[str]) -> None:
-        by_shard: dict[int, list[str]] = defaultdict(list)
-        acked = 0
-        flights = self._flights
-        # All parsed first: an ack refused for a malformed id takes nothing out of flight.
-        for key in [_parse_delivery_id(d, self._keys.shards) for d in delivery_ids]:
-            # Acked even when no longer in flight here: the work is done either way.
-            by_shard[key[0]].append(key[1])
-            flight = flights.pop(key, None)
-            if flight is not None:
-                acked += 1
-                self._buffer.release(flight.item.event.ordering_key)
-        if not by_shard:
+        # All parsed first: an ack refused for a malformed id acks nothing.
+        keys = [_parse_delivery_id(d, self._keys.shards) for d in delivery_ids]
+        if not keys:
             return
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for shard, entry_id in keys:
+            # Acked even when no longer in flight here: the work is done either way.
+            by_shard[shard].append(entry_id)
         try:
             await self._xack(by_shard)
         except REDIS_ERRORS as exc:
+            # Still in flight, their conversations still held: released before the XACK
+            # held, the next event of a conversation would go out while this one stays
+            # pending, to come back after it. The ack deadline redelivers them.
             raise BusUnavailable(f"redis: {exc.__class__.__name__}") from exc
-        finally:
-            if acked:
-                self._acked.inc(acked)
-                self._in_flight.dec(acked)
-                # Room in flight, or a conversation released, matters only to entries
-                # waiting in the buffer; with none, a receive woken here finds nothing.
-                if self._buffer.size:
-                    self._notify()
+        acked = 0
+        flights = self._flights
+        for key in keys:
+            flight = flights.pop(key, None)
+            if flight is not None:
+                acked += 1
+                ordering_key = flight.item.event.ordering_key
+                self._buffer.release(ordering_key)
+                if ordering_key in self._parked:
+                    self._reader_wake.set()
+        if acked:
+            self._acked.inc(acked)
+            self._in_flight.dec(acked)
+            # Room in flight, or a conversation released, matters only to entries
+            # waiting in the buffer; with none, a receive woken here finds nothing.
+            if self._buffer.size:
+                self._notify()
 
     async def _xack(self, by_shard: dict[int, list[str]]) -> None:
         if self._ack_link is None:
@@ -463,6 +492,15 @@ class RedisConsumer:
         backoff = 0.05
         resync = False
         while not self._closed:
+            if self._parked:
+                try:
+                    await self._refill()
+                except REDIS_ERRORS:
+                    log.warning("bus could not fetch parked entries", exc_info=True)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+            if self._buffer.size >= self._buffer_limit and self._clogged():
+                self._park_buffered()
             if self._active.isdisjoint(shards) or self._buffer.size >= self._buffer_limit:
                 self._reader_wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -592,8 +630,11 @@ class RedisConsumer:
         )
         return reply or []
 
-    def _accept(self, reply: Any, *, deliveries: int) -> int:
-        """Buffers the entries of an XREADGROUP reply; how many (the caller notifies)."""
+    def _accept(
+        self, reply: Any, *, deliveries: int, counts: Mapping[str, int] | None = None
+    ) -> int:
+        """Buffers the entries of an XREADGROUP reply, each delivered ``deliveries`` times
+        (or as ``counts`` says by entry id); how many (the caller notifies)."""
         filtered: dict[int, list[str]] = defaultdict(list)
         added = 0
         for stream_name, entries in reply:
@@ -613,7 +654,12 @@ class RedisConsumer:
                 if not self._sub.matches(event):
                     filtered[shard].append(entry_id)
                     continue
-                self._buffer.push(event.ordering_key, _Item(shard, entry_id, event, deliveries))
+                times = deliveries if counts is None else counts.get(entry_id, deliveries)
+                parked = self._parked.get(event.ordering_key)
+                if parked is not None:
+                    parked.append(_Parked(shard, entry_id, times))
+                    continue
+                self._buffer.push(event.ordering_key, _Item(shard, entry_id, event, times))
                 added += 1
         if filtered:
             metrics.EVENTS_FILTERED.labels(*self._labels).inc(sum(map(len, filtered.values())))
@@ -631,6 +677,7 @@ class RedisConsumer:
     async def _reload_own_pending(self, shards: set[int]) -> None:
         """Rebuilds the buffer from this consumer's own pending entries (history read)."""
         self._buffer.remove_if(lambda item: item.shard in shards)
+        self._unpark(lambda entry: entry.shard in shards)
         # Not the nacked retries waiting for their delay: their retry puts them back.
         retrying = {(item.shard, item.entry_id) for _, _, item in self._delayed}
         for shard in sorted(shards):
@@ -643,9 +690,95 @@ class RedisConsumer:
                 if not entries:
                     break
                 rest = [e for e in entries if (shard, _text(e[0])) not in retrying]
-                if rest and self._accept([(reply[0][0], rest)], deliveries=1):
-                    self._notify()
+                if rest:
+                    counts = await self._attempts_so_far(shard, rest)
+                    if self._accept([(reply[0][0], rest)], deliveries=1, counts=counts):
+                        self._notify()
                 start = _text(entries[-1][0])
+
+    async def _attempts_so_far(self, shard: int, entries: list[Any]) -> dict[str, int]:
+        """How many times these entries of ours, just read again from history, had been
+        delivered before: that read counts one more in Redis without reaching anyone. An
+        entry taken over from a consumer gone keeps its attempt (and a delivery id of its
+        own) rather than going out again as attempt 1."""
+        first, last = _text(entries[0][0]), _text(entries[-1][0])
+        pending: Any = await self._r.xpending_range(
+            self._keys.stream(shard), self._group, first, last, len(entries), self.name
+        )
+        return {_text(p["message_id"]): max(1, int(p["times_delivered"]) - 1) for p in pending}
+
+    # ---- parking: one conversation's backlog must not stop the others ----
+    def _clogged(self) -> bool:
+        """The buffer is full, yet nothing in it can go out while there is room in flight:
+        every conversation buffered waits for one of its deliveries (out with a slow
+        client, or nacked with a delay). Left so, no other conversation would be read."""
+        return len(self._flights) < self._sub.max_in_flight and not self._buffer.has_ready()
+
+    def _park_buffered(self) -> None:
+        """Takes everything out of the buffer, keeping each entry's id (it stays pending
+        under our name): memory stays bounded, and reading goes on for the others."""
+        for key, items in self._buffer.take_all().items():
+            parked = self._parked.setdefault(key, deque())
+            # Ahead of what is parked already: a buffered entry is older than those.
+            parked.extendleft(_Parked(i.shard, i.entry_id, i.deliveries) for i in reversed(items))
+        metrics.EVENTS_PARKED.labels(*self._labels).inc()
+
+    def _unpark(self, predicate: Callable[[_Parked], bool]) -> list[_Parked]:
+        """Forgets (and returns) the parked entries ``predicate`` picks."""
+        removed: list[_Parked] = []
+        for key in list(self._parked):
+            kept: deque[_Parked] = deque()
+            for entry in self._parked[key]:
+                (removed if predicate(entry) else kept).append(entry)
+            if kept:
+                self._parked[key] = kept
+            else:
+                del self._parked[key]
+        return removed
+
+    async def _refill(self) -> None:
+        """Fetches the parked entries of conversations that can go on (none of theirs out,
+        nothing of theirs buffered) back into the buffer, oldest first, while there is
+        room: the rest of a conversation stays parked, and so does what is read of it
+        meanwhile, until its turn comes again."""
+        async with self._refill_lock:
+            room = self._buffer_limit - self._buffer.size
+            wanted: list[tuple[str, list[_Parked]]] = []
+            for key, parked in self._parked.items():
+                if room <= 0:
+                    break
+                if self._buffer.is_busy(key) or self._buffer.queued(key):
+                    continue
+                chunk = list(itertools.islice(parked, min(room, self._bus.read_count)))
+                wanted.append((key, chunk))
+                room -= len(chunk)
+            if not wanted:
+                return
+            pipe = self._r.pipeline(transaction=False)
+            for _, chunk in wanted:
+                for entry in chunk:
+                    pipe.xrange(self._streams[entry.shard], entry.entry_id, entry.entry_id)
+            replies = iter(await pipe.execute())
+            added = 0
+            for key, chunk in wanted:
+                left = self._parked.get(key)
+                for entry in chunk:
+                    found = next(replies)
+                    if not left or left[0] != entry:
+                        continue  # given up (or reloaded) meanwhile
+                    left.popleft()
+                    payload = _payload(found[0][1]) if found else None
+                    if payload is None or entry.shard not in self._active:
+                        continue  # trimmed while pending, or no longer ours to hand out
+                    event = decode_event(payload)
+                    self._buffer.push(
+                        key, _Item(entry.shard, entry.entry_id, event, entry.deliveries)
+                    )
+                    added += 1
+                if left is not None and not left:
+                    del self._parked[key]
+            if added:
+                self._notify()
 
     # ---- membership, leases, rebalancing ----
     async def _keep_loop(self) -> None:
@@ -667,8 +800,12 @@ class RedisConsumer:
         keys, group = self._keys, self._group
         now = time.time()
         held = sorted(self._held)
+        stalled = self._stalled()
         pipe = self._r.pipeline(transaction=False)
-        pipe.zadd(keys.members(group), {self.name: now})
+        if stalled:
+            pipe.zrem(keys.members(group), self.name)
+        else:
+            pipe.zadd(keys.members(group), {self.name: now})
         pipe.zremrangebyscore(keys.members(group), "-inf", now - self._bus.lease_ttl_s)
         pipe.zrange(keys.members(group), 0, -1)
         pipe.pexpire(keys.members(group), self._lease_ms * 4)
@@ -685,10 +822,15 @@ class RedisConsumer:
         share = {
             s for s in range(keys.shards) if members and members[s % len(members)] == self.name
         }
+        if stalled:
+            share = set()
         dropped: dict[int, list[tuple[str, int]]] = {}
         for shard in self._active - share:
             dropped[shard] = self._give_up(shard)
-            self._draining[shard] = time.monotonic() + self._sub.ack_deadline_s
+            # A stalled consumer's deliveries are past their deadline already: the next
+            # owner redelivers them now.
+            drain = 0.0 if stalled else self._sub.ack_deadline_s
+            self._draining[shard] = time.monotonic() + drain
         await self._unread(dropped)
         await self._release_drained()
         wanted = sorted(share - self._held)
@@ -702,6 +844,17 @@ class RedisConsumer:
         # earlier heartbeat: leased, renewed, and so read by nobody else until it succeeds.
         for shard in sorted(self._held - self._active - self._draining.keys()):
             await self._take_over(shard)
+
+    def _stalled(self) -> bool:
+        """Whether deliveries are out past their deadline and no receive has come to
+        redeliver them: a Subscribe whose client stopped reading (its stream waits on flow
+        control). Such a consumer leaves the group until it receives again, so that the
+        others redeliver its deliveries and read its conversations meanwhile, as the
+        in-process bus does. A receive wakes at each deadline: a second late is not a
+        receive about to come."""
+        if not self._flights or not self._deadlines:
+            return False
+        return self._deadlines[0][0] < time.monotonic() - _STALL_GRACE_S
 
     def _give_up(self, shard: int) -> list[tuple[str, int]]:
         """Stops handing out the shard's entries; returns the ids of those read (or
@@ -717,6 +870,8 @@ class RedisConsumer:
             return True
 
         self._buffer.remove_if(of_shard)
+        for entry in self._unpark(lambda entry: entry.shard == shard):
+            dropped.append((entry.entry_id, entry.deliveries - 1))
         return dropped
 
     async def _unread(self, dropped: dict[int, list[tuple[str, int]]]) -> None:
@@ -747,8 +902,13 @@ class RedisConsumer:
         await pipe.execute()
 
     async def _release_drained(self) -> None:
+        """Lets go of the shards given up once nothing of theirs is out, or at their drain
+        deadline: in flight, or nacked and waiting for its delay (the next owner would
+        deliver it at once). A retry that comes due on a shard given up is not ours to make
+        any more: dropped, it frees the shard, and the next owner makes it."""
         now = time.monotonic()
         busy = {shard for shard, _ in self._flights}
+        busy.update(item.shard for _, _, item in self._delayed)
         done = [
             s
             for s, until in self._draining.items()
