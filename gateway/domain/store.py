@@ -82,7 +82,12 @@ class Tx(Protocol):
         (channel, account.external_id): AlreadyExists otherwise. ``last_event_at`` only
         moves forward (see ``advance_last_event_at``)."""
 
-    async def get_connection(self, connection_id: str) -> Connection | None: ...
+    async def get_connection(
+        self, connection_id: str, *, for_update: bool = False
+    ) -> Connection | None:
+        """``for_update``: the transaction writes it back; a concurrent one that does too
+        waits for this one's end, then reads what it wrote (no lost update)."""
+
     async def find_connection_by_account(self, channel: str, external_id: str) -> Connection | None:
         """The non-DISCONNECTED connection of that account, if any."""
 
@@ -118,9 +123,9 @@ class Tx(Protocol):
     async def put_credential(self, credential: Credential) -> None: ...
     async def get_credential(self, connection_id: str) -> Credential | None: ...
     async def delete_credential(self, connection_id: str) -> bool: ...
-    async def list_credentials(
-        self, *, after_connection_id: str, limit: int
-    ) -> list[Credential]: ...
+    async def list_credentials(self, *, after_connection_id: str, limit: int) -> list[Credential]:
+        """Locked until the transaction ends, as ``get_connection(for_update=True)``: they
+        are read to be written back (key rotation)."""
 
     # ---- participants, conversations, messages ----
     async def upsert_participant(self, participant: Participant) -> Participant:

@@ -208,7 +208,11 @@ class ConnectService:
         account_external_id: str = "",
         authorize: Authorize = _allow_all,
     ) -> CompletedConnect:
-        if not code.strip():
+        # Codes come in the query string: what follows a '#' is the fragment a provider
+        # appends to its redirect (Instagram "#_", Facebook "#_=_"), never the code. Checked
+        # before the state is spent, which a refusal before the exchange must not do.
+        code = code.strip().split("#", 1)[0]
+        if not code:
             raise InvalidArgument("code", "must not be empty")
         record = await self.consume_state(channel, state)
         try:
@@ -236,7 +240,21 @@ class ConnectService:
                 metadata={"channel": record.channel},
             )
         await connector.subscribe(record.login_flow, account, chosen.token)
+        previous: Credential | None = None
+        if existing is not None and existing.login_flow != grant.login_flow:
+            # The other flow subscribed another object (the account, or its page): removed
+            # with its own token, which the new one is about to replace; else Meta would
+            # go on sending, and nothing could unsubscribe it any more.
+            async with self._store.transaction() as tx:
+                previous = await tx.get_credential(existing.id)
         conn = await self._save(record, grant, chosen, existing)
+        if existing is not None and existing.login_flow != grant.login_flow:
+            failure = await self._unsubscribe(existing, previous)
+            if failure:
+                log.warning(
+                    "the previous login flow's webhook subscription was not removed",
+                    extra={"connection_id": conn.id, "flow": existing.login_flow, "why": failure},
+                )
         log.info(
             "connection connected",
             extra={
@@ -283,7 +301,7 @@ class ConnectService:
         now = datetime.now(UTC)
         async with self._store.transaction() as tx:
             # Re-read inside the transaction: a disconnect may have happened meanwhile.
-            current = await tx.get_connection(existing.id) if existing else None
+            current = await tx.get_connection(existing.id, for_update=True) if existing else None
             if current is not None and current.status is ConnectionStatus.DISCONNECTED:
                 current = None
             conn = Connection(
@@ -330,7 +348,7 @@ class ConnectService:
         failure = await self._unsubscribe(conn, credential)
         now = datetime.now(UTC)
         async with self._store.transaction() as tx:
-            current = await tx.get_connection(connection_id)
+            current = await tx.get_connection(connection_id, for_update=True)
             if current is None or current.status is ConnectionStatus.DISCONNECTED:
                 return current or conn
             await tx.delete_credential(connection_id)

@@ -104,7 +104,7 @@ async def mark_needs_reauth(
     the connection is gone or no longer CONNECTED (nothing changes then)."""
     now = datetime.now(UTC)
     async with store.transaction() as tx:
-        conn = await tx.get_connection(connection_id)
+        conn = await tx.get_connection(connection_id, for_update=True)
         if conn is None or conn.status is not ConnectionStatus.CONNECTED:
             return None
         conn.last_error = reason

@@ -175,7 +175,7 @@ class RefreshWorker:
 
     async def _store_token(self, connection_id: str, token: AccessToken) -> bool:
         async with self._store.transaction() as tx:
-            conn = await tx.get_connection(connection_id)
+            conn = await tx.get_connection(connection_id, for_update=True)
             # Disconnected (or re-authorizing) meanwhile: the fresh token must not linger.
             if conn is None or conn.status is not ConnectionStatus.CONNECTED:
                 return False

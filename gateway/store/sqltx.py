@@ -164,6 +164,10 @@ class SqlTx:
         self._ex = executor
         self._codec = codec
         self._lock = lock_clause
+        # Where claims lock rows (PostgreSQL), a read that the transaction writes back locks
+        # its row: a concurrent writer waits, then reads what this one wrote. (SQLite runs
+        # one writing transaction at a time.)
+        self._row_lock = " FOR UPDATE" if lock_clause else ""
 
     # ---- API tokens ----
 
@@ -248,9 +252,13 @@ class SqlTx:
         conn.created_at = self._codec.ts_in(saved[0]["created_at"])
         conn.updated_at = now
 
-    async def get_connection(self, connection_id: str) -> Connection | None:
+    async def get_connection(
+        self, connection_id: str, *, for_update: bool = False
+    ) -> Connection | None:
+        lock = self._row_lock if for_update else ""
         found = await self._ex.fetch(
-            "SELECT * FROM connections WHERE id = :id", {"id": connection_id}
+            f"SELECT * FROM connections WHERE id = :id{lock}",  # noqa: S608
+            {"id": connection_id},
         )
         return rows.connection_from_row(self._codec, found[0]) if found else None
 
@@ -373,8 +381,8 @@ class SqlTx:
 
     async def list_credentials(self, *, after_connection_id: str, limit: int) -> list[Credential]:
         found = await self._ex.fetch(
-            "SELECT * FROM credentials WHERE connection_id > :after"
-            " ORDER BY connection_id LIMIT :limit",
+            "SELECT * FROM credentials WHERE connection_id > :after"  # noqa: S608
+            f" ORDER BY connection_id LIMIT :limit{self._row_lock}",
             {"after": after_connection_id, "limit": limit},
         )
         return [rows.credential_from_row(self._codec, r) for r in found]
