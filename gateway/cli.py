@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
-from gateway.config import DEV_TOKEN_FILE_NAME, PREFIX, Config
+from gateway.config import DEV_TOKEN_FILE_NAME, LOG_LEVELS, PREFIX, Config
 from gateway.domain.errors import ConfigError, InvalidArgument, SwitchboardError
 from gateway.observability.logging import configure_logging
 from gateway.runtime import tune_gc_for_serving
@@ -327,10 +327,15 @@ def cmd_keys_rotate(_: argparse.Namespace) -> int:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from channels.instagram.sandbox import SandboxSettingsError, run_sandbox
 
-    configure_logging(
-        os.environ.get("SWITCHBOARD_LOG_LEVEL", "info") or "info",
-        "text" if sys.stderr.isatty() else "json",
-    )
+    level = (os.environ.get(f"{PREFIX}LOG_LEVEL", "") or "info").strip().lower()
+    if level not in LOG_LEVELS:
+        print(
+            f"switchboard sandbox: {PREFIX}LOG_LEVEL: {level!r} is not one of"
+            f" {', '.join(LOG_LEVELS)}",
+            file=sys.stderr,
+        )
+        return 2
+    configure_logging(level, "text" if sys.stderr.isatty() else "json")
     try:
         run_sandbox(args.addr, dict(os.environ))
     except (SandboxSettingsError, ValueError) as exc:

@@ -97,7 +97,10 @@ def require_tenant(tenant_id: str) -> None:
     """PERMISSION_DENIED unless the caller's token may act for ``tenant_id``. An empty one is
     INVALID_ARGUMENT whatever the token: a field left unset is the request's fault, and the
     answer must not depend on which tenants the token names."""
-    if not tenant_id.strip():
+    # Compared as the services read it (trimmed), or a padded id would be the token's
+    # own tenant to them and another one here.
+    tenant_id = tenant_id.strip()
+    if not tenant_id:
         raise InvalidArgument("tenant_id", "must not be empty")
     if not current_token().allows_tenant(tenant_id):
         raise PermissionDenied(

@@ -52,7 +52,13 @@ class MessagingServicer(messaging_pb2_grpc.MessagingServicer):
     ) -> common_pb2.Message:
         message = await self._history.get_message(request.message_id)
         require_owner(message.tenant_id, "message", request.message_id)
-        reply = convert.message(message)
+        # The sender as ListMessages names it: the conversation's participant, profile and all.
+        participant = None
+        if message.sender_id:
+            conversation = await self._history.get_conversation(message.conversation_id)
+            if conversation.participant.channel_user_id == message.sender_id:
+                participant = conversation.participant
+        reply = convert.message(message, participant)
         if message.direction is Direction.OUTBOUND and self._outbound is not None:
             reply.attempts.extend(convert_send.attempts(await self._outbound.attempts(message.id)))
         return reply

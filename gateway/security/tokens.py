@@ -61,10 +61,18 @@ def _parse_static(spec: str) -> tuple[dict[str, ApiToken], list[str]]:
     problems: list[str] = []
     for position, item in enumerate(filter(None, (p.strip() for p in spec.split(","))), 1):
         where = f"SWITCHBOARD_API_TOKENS: token #{position}"
-        rest, _, scope_part = item.partition("/")
-        token, _, tenant_part = rest.partition("@")
+        rest, slash, scope_part = item.partition("/")
+        token, at, tenant_part = rest.partition("@")
         if len(token) < MIN_STATIC_TOKEN_LENGTH:
             problems.append(f"{where}: shorter than {MIN_STATIC_TOKEN_LENGTH} characters")
+            continue
+        # "@" or "/" with nothing after is what an unset shell variable leaves: never read as
+        # every tenant or every scope (left out entirely, they mean that).
+        if at and not tenant_part.strip("+ "):
+            problems.append(f"{where}: '@' names no tenant (leave it out for every tenant)")
+            continue
+        if slash and not scope_part.strip("+ "):
+            problems.append(f"{where}: '/' names no scope (leave it out for every scope)")
             continue
         try:
             scopes = parse_scopes(scope_part.split("+"))

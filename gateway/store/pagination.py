@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from datetime import UTC, datetime
 
 import orjson
@@ -16,6 +17,8 @@ import orjson
 from gateway.domain.errors import InvalidArgument
 
 FIELD = "page_token"
+# The ids the listings page by are ours (``conn_…``, ``cnv_…``): anything else is no position.
+_IDS = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
 
 def encode_token(kind: str, sort_key: datetime, item_id: str) -> str:
@@ -33,6 +36,11 @@ def decode_token(kind: str, token: str) -> tuple[datetime, str]:
         when = datetime.fromisoformat(sort_key)
     except (binascii.Error, ValueError, TypeError, orjson.JSONDecodeError):
         raise InvalidArgument(FIELD, "malformed page token") from None
-    if when.tzinfo is None:
+    if when.tzinfo is None or not _IDS.fullmatch(item_id):
         raise InvalidArgument(FIELD, "malformed page token")
+    try:
+        # Every store compares in UTC: a time near the ends of the calendar would not fit.
+        when = when.astimezone(UTC)
+    except OverflowError:
+        raise InvalidArgument(FIELD, "malformed page token") from None
     return when, item_id

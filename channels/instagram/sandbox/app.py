@@ -77,8 +77,8 @@ def create_sandbox_app(settings: SandboxSettings | None = None) -> web.Applicati
 
 def _split_addr(addr: str) -> tuple[str, int]:
     host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address must be HOST:PORT, got {addr!r}")
+    if not sep or not port.isascii() or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"address must be HOST:PORT with a port from 0 to 65535, got {addr!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
