@@ -333,6 +333,12 @@ class Store(Protocol):
     ) -> list[OutboxEntry]:
         """Unpublished entries in seq order whose lease lapsed, leased to the caller."""
 
+    async def extend_outbox_claims(
+        self, seqs: Sequence[int], *, now: datetime, lease_until: datetime
+    ) -> None:
+        """Keeps entries claimed until ``lease_until``, those still claimed at ``now`` (a
+        lapsed claim may be another relay's by now)."""
+
     async def mark_published(self, seqs: Sequence[int], now: datetime) -> None: ...
     async def delete_published(self, seqs: Sequence[int]) -> None:
         """Deletes entries a bus that keeps its own events (``Bus.keeps_events``) published:

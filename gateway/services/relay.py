@@ -146,6 +146,7 @@ class OutboxRelay:
                 # lapse while later events of its conversations went out first. (Should
                 # the process die, the lease lapses and the sweep publishes it.)
                 self._work.appendleft(batch)
+                await self._keep_claims()
                 raise
             self.published += len(batch)
             if not self._unsettled:
@@ -198,12 +199,35 @@ class OutboxRelay:
                 # Claimed for this relay: published first by the next round, as a failed
                 # hand-over is, rather than left to wait for the lease to lapse.
                 self._work.appendleft(entries)
+                await self._keep_claims()
                 raise
-            await self._published(entries)
             total += len(entries)
             self.published += len(entries)
+            try:
+                await self._published(entries)
+            except BaseException:
+                # Published: settled with the next round's, as a hand-over is, rather than
+                # claimed again by a sweep once the lease lapses and published twice.
+                self._unsettled.extend(entries)
+                self._settle_due = time.monotonic()
+                raise
             if len(entries) < self._batch_size:
                 return total
+
+    async def _keep_claims(self) -> None:
+        """Extends the claims of the entries held for another try, while the bus is down:
+        a claim that lapsed meanwhile would have a sweep publish them too once it is back.
+        Best effort: with the store down as well, the leases keep what they can."""
+        seqs = [e.seq for batch in self._work if batch is not None for e in batch]
+        if not seqs:
+            return
+        now = datetime.now(UTC)
+        try:
+            await self._store.extend_outbox_claims(seqs, now=now, lease_until=now + self._lease)
+        except Exception as exc:
+            log.warning(
+                "outbox relay: claims not extended", extra={"error": exc.__class__.__name__}
+            )
 
     async def purge(self) -> int:
         """Purges past retention; returns how many outbox entries went."""
@@ -242,6 +266,9 @@ class OutboxRelay:
         # Hand-overs alone never claim: the sweep must still run under steady load to pick
         # up lapsed leases and other processes' leftovers.
         if schedule.sweep_due():
+            # What this relay published is settled first: an entry whose claim lapsed while
+            # the bus was down, published since, would be claimed and published again.
+            await self._settle()
             await self.run_once()
         if schedule.purge_due():
             await self.purge()

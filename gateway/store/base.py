@@ -131,6 +131,16 @@ class SqlStore(abc.ABC):
         entries = [rows.outbox_entry_from_row(self.codec, r) for r in found]
         return sorted(entries, key=lambda e: e.seq)
 
+    async def extend_outbox_claims(
+        self, seqs: Sequence[int], *, now: datetime, lease_until: datetime
+    ) -> None:
+        await self._by_seqs(
+            "UPDATE outbox SET claimed_until = :lease"
+            " WHERE {seqs} AND published_at IS NULL AND claimed_until > :now",
+            seqs,
+            {"lease": self.codec.ts(rows.utc(lease_until)), "now": self.codec.ts(rows.utc(now))},
+        )
+
     async def mark_published(self, seqs: Sequence[int], now: datetime) -> None:
         await self._by_seqs(
             "UPDATE outbox SET published_at = :now, claimed_until = NULL"
