@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import secrets
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -194,16 +195,22 @@ def one_per_shard(bus: RedisBus) -> list[Event]:
     raise AssertionError
 
 
-async def test_a_nack_delay_holds_when_another_consumer_joins(bus: RedisBus) -> None:
+async def nack_one_per_shard(bus: RedisBus, consumer: Any, delay_s: float) -> list[Event]:
+    """Publishes an event on each shard; ``consumer`` takes them all and nacks each."""
     events = one_per_shard(bus)
     await bus.publish(events)
+    got: list[Delivery] = []
+    async with asyncio.timeout(10):
+        while len(got) < SHARDS:
+            got.extend(await consumer.receive(100, 1.0))
+    for d in got:
+        await consumer.nack(d.delivery_id, delay_s)
+    return events
+
+
+async def test_a_nack_delay_holds_when_another_consumer_joins(bus: RedisBus) -> None:
     async with bus.subscribe(Subscription("g", "a")) as a:
-        got: list[Delivery] = []
-        async with asyncio.timeout(10):
-            while len(got) < SHARDS:
-                got.extend(await a.receive(100, 1.0))
-        for d in got:
-            await a.nack(d.delivery_id, 30.0)  # retry in 30 s, not before
+        await nack_one_per_shard(bus, a, 30.0)  # retry in 30 s, not before
         async with bus.subscribe(Subscription("g", "b")) as b:
             # a gives b its share (heartbeats every 0.5 s), but not while retries wait.
             early = await b.receive(100, 2.5)
@@ -216,15 +223,8 @@ async def test_nacked_entries_come_back_after_their_delay_from_whoever_owns_them
 ) -> None:
     """The shards b is to take wait for the retries; once due, each entry is delivered
     again (attempt 2) by the consumer that owns its shard then, none lost, none twice."""
-    events = one_per_shard(bus)
-    await bus.publish(events)
     async with bus.subscribe(Subscription("g", "a")) as a:
-        got: list[Delivery] = []
-        async with asyncio.timeout(10):
-            while len(got) < SHARDS:
-                got.extend(await a.receive(100, 1.0))
-        for d in got:
-            await a.nack(d.delivery_id, 1.0)
+        events = await nack_one_per_shard(bus, a, 1.0)
         async with bus.subscribe(Subscription("g", "b")) as b:
             again: list[tuple[str, Delivery]] = []
 
