@@ -40,6 +40,8 @@ ATTACHMENT_TYPES = URL_TYPES | {"template", "like_heart", "MEDIA_SHARE"}
 TEMPLATE_TYPES = frozenset({"generic", "button", "product"})
 SENDER_ACTIONS = frozenset({"typing_on", "typing_off", "mark_seen", "react", "unreact"})
 MESSAGING_TYPES = frozenset({"RESPONSE", "UPDATE", "MESSAGE_TAG"})
+# What a generic template card needs beside its title.
+_CARD_FIELDS = ("subtitle", "image_url", "buttons", "default_action")
 QUICK_REPLY_TYPES = frozenset({"text", "user_phone_number", "user_email"})
 
 
@@ -88,6 +90,11 @@ def _validate_attachment(attachment: Any, where: str) -> None:
             for element in elements:
                 if not isinstance(element, dict) or not element.get("title"):
                     raise _bad(f"param {where}[payload][elements][title] is required")
+                if not any(element.get(k) for k in _CARD_FIELDS):
+                    raise _bad(
+                        "Incomplete element data: title and at least one other field"
+                        " (image url, subtitle or buttons) is required"
+                    )
                 if len(element.get("buttons") or []) > 3:
                     raise _bad(f"param {where}[payload][elements][buttons] holds at most 3")
 
@@ -147,6 +154,8 @@ def validate(body: Any) -> tuple[str, bool]:
     if has_message == (action is not None):
         raise _bad("Exactly one of message and sender_action is required")
     if action is not None:
+        if "messaging_type" in body or "tag" in body:
+            raise _bad("param sender_action must be sent with the recipient field only")
         if action not in SENDER_ACTIONS:
             raise _bad(
                 f"param sender_action must be one of {{{', '.join(sorted(SENDER_ACTIONS))}}}"

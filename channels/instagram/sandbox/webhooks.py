@@ -111,7 +111,8 @@ class WebhookSender:
         try:
             async with self._session.get(url, params=params, timeout=timeout) as response:
                 text = await response.text()
-                return {"status": response.status, "verified": text.strip() == challenge}
+                verified = response.status == 200 and text.strip() == challenge
+                return {"status": response.status, "verified": verified}
         except (aiohttp.ClientError, TimeoutError) as exc:
             return {"status": None, "verified": False, "error": f"{type(exc).__name__}: {exc}"}
 
