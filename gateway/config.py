@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from gateway.domain.errors import ConfigError
 
@@ -297,14 +297,22 @@ _VARIABLES: dict[str, tuple[str, float]] = {
 
 
 def _mask_url(url: str) -> str:
-    """Keeps a URL readable while hiding its password."""
+    """Keeps a URL readable while hiding its password, in the user part or in the query
+    (libpq and redis-py both read ``?password=``)."""
     if not url:
         return ""
     parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    secret_params = any("password" in k.lower() for k, _ in query)
+    if not parts.password and not secret_params:
+        return url  # rebuilt, an empty host (sqlite:////path) would lose its slashes
     if parts.password:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
-    return url
+        parts = parts._replace(netloc=netloc)
+    if secret_params:
+        masked = [(k, "***" if "password" in k.lower() else v) for k, v in query]
+        parts = parts._replace(query=urlencode(masked, safe="*"))
+    return parts.geturl()
 
 
 class _Reader:

@@ -11,6 +11,7 @@ a token: tokens go in the ``Authorization`` header whenever Meta accepts it ther
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -30,6 +31,7 @@ from gateway.domain.errors import (
     ChannelRequestError,
     ChannelTransientError,
 )
+from gateway.observability.outbound_metrics import CHANNEL_API_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +102,11 @@ class GraphClient:
         data: Params | None = None,
         json: Any = None,
         token: Secret | None = None,
+        timed: bool = True,
     ) -> GraphResponse:
-        """Like :meth:`request`, with the status and headers (Meta's usage headers)."""
+        """Like :meth:`request`, with the status and headers (Meta's usage headers).
+        ``timed``: observed in switchboard_channel_api_seconds by endpoint (a send is not:
+        the core times every channel's sends itself)."""
         if self._session is None:
             raise RuntimeError("the Graph client is not started")
         url = self._base_url(host_setting).rstrip("/") + "/" + path.lstrip("/")
@@ -129,6 +134,8 @@ class GraphClient:
             raise ChannelTransientError(
                 f"{host_setting} could not be reached ({type(exc).__name__})"
             ) from None
+        if timed:
+            _api_seconds(_endpoint(path)).observe(time.perf_counter() - started)
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "meta call",
@@ -144,6 +151,25 @@ class GraphClient:
         if 200 <= status < 300 and body is not None and not _is_error(body):
             return GraphResponse(status, body, reply_headers)
         raise error_from_body(status, body, reply_headers)
+
+
+# The Graph paths the channel calls, by their last segment: a bounded label. A path that
+# ends in an id is a user's profile.
+_ENDPOINTS = frozenset(
+    {"access_token", "refresh_access_token", "me", "accounts", "subscribed_apps", "messages"}
+)
+
+
+def _endpoint(path: str) -> str:
+    last = path.rstrip("/").rsplit("/", 1)[-1]
+    if last in _ENDPOINTS:
+        return last
+    return "profile" if last.isdigit() else "other"
+
+
+@functools.cache
+def _api_seconds(endpoint: str) -> Any:
+    return CHANNEL_API_SECONDS.labels("instagram", endpoint)
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:

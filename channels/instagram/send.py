@@ -122,7 +122,9 @@ class InstagramOutbound:
         self, connection: Connection, token: Secret, message: OutboundMessage
     ) -> SendResult:
         host, path = self.endpoint(connection)
-        reply = await self._graph.call("POST", host, path, json=build_body(message), token=token)
+        reply = await self._graph.call(
+            "POST", host, path, json=build_body(message), token=token, timed=False
+        )
         data = reply.data
         return SendResult(
             external_id=str(data.get("message_id") or ""),

@@ -318,11 +318,15 @@ class RequestIdInterceptor(_CallObserver):
 
 
 class MetricsInterceptor(_CallObserver):
-    """grpc_server_started_total / handled_total / handling_seconds, as grpc-prometheus."""
+    """grpc_server_started_total / handled_total / handling_seconds / msg_received_total /
+    msg_sent_total, as grpc-prometheus counts them: a unary call receives one message and
+    sends one when it succeeds; a stream's messages sent are counted one by one (its
+    client's messages, after the first, are not)."""
 
     def _started(self, info: MethodInfo, context: Ctx) -> tuple[tuple[str, str, str], Any]:
         labels = (info.grpc_type, info.service, info.method)
         metrics.grpc_server_started_total.labels(*labels).inc()
+        metrics.grpc_server_msg_received_total.labels(*labels).inc()
         # Looked up once per call, not per streamed message.
         return labels, metrics.grpc_server_msg_sent_total.labels(*labels)
 
@@ -333,6 +337,8 @@ class MetricsInterceptor(_CallObserver):
         self, info: MethodInfo, context: Ctx, state: Any, start: float, exc: BaseException | None
     ) -> None:
         labels = state[0]
+        if exc is None and info.grpc_type in ("unary", "client_stream"):
+            state[1].inc()
         metrics.grpc_server_handled_total.labels(
             *labels, metrics.GRPC_CODE_NAMES[_code_of(context, exc)]
         ).inc()

@@ -9,12 +9,15 @@ from gateway.observability.metrics import WorkerGauge
 SENDS = Counter(
     "switchboard_outbound_sends",
     "Send attempts by outcome (sent, retrying, failed, held) and the channel's error code"
-    " (0: none).",
+    " (0: none); a message that fails before any attempt (its connection gone or needing"
+    " re-authorization) counts as failed with code 0.",
     ["channel", "outcome", "code"],
 )
 CHANNEL_API_SECONDS = Histogram(
     "switchboard_channel_api_seconds",
-    "Latency of the channel platform's API (Meta's Send API), by endpoint.",
+    "Latency of the channel platform's API, by endpoint: send (timed by the core for every"
+    " channel); Instagram's Graph calls besides: access_token, refresh_access_token, me,"
+    " accounts, subscribed_apps, profile.",
     ["channel", "endpoint"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15),
 )

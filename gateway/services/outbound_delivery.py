@@ -413,6 +413,9 @@ class Deliverer:
 
     async def record_failure(self, message: Message, error: DeliveryError) -> Message:
         """FAILED with ``error``, without an attempt (nothing reached the channel)."""
+        # Counted with the sends that failed (code 0: no answer of the channel's), so that
+        # a failure rate counts every message that ends FAILED.
+        m.SENDS.labels(message.channel, "failed", "0").inc()
         message.status = MessageStatus.FAILED
         message.error = error
         message.next_attempt_at = None
