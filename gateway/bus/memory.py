@@ -20,6 +20,8 @@ import asyncio
 import heapq
 import itertools
 import logging
+import re
+import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
@@ -208,7 +210,7 @@ class MemoryConsumer:
                 continue
             attempt = group.attempts.get(entry.index, 0) + 1
             group.attempts[entry.index] = attempt
-            delivery_id = f"{entry.index}.{attempt}"
+            delivery_id = f"{self._bus.epoch}.{entry.index}.{attempt}"
             group.busy.add(key)
             group.flights[entry.index] = _Flight(entry, self, attempt, deadline, delivery_id)
             heapq.heappush(group.deadlines, (deadline, entry.index, attempt))
@@ -222,8 +224,12 @@ class MemoryConsumer:
     async def ack(self, delivery_ids: Sequence[str]) -> None:
         group = self._group
         acked = 0
-        for delivery_id in delivery_ids:
-            flight = group.flights.pop(_index_of(delivery_id), None)
+        # All parsed first: an ack refused for a malformed id acks nothing.
+        indexes = [_index_of(d, self._bus.epoch) for d in delivery_ids]
+        for index in indexes:
+            # Acked even when delivered again since (the work is done either way); not
+            # when made before a restart (None): that index may name another event now.
+            flight = group.flights.pop(index, None) if index is not None else None
             if flight is None:
                 continue  # already acked, or its entry was trimmed
             acked += 1
@@ -237,9 +243,13 @@ class MemoryConsumer:
 
     async def nack(self, delivery_id: str, delay_s: float = 0.0) -> None:
         group = self._group
-        flight = group.flights.pop(_index_of(delivery_id), None)
-        if flight is None:
+        index = _index_of(delivery_id, self._bus.epoch)
+        flight = group.flights.get(index) if index is not None else None
+        # Only this very delivery, out with this consumer: a stale nack (its deadline
+        # passed, delivered again since, maybe to another consumer) takes nothing away.
+        if flight is None or flight.delivery_id != delivery_id or flight.consumer is not self:
             return
+        del group.flights[flight.entry.index]
         flight.consumer._forget(flight.entry.index)
         metrics.EVENTS_REDELIVERED.labels(*self._labels, metrics.REASON_NACK).inc()
         if delay_s <= 0:
@@ -271,11 +281,17 @@ class MemoryConsumer:
         group.wake()
 
 
-def _index_of(delivery_id: str) -> int:
-    try:
-        return int(delivery_id.split(".", 1)[0])
-    except ValueError:
-        raise InvalidArgument("delivery_id", f"not a delivery id: {delivery_id!r}") from None
+# epoch . log index . attempt, as MemoryConsumer.receive writes it.
+_DELIVERY_ID = re.compile(r"([0-9a-f]{8})\.([1-9][0-9]{0,17})\.[1-9][0-9]{0,8}")
+
+
+def _index_of(delivery_id: str, epoch: str) -> int | None:
+    """The log index a delivery id names; None for one made by an earlier run of the bus
+    (log indexes start again at each start); INVALID_ARGUMENT for anything else."""
+    found = _DELIVERY_ID.fullmatch(delivery_id)
+    if found is None:
+        raise InvalidArgument("delivery_id", f"not a delivery id: {delivery_id!r}")
+    return int(found[2]) if found[1] == epoch else None
 
 
 class MemoryBus:
@@ -301,6 +317,8 @@ class MemoryBus:
         self._groups: dict[str, _Group] = {}
         self._loaded_acks: dict[str, set[int]] = {}
         self._index = itertools.count(1)
+        # Names this run in its delivery ids: indexes start again at each start.
+        self.epoch = secrets.token_hex(4)
         self._pending_acks: dict[str, list[int]] = {}
         self._acks_waiting = asyncio.Event()
         self._consumers: set[MemoryConsumer] = set()
@@ -323,6 +341,10 @@ class MemoryBus:
             entries, acks = await self._store.bus_load(since=since)
             self._loaded_acks = acks
             self._append([(e.event, e.seq) for e in entries])
+            # Retention runs from the first publication, not from this start.
+            for e in entries:
+                if e.published_at is not None:
+                    self._by_seq[e.seq].published_at = e.published_at.timestamp()
             for name in list(acks):
                 self._group(name)
         self._tasks.append(asyncio.create_task(self._trim_loop(), name="bus-memory-trim"))

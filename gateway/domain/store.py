@@ -53,6 +53,8 @@ class OutboxEntry:
     # The event as the outbox holds it (gateway.domain.codec.encode_event), when the writer
     # has it at hand: the bus publishes these bytes rather than encoding the event again.
     wire: bytes = b""
+    # When it was published, where the reader needs it (the in-process bus's reload).
+    published_at: datetime | None = None
 
 
 class Tx(Protocol):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Self
@@ -195,7 +196,8 @@ class SqlStore(abc.ABC):
         params = {"since": self.codec.ts(rows.utc(since))}
         async with self._session() as ex:
             found = await ex.fetch(
-                "SELECT seq, event, attempts FROM outbox WHERE published_at >= :since ORDER BY seq",
+                "SELECT seq, event, attempts, published_at FROM outbox"
+                " WHERE published_at >= :since ORDER BY seq",
                 params,
             )
             groups = await ex.fetch("SELECT group_name FROM bus_groups")
@@ -207,7 +209,14 @@ class SqlStore(abc.ABC):
         acked: dict[str, set[int]] = {r["group_name"]: set() for r in groups}
         for r in acks:
             acked.setdefault(r["group_name"], set()).add(int(r["seq"]))
-        return [rows.outbox_entry_from_row(self.codec, r) for r in found], acked
+        entries = [
+            replace(
+                rows.outbox_entry_from_row(self.codec, r),
+                published_at=self.codec.ts_in(r["published_at"]),
+            )
+            for r in found
+        ]
+        return entries, acked
 
     async def bus_add_group(self, group: str, now: datetime) -> None:
         async with self._session() as ex:

@@ -146,8 +146,10 @@ async def test_bus_state_reloads_published_entries_and_each_groups_acks(store: A
     await store.bus_ack("ai", [])
 
     loaded, acked = await store.bus_load(since=t - timedelta(minutes=1))
+    # Each with the time it was first published: the bus's retention runs from there.
     assert loaded == [
-        OutboxEntry(seq=s, event=events[i + 1], attempts=1) for i, s in enumerate(seqs[1:4])
+        OutboxEntry(seq=s, event=events[i + 1], attempts=1, published_at=t)
+        for i, s in enumerate(seqs[1:4])
     ]
     assert acked == {"ai": {seqs[1], seqs[2]}, "audit": set(), "late": {seqs[3]}}
 
