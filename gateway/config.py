@@ -298,21 +298,20 @@ _VARIABLES: dict[str, tuple[str, float]] = {
 
 def _mask_url(url: str) -> str:
     """Keeps a URL readable while hiding its password, in the user part or in the query
-    (libpq and redis-py both read ``?password=``)."""
+    (libpq and redis-py both read ``?password=``). Masked in place, as text: rebuilt by
+    urllib, a URL without a host (``postgresql:///db?host=/run/...``) would lose its ``//``."""
     if not url:
         return ""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    secret_params = any("password" in k.lower() for k, _ in query)
-    if not parts.password and not secret_params:
-        return url  # rebuilt, an empty host (sqlite:////path) would lose its slashes
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        parts = parts._replace(netloc=netloc)
-    if secret_params:
-        masked = [(k, "***" if "password" in k.lower() else v) for k, v in query]
-        parts = parts._replace(query=urlencode(masked, safe="*"))
-    return parts.geturl()
+    base, question, rest = url.partition("?")
+    query, hash_, fragment = rest.partition("#")
+    password = urlsplit(url).password
+    if password:
+        base = base.replace(f":{password}@", ":***@", 1)
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any("password" in k.lower() for k, _ in pairs):
+        masked = [(k, "***" if "password" in k.lower() else v) for k, v in pairs]
+        query = urlencode(masked, safe="*/")
+    return base + question + query + hash_ + fragment
 
 
 class _Reader:

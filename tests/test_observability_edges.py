@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from prometheus_client import REGISTRY
 
@@ -152,3 +153,44 @@ async def test_grpc_message_counters_count_like_grpc_prometheus(out: Out) -> Non
     sent = _sum("grpc_server_msg_sent_total", **labels)
     assert sent >= 1, f"msg_received={received} msg_sent={sent}"
     assert received >= 1, f"msg_received={received} msg_sent={sent}"
+
+
+@pytest.mark.parametrize("out_backend", ["embedded"], indirect=True)
+async def test_fail_fast_send_throttled_by_meta_counts_one_failed_send(out: Out) -> None:  # noqa: F811
+    """A fail_fast send that Meta throttles ends FAILED and is counted once, with Meta's
+    code."""
+    await out.throttle()
+    before = _sum("switchboard_outbound_sends_total", outcome="failed")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await out.send(text="now or never", fail_fast=True)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    await asyncio.sleep(0.1)
+    after = _sum("switchboard_outbound_sends_total", outcome="failed")
+    by_code = {
+        labels["code"]: value
+        for labels, value in _samples("switchboard_outbound_sends_total", outcome="failed")
+    }
+    assert after == before + 1, f"one FAILED message counted {after - before} times: {by_code}"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql:///sb?host=/run/postgresql&password=s3cret",
+            "postgresql:///sb?host=",
+        ),
+        ("unix:///run/redis.sock?password=s3cret&db=0", "unix:///run/redis.sock?"),
+    ],
+    ids=["postgres-socket", "redis-socket"],
+)
+def test_config_description_keeps_a_socket_url_readable_when_masking_its_query_password(
+    url: str, shown: str
+) -> None:
+    """A URL without a host (a Unix socket, libpq's and redis-py's documented forms) is
+    shown as configured, its query password masked."""
+    key = "SWITCHBOARD_REDIS_URL" if url.startswith("unix") else "SWITCHBOARD_DATABASE_URL"
+    config = Config.from_environ({key: url, "SWITCHBOARD_ENCRYPTION_KEYS": generate_key_spec("k1")})
+    described = dict(config.describe())[key]
+    assert "s3cret" not in described
+    assert described.startswith(shown), described

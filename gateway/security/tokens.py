@@ -68,10 +68,10 @@ def _parse_static(spec: str) -> tuple[dict[str, ApiToken], list[str]]:
             continue
         # "@" or "/" with nothing after is what an unset shell variable leaves: never read as
         # every tenant or every scope (left out entirely, they mean that).
-        if at and not tenant_part.strip("+ "):
+        if at and not any(part.strip() for part in tenant_part.split("+")):
             problems.append(f"{where}: '@' names no tenant (leave it out for every tenant)")
             continue
-        if slash and not scope_part.strip("+ "):
+        if slash and not any(part.strip() for part in scope_part.split("+")):
             problems.append(f"{where}: '/' names no scope (leave it out for every scope)")
             continue
         try:

@@ -371,7 +371,7 @@ class Deliverer:
             m.ACCOUNT_PAUSES.labels(conn.channel, "error").inc()
             await self._pause(conn, exc.retry_at)
             if fail_fast:
-                m.SENDS.labels(conn.channel, "failed", code).inc()
+                # Counted by record_failure, with the channel's code.
                 await self.record_failure(message, replace(error, reason=RATE_LIMITED))
                 raise RateLimitedNow(exc.retry_at) from None
             m.SENDS.labels(conn.channel, "held", code).inc()
@@ -414,8 +414,8 @@ class Deliverer:
     async def record_failure(self, message: Message, error: DeliveryError) -> Message:
         """FAILED with ``error``, without an attempt (nothing reached the channel)."""
         # Counted with the sends that failed (code 0: no answer of the channel's), so that
-        # a failure rate counts every message that ends FAILED.
-        m.SENDS.labels(message.channel, "failed", "0").inc()
+        # a failure rate counts every message that ends FAILED, once.
+        m.SENDS.labels(message.channel, "failed", str(error.channel_code or 0)).inc()
         message.status = MessageStatus.FAILED
         message.error = error
         message.next_attempt_at = None

@@ -185,6 +185,9 @@ class OutboxRelay:
 
     async def run_once(self) -> int:
         """Publishes every claimable entry; returns how many were published."""
+        # What this relay published is settled first: an entry whose claim lapsed meanwhile
+        # (the bus or the store down for longer than the lease) would be claimed again.
+        await self._settle()
         total = 0
         while True:
             now = datetime.now(UTC)
@@ -218,7 +221,9 @@ class OutboxRelay:
         """Extends the claims of the entries held for another try, while the bus is down:
         a claim that lapsed meanwhile would have a sweep publish them too once it is back.
         Best effort: with the store down as well, the leases keep what they can."""
-        seqs = [e.seq for batch in self._work if batch is not None for e in batch]
+        held = [e.seq for batch in self._work if batch is not None for e in batch]
+        # And those published but not settled yet: lapsed, a claim would publish them again.
+        seqs = held + [e.seq for e in self._unsettled]
         if not seqs:
             return
         now = datetime.now(UTC)
@@ -266,9 +271,6 @@ class OutboxRelay:
         # Hand-overs alone never claim: the sweep must still run under steady load to pick
         # up lapsed leases and other processes' leftovers.
         if schedule.sweep_due():
-            # What this relay published is settled first: an entry whose claim lapsed while
-            # the bus was down, published since, would be claimed and published again.
-            await self._settle()
             await self.run_once()
         if schedule.purge_due():
             await self.purge()

@@ -246,3 +246,27 @@ def test_sandbox_with_a_bad_log_level_is_one_line_not_a_traceback(tmp_path: Path
     )
     assert "Traceback" not in result.stderr, result.stderr[-400:]
     assert result.returncode == 2, (result.returncode, result.stderr[-400:])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        # "$TOKEN@$TENANT/read" with TENANT read from a CRLF file holding an empty line.
+        "a-static-token-of-enough-length@\r/read",
+        "a-static-token-of-enough-length@\t/read",
+        "a-static-token-of-enough-length@acme/\t+",
+    ],
+    ids=["cr-tenant", "tab-tenant", "tab-scope"],
+)
+async def test_a_static_token_whose_tenant_or_scope_list_is_only_whitespace_is_refused(
+    spec: str,
+) -> None:
+    """A tenant or scope list of whitespace alone (a tab, a CR from a file) names nothing:
+    refused, never read as every tenant or every scope."""
+    problems = validate_static_tokens_spec(spec)
+    if not problems:
+        authority = TokenAuthority(None, spec)  # type: ignore[arg-type] # static tokens only
+        token = await authority.authenticate("a-static-token-of-enough-length")
+        pytest.fail(
+            f"accepted: tenants={token.tenants} scopes={sorted(s.value for s in token.scopes)}"
+        )
