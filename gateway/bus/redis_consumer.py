@@ -495,7 +495,9 @@ class RedisConsumer:
             if self._parked:
                 try:
                     await self._refill()
-                except REDIS_ERRORS:
+                except Exception:
+                    # Any error, as below: a reader that died here would leave its shards
+                    # unread for good, their leases still renewed.
                     log.warning("bus could not fetch parked entries", exc_info=True)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
@@ -691,7 +693,9 @@ class RedisConsumer:
                     break
                 rest = [e for e in entries if (shard, _text(e[0])) not in retrying]
                 if rest:
-                    counts = await self._attempts_so_far(shard, rest)
+                    # Asked of the whole page: a nacked retry left out of ``rest`` is still
+                    # pending in its range, and would take the place of another's count.
+                    counts = await self._attempts_so_far(shard, entries)
                     if self._accept([(reply[0][0], rest)], deliveries=1, counts=counts):
                         self._notify()
                 start = _text(entries[-1][0])
@@ -852,9 +856,20 @@ class RedisConsumer:
         others redeliver its deliveries and read its conversations meanwhile, as the
         in-process bus does. A receive wakes at each deadline: a second late is not a
         receive about to come."""
-        if not self._flights or not self._deadlines:
+        if not self._flights:
             return False
-        return self._deadlines[0][0] < time.monotonic() - _STALL_GRACE_S
+        late = time.monotonic() - _STALL_GRACE_S
+        flights = self._flights
+        for deadline, batch in self._deadlines:
+            if deadline >= late:
+                return False
+            # A batch acked (or nacked) since stays queued until a receive pops it: only a
+            # delivery still out counts.
+            for key, delivery_id in batch:
+                flight = flights.get(key)
+                if flight is not None and flight.delivery_id == delivery_id:
+                    return True
+        return False
 
     def _give_up(self, shard: int) -> list[tuple[str, int]]:
         """Stops handing out the shard's entries; returns the ids of those read (or
