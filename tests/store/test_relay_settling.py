@@ -8,16 +8,16 @@ import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from gateway.domain.errors import BusUnavailable, StoreUnavailable
+from gateway.domain.errors import BusUnavailable
 from gateway.domain.store import OutboxEntry
 from gateway.services.outbox import OutboxWriter
 from gateway.services.relay import OutboxRelay
 from gateway.store import SqliteStore
 from tests.bus.conftest import make_event
+from tests.store.test_relay_outages import _FlakySettle, _until
 
 
 class _RecordingBus:
@@ -38,41 +38,11 @@ class _RecordingBus:
             self.published[e.event.event_id] += 1
 
 
-class _FlakySettle:
-    """The store, except that settling fails while ``down``."""
-
-    def __init__(self, store: SqliteStore) -> None:
-        self._store = store
-        self.down = False
-        self.failures = 0
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-    async def delete_published(self, seqs: Sequence[int]) -> None:
-        if self.down:
-            self.failures += 1
-            raise StoreUnavailable("PostgreSQL is unavailable (AdminShutdown)")
-        await self._store.delete_published(seqs)
-
-    async def mark_published(self, seqs: Sequence[int], now: Any) -> None:
-        if self.down:
-            self.failures += 1
-            raise StoreUnavailable("PostgreSQL is unavailable (AdminShutdown)")
-        await self._store.mark_published(seqs, now)
-
-
 @pytest.fixture
 async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     async with SqliteStore(str(tmp_path / "relay.db")) as opened:
         await opened.migrate()
         yield opened
-
-
-async def _until(check: Any, timeout: float = 5.0) -> None:  # noqa: ASYNC109
-    async with asyncio.timeout(timeout):
-        while not check():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 async def test_relay_does_not_republish_a_handed_over_entry_left_unsettled_by_a_bus_outage(
