@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
-from gateway.config import DEV_TOKEN_FILE_NAME, LOG_LEVELS, PREFIX, Config
+from gateway.config import DEV_TOKEN_FILE_NAME, PREFIX, Config, log_level_from
 from gateway.domain.errors import ConfigError, InvalidArgument, SwitchboardError
 from gateway.observability.logging import configure_logging
 from gateway.runtime import tune_gc_for_serving
@@ -327,13 +327,10 @@ def cmd_keys_rotate(_: argparse.Namespace) -> int:
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from channels.instagram.sandbox import SandboxSettingsError, run_sandbox
 
-    level = (os.environ.get(f"{PREFIX}LOG_LEVEL", "") or "info").strip().lower()
-    if level not in LOG_LEVELS:
-        print(
-            f"switchboard sandbox: {PREFIX}LOG_LEVEL: {level!r} is not one of"
-            f" {', '.join(LOG_LEVELS)}",
-            file=sys.stderr,
-        )
+    try:
+        level = log_level_from(os.environ)
+    except ConfigError as exc:
+        print(f"switchboard sandbox: {exc}", file=sys.stderr)
         return 2
     configure_logging(level, "text" if sys.stderr.isatty() else "json")
     try:

@@ -314,6 +314,16 @@ def _mask_url(url: str) -> str:
     return base + question + query + hash_ + fragment
 
 
+def log_level_from(environ: Mapping[str, str]) -> str:
+    """``SWITCHBOARD_LOG_LEVEL`` as :class:`Config` reads it, for commands that need only
+    that (``switchboard sandbox``); ConfigError on a value it would refuse."""
+    problems: list[str] = []
+    level = _Reader(environ, problems).choice("LOG_LEVEL", "info", LOG_LEVELS)
+    if problems:
+        raise ConfigError(problems)
+    return level
+
+
 class _Reader:
     def __init__(self, env: Mapping[str, str], problems: list[str]) -> None:
         self.env = env

@@ -24,7 +24,7 @@ EVENTS_FILTERED = Counter(
     "Events acked for a group without delivery because the consumer's filters exclude them.",
     ["backend", "group"],
 )
-EVENTS_PARKED = Counter(
+BUFFER_PARKS = Counter(
     "switchboard_bus_buffer_parks",
     "Times a consumer's buffer, full of conversations each waiting for a delivery of its "
     "own, was parked (entries kept by id, fetched again in their turn) so that the other "

@@ -725,7 +725,7 @@ class RedisConsumer:
             parked = self._parked.setdefault(key, deque())
             # Ahead of what is parked already: a buffered entry is older than those.
             parked.extendleft(_Parked(i.shard, i.entry_id, i.deliveries) for i in reversed(items))
-        metrics.EVENTS_PARKED.labels(*self._labels).inc()
+        metrics.BUFFER_PARKS.labels(*self._labels).inc()
 
     def _unpark(self, predicate: Callable[[_Parked], bool]) -> list[_Parked]:
         """Forgets (and returns) the parked entries ``predicate`` picks."""

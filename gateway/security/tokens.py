@@ -56,6 +56,11 @@ def parse_tenants(values: Iterable[str]) -> tuple[str, ...]:
     return names
 
 
+def _names_nothing(names: str) -> bool:
+    """A ``+``-separated list with no name in it (blank, whitespace, separators only)."""
+    return not any(name.strip() for name in names.split("+"))
+
+
 def _parse_static(spec: str) -> tuple[dict[str, ApiToken], list[str]]:
     tokens: dict[str, ApiToken] = {}
     problems: list[str] = []
@@ -68,10 +73,10 @@ def _parse_static(spec: str) -> tuple[dict[str, ApiToken], list[str]]:
             continue
         # "@" or "/" with nothing after is what an unset shell variable leaves: never read as
         # every tenant or every scope (left out entirely, they mean that).
-        if at and not any(part.strip() for part in tenant_part.split("+")):
+        if at and _names_nothing(tenant_part):
             problems.append(f"{where}: '@' names no tenant (leave it out for every tenant)")
             continue
-        if slash and not any(part.strip() for part in scope_part.split("+")):
+        if slash and _names_nothing(scope_part):
             problems.append(f"{where}: '/' names no scope (leave it out for every scope)")
             continue
         try:

@@ -241,19 +241,23 @@ class ConnectService:
             )
         await connector.subscribe(record.login_flow, account, chosen.token)
         previous: Credential | None = None
-        if existing is not None and existing.login_flow != grant.login_flow:
-            # The other flow subscribed another object (the account, or its page): removed
-            # with its own token, which the new one is about to replace; else Meta would
-            # go on sending, and nothing could unsubscribe it any more.
+        # Connected before with the other flow, which subscribed another object (the
+        # account, or its page).
+        other_flow = (
+            existing if existing is not None and existing.login_flow != grant.login_flow else None
+        )
+        if other_flow is not None:
+            # Removed with its own token, which the new one is about to replace; else Meta
+            # would go on sending, and nothing could unsubscribe it any more.
             async with self._store.transaction() as tx:
-                previous = await tx.get_credential(existing.id)
+                previous = await tx.get_credential(other_flow.id)
         conn = await self._save(record, grant, chosen, existing)
-        if existing is not None and existing.login_flow != grant.login_flow:
-            failure = await self._unsubscribe(existing, previous)
+        if other_flow is not None:
+            failure = await self._unsubscribe(other_flow, previous)
             if failure:
                 log.warning(
                     "the previous login flow's webhook subscription was not removed",
-                    extra={"connection_id": conn.id, "flow": existing.login_flow, "why": failure},
+                    extra={"connection_id": conn.id, "flow": other_flow.login_flow, "why": failure},
                 )
         log.info(
             "connection connected",

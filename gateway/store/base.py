@@ -5,7 +5,6 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import replace
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Self
@@ -209,14 +208,7 @@ class SqlStore(abc.ABC):
         acked: dict[str, set[int]] = {r["group_name"]: set() for r in groups}
         for r in acks:
             acked.setdefault(r["group_name"], set()).add(int(r["seq"]))
-        entries = [
-            replace(
-                rows.outbox_entry_from_row(self.codec, r),
-                published_at=self.codec.ts_in(r["published_at"]),
-            )
-            for r in found
-        ]
-        return entries, acked
+        return [rows.outbox_entry_from_row(self.codec, r) for r in found], acked
 
     async def bus_add_group(self, group: str, now: datetime) -> None:
         async with self._session() as ex:

@@ -31,16 +31,17 @@ def decode_token(kind: str, token: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         token_kind, sort_key, item_id = orjson.loads(raw)
-        if token_kind != kind or not isinstance(item_id, str) or not isinstance(sort_key, str):
+        if (
+            token_kind != kind
+            or not isinstance(sort_key, str)
+            or not isinstance(item_id, str)
+            or not _IDS.fullmatch(item_id)
+        ):
             raise ValueError(token_kind)
         when = datetime.fromisoformat(sort_key)
-    except (binascii.Error, ValueError, TypeError, orjson.JSONDecodeError):
-        raise InvalidArgument(FIELD, "malformed page token") from None
-    if when.tzinfo is None or not _IDS.fullmatch(item_id):
-        raise InvalidArgument(FIELD, "malformed page token")
-    try:
+        if when.tzinfo is None:
+            raise ValueError(sort_key)
         # Every store compares in UTC: a time near the ends of the calendar would not fit.
-        when = when.astimezone(UTC)
-    except OverflowError:
+        return when.astimezone(UTC), item_id
+    except (binascii.Error, ValueError, TypeError, OverflowError, orjson.JSONDecodeError):
         raise InvalidArgument(FIELD, "malformed page token") from None
-    return when, item_id

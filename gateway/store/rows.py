@@ -393,4 +393,6 @@ def outbox_entry_from_row(codec: Codec, row: Row) -> OutboxEntry:
         seq=row["seq"],
         event=event_from_dict(codec.json_in(row["event"])),
         attempts=row["attempts"],
+        # Where the query selects it (the in-process bus's reload).
+        published_at=opt_ts_in(codec, row.get("published_at")),
     )

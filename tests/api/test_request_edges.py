@@ -80,8 +80,7 @@ async def test_a_bad_page_token_is_invalid_argument_not_internal(
     conn = factories.connection("acme")
     async with store.transaction() as tx:
         await tx.save_connection(conn)
-        part = await tx.upsert_participant(factories.participant(conn))
-        conv = await tx.upsert_conversation(factories.conversation(conn, part))
+        conv = await factories.stored_conversation(tx, conn)
         await tx.insert_message(factories.message(conv))
     auth = bearer(gateway.token)
     messaging = messaging_pb2_grpc.MessagingStub(grpc_channel)
@@ -163,8 +162,7 @@ async def test_a_padded_tenant_id_is_answered_alike_whatever_the_token(
     conn = factories.connection("acme")
     async with store.transaction() as tx:
         await tx.save_connection(conn)
-        part = await tx.upsert_participant(factories.participant(conn))
-        await tx.upsert_conversation(factories.conversation(conn, part))
+        await factories.stored_conversation(tx, conn)
     acme_token, _ = await create_token(store, name="acme", tenants=["acme"], scopes=["read"])
     messaging = messaging_pb2_grpc.MessagingStub(grpc_channel)
     request = messaging_pb2.ListConversationsRequest(tenant_id="acme ")
@@ -194,10 +192,9 @@ async def test_get_message_names_the_sender_as_list_messages_does(
     conn = factories.connection("acme")
     async with store.transaction() as tx:
         await tx.save_connection(conn)
-        part = await tx.upsert_participant(factories.participant(conn))
-        conv = await tx.upsert_conversation(factories.conversation(conn, part))
+        conv = await factories.stored_conversation(tx, conn)
         message, _ = await tx.insert_message(
-            factories.message(conv, sender_id=part.channel_user_id)
+            factories.message(conv, sender_id=conv.participant.channel_user_id)
         )
     auth = bearer(gateway.token)
     messaging = messaging_pb2_grpc.MessagingStub(grpc_channel)
