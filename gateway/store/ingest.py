@@ -42,13 +42,21 @@ from gateway.domain.inbound import (
     RoutedItem,
     message_from_item,
 )
-from gateway.domain.models import Connection, Conversation, Message, Participant
+from gateway.domain.models import Connection, Conversation, Direction, Message, Participant
 from gateway.domain.store import OutboxEntry
 from gateway.store import bulk, rows
 from gateway.store.locks import message_ids_lock
 from gateway.store.outbound import OutboundWriter
 from gateway.store.rows import Codec, Params, Row
-from gateway.store.sqltx import Executor, answered, in_list, later, native, takes_arrays
+from gateway.store.sqltx import (
+    Executor,
+    NativeExecutor,
+    answered,
+    in_list,
+    later,
+    native,
+    takes_arrays,
+)
 
 # Rows per statement: keeps every statement under SQLite's bound on host parameters.
 CHUNK = 200
@@ -63,12 +71,6 @@ _LATER_TIMES = ", ".join(
     for col in ("last_message_at", "last_inbound_at", "window_expires_at")
 )
 
-# PostgreSQL: the batch's conversations upserted from one JSON document of rows (``v`` the
-# id a new conversation takes, ``t`` tenant, ``c`` connection, ``h`` channel, ``p``
-# participant, ``lm``/``li``/``we`` the times the batch brings), in key order as everywhere
-# in ingestion. One orjson call costs a fraction of binding a binary array per column (a
-# dumper call per value), and the plan cannot go stale: it reads no table, and the conflict
-# goes through the unique index whatever the statistics.
 # PostgreSQL: the outbox entries of a batch, claimed for this process's relay, from one JSON
 # document of rows; seq follows the order of the document.
 _ADD_CLAIMED_EVENTS = """
@@ -84,16 +86,69 @@ SELECT {rows.RECEIVED_MESSAGE_COLUMNS} FROM json_populate_recordset(NULL::messag
 ORDER BY connection_id, external_id, id
 ON CONFLICT DO NOTHING RETURNING id
 """  # noqa: S608 - the interpolated SQL is ours
-_UPSERT_CONVERSATIONS = f"""
-INSERT INTO conversations (id, tenant_id, connection_id, channel, participant_id, created_at,
-  last_message_at, last_inbound_at, window_expires_at)
-SELECT d.v, d.t, d.c, d.h, d.p, :now, d.lm, d.li, d.we
-FROM json_to_recordset(:rows) AS d(v text, t text, c text, h text, p text, lm timestamptz,
-  li timestamptz, we timestamptz)
-ORDER BY d.c, d.p
-ON CONFLICT (connection_id, participant_id) DO UPDATE SET {_LATER_TIMES}
-RETURNING id, connection_id, participant_id, created_at, last_message_at, last_inbound_at,
-  window_expires_at, tombstone_at
+
+# PostgreSQL: a batch's participants, conversations and received messages in one statement:
+# one round trip where three or four were needed, each costing more here than its rows. ``d``,
+# a JSON document, holds a row per customer: ``u`` their channel id, ``pv`` and ``v`` the ids
+# a new participant and a new conversation take, ``t`` tenant, ``c`` connection, ``h``
+# channel, ``lm``/``li``/``we`` the times the batch brings. One orjson call costs a fraction
+# of binding a binary array per column (a dumper call per value), and the plan cannot go
+# stale: the conflicts go through the unique indexes whatever the statistics.
+# A participant the statement's snapshot missed because another batch inserted it meanwhile
+# is taken by the no-op update, which returns it: every customer comes back with their
+# conversation. Received messages go into the conversations the statement returns (their
+# sender is the customer), except those of a conversation with a recent early change
+# (``:fresh``, see the module's docstring), which the caller writes after applying the
+# change. Each insert sorts its rows and so reads all of its input before writing: the
+# participants, then the conversations, then the messages are written, each in key order,
+# as by the statements this one replaced.
+# Rows: one per customer (participant, then conversation columns), then one per message
+# inserted (its id first, the rest NULL).
+_UPSERT_TOGETHER = f"""
+WITH d AS MATERIALIZED (
+  SELECT * FROM json_to_recordset(:rows) AS d(pv text, u text, v text, t text, c text, h text,
+    lm timestamptz, li timestamptz, we timestamptz)
+), old AS (
+  SELECT p.* FROM participants p JOIN d ON p.connection_id = d.c AND p.channel_user_id = d.u
+), new AS (
+  INSERT INTO participants (id, connection_id, channel_user_id)
+  SELECT d.pv, d.c, d.u FROM d
+  WHERE NOT EXISTS (SELECT FROM old WHERE old.connection_id = d.c AND old.channel_user_id = d.u)
+  ORDER BY d.c, d.u
+  ON CONFLICT (connection_id, channel_user_id) DO UPDATE
+  SET channel_user_id = excluded.channel_user_id
+  RETURNING *
+), p AS (
+  SELECT * FROM old UNION ALL SELECT * FROM new
+), cv AS (
+  INSERT INTO conversations (id, tenant_id, connection_id, channel, participant_id, created_at,
+    last_message_at, last_inbound_at, window_expires_at)
+  SELECT d.v, d.t, d.c, d.h, p.id, :now, d.lm, d.li, d.we
+  FROM d JOIN p ON p.connection_id = d.c AND p.channel_user_id = d.u
+  ORDER BY d.c, p.id
+  ON CONFLICT (connection_id, participant_id) DO UPDATE SET {_LATER_TIMES}
+  RETURNING id, connection_id, participant_id, created_at, last_message_at, last_inbound_at,
+    window_expires_at, tombstone_at
+), pc AS MATERIALIZED (
+  SELECT p.*, cv.id AS cv_id, cv.created_at AS cv_created_at, cv.last_message_at,
+    cv.last_inbound_at, cv.window_expires_at, cv.tombstone_at
+  FROM p JOIN cv ON cv.connection_id = p.connection_id AND cv.participant_id = p.id
+), ms AS (
+  INSERT INTO messages ({rows.RECEIVED_MESSAGE_COLUMNS})
+  SELECT m.id, m.tenant_id, m.connection_id, pc.cv_id, m.channel, m.direction, m.status,
+    m.external_id, m.sender_id, m.text, m.attachments, m.content, m.created_at, m.deleted,
+    m.edit_count
+  FROM json_populate_recordset(NULL::messages, :messages) m
+  JOIN pc ON pc.connection_id = m.connection_id AND pc.channel_user_id = m.sender_id
+  WHERE pc.tombstone_at IS NULL OR pc.tombstone_at <= :fresh
+  ORDER BY m.connection_id, m.external_id, m.id
+  ON CONFLICT DO NOTHING RETURNING id
+)
+SELECT id, connection_id, channel_user_id, username, name, picture_url, profile_fetched_at,
+  cv_id, cv_created_at, last_message_at, last_inbound_at, window_expires_at, tombstone_at
+FROM pc
+UNION ALL
+SELECT ms.id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM ms
 """  # noqa: S608 - the interpolated SQL is ours
 
 
@@ -120,14 +175,15 @@ class _ConversationDraft:
     last_inbound_at: datetime | None = None
 
 
-def _conversation_json(d: _ConversationDraft, participant: Participant) -> dict[str, Any]:
-    """A row of ``_UPSERT_CONVERSATIONS``."""
+def _customer_json(customer_id: str, d: _ConversationDraft) -> dict[str, Any]:
+    """A row of ``_UPSERT_TOGETHER``."""
     return {
+        "pv": new_id("par"),
+        "u": customer_id,
         "v": new_id("cnv"),
         "t": d.connection.tenant_id,
         "c": d.connection.id,
         "h": d.connection.channel,
-        "p": participant.id,
         "lm": d.last_message_at,
         "li": d.last_inbound_at,
         "we": None if d.last_inbound_at is None else d.last_inbound_at + WINDOW,
@@ -149,6 +205,58 @@ def _conversation_drafts(
             draft.last_message_at = _max(draft.last_message_at, r.item.occurred_at)
         if r.item.opens_window:
             draft.last_inbound_at = _max(draft.last_inbound_at, r.item.occurred_at)
+    return drafts
+
+
+def _attach(
+    routed: Sequence[RoutedItem],
+    results: list[IngestResult],
+    participants: dict[tuple[str, str], Participant],
+    conversations: dict[tuple[str, str], Conversation],
+) -> None:
+    """Gives each item's result its customer's conversation."""
+    for result, r in zip(results, routed, strict=True):
+        part = participants.get((r.connection.id, r.item.customer_id))
+        if part is not None:
+            result.conversation = conversations.get((r.connection.id, part.id))
+
+
+# The conversation id of a message drafted before its conversation is known.
+_UNKNOWN = ""
+
+
+def _id_of(conversation: Conversation | None) -> str | None:
+    return None if conversation is None else conversation.id
+
+
+def _message_drafts(
+    routed: Sequence[RoutedItem],
+    results: list[IngestResult],
+    conversation_of: Callable[[int], str | None],
+) -> list[tuple[int, Message]]:
+    """The messages of the batch's received and echoed items, each under its item's index,
+    in key order; ``conversation_of(i)``: the id of item i's conversation, None when it has
+    none (its message is not stored). A repeat within the batch is marked a duplicate."""
+    first_of: dict[tuple[str, str], int] = {}
+    drafts: list[tuple[int, Message]] = []
+    for i, r in enumerate(routed):
+        if r.item.kind not in MESSAGE_KINDS:
+            continue
+        conversation_id = conversation_of(i)
+        if conversation_id is None:
+            continue
+        # Meta's message id names the message; one without (any field may be missing)
+        # is named by its dedupe key, and its id derived from that key, so that Meta's
+        # retries of it hit the primary key and are stored once, as they are published.
+        mid = r.item.external_id
+        key = (r.connection.id, mid or r.item.dedupe_key)
+        if key in first_of:
+            results[i].duplicate = True  # a repeat within this very batch
+            continue
+        first_of[key] = i
+        message_id = new_id("msg") if mid else derived_id("msg", *key)
+        drafts.append((i, message_from_item(r.item, r.connection, conversation_id, message_id)))
+    drafts.sort(key=lambda d: (d[1].connection_id, d[1].external_id, d[1].id))
     return drafts
 
 
@@ -177,14 +285,15 @@ class InboundWriter:
         if not routed:
             return results
         drafts = _conversation_drafts(routed)
-        participants = await self._participants(sorted(drafts))
-        conversations, marked = await self._conversations(drafts, participants)
-        for result, r in zip(results, routed, strict=True):
-            part = participants.get((r.connection.id, r.item.customer_id))
-            if part is not None:
-                result.conversation = conversations.get((r.connection.id, part.id))
-        await self._lock_message_ids(routed)
-        await self._insert_messages(routed, results, marked)
+        if self._native is not None:
+            await self._ingest_together(self._native, routed, drafts, results)
+        else:
+            participants = await self._participants(sorted(drafts))
+            conversations, marked = await self._conversations(drafts, participants)
+            _attach(routed, results, participants, conversations)
+            await self._lock_message_ids(routed)
+            messages = _message_drafts(routed, results, lambda i: _id_of(results[i].conversation))
+            await self._insert_messages(messages, results, marked)
         await self._confirm_echoes(routed, results)
         await self._own_echoes(routed, results)
         known = await self._known_messages(routed, results)
@@ -205,7 +314,7 @@ class InboundWriter:
         if lock is not None:
             await self._ex.fetch(*lock)
 
-    # ---- participants and conversations ----
+    # ---- participants and conversations, one statement at a time (SQLite) ----
 
     async def _participants(
         self, keys: Sequence[tuple[str, str]]
@@ -238,22 +347,15 @@ class InboundWriter:
     async def _select_participants(
         self, keys: Sequence[tuple[str, str]], found: dict[tuple[str, str], Participant]
     ) -> None:
-        if self._arrays:
-            sql = (
-                "SELECT * FROM participants WHERE (connection_id, channel_user_id) IN"
-                " (SELECT * FROM unnest(:c::text[], :u::text[]))"
-            )
-            params: Params = {"c": [c for c, _ in keys], "u": [u for _, u in keys]}
-        else:
-            conn_sql, conn_params = in_list("c", sorted({c for c, _ in keys}))
-            user_sql, user_params = in_list("u", sorted({u for _, u in keys}))
-            sql = (
-                f"SELECT * FROM participants WHERE connection_id IN {conn_sql}"  # noqa: S608
-                f" AND channel_user_id IN {user_sql}"
-            )
-            params = {**conn_params, **user_params}
+        conn_sql, conn_params = in_list("c", sorted({c for c, _ in keys}))
+        user_sql, user_params = in_list("u", sorted({u for _, u in keys}))
         # Replanned: participants grow with every new customer (see Executor.fetch).
-        for row in await self._ex.fetch(sql, params, replan=True):
+        for row in await self._ex.fetch(
+            f"SELECT * FROM participants WHERE connection_id IN {conn_sql}"  # noqa: S608
+            f" AND channel_user_id IN {user_sql}",
+            {**conn_params, **user_params},
+            replan=True,
+        ):
             p = rows.participant_from_row(self._codec, row)
             found[(p.connection_id, p.channel_user_id)] = p
 
@@ -274,30 +376,6 @@ class InboundWriter:
         marked: set[str] = set()
         # Early changes older than this are purged, or due to be.
         fresh_after = now - TOMBSTONE_RETENTION
-        if self._native is not None:
-            document = _json(
-                [_conversation_json(*by_participant[key]) for key in sorted(by_participant)]
-            )
-            stored = await self._native.fetch_tuples(
-                _UPSERT_CONVERSATIONS,
-                {"rows": self._codec.json_document(document), "now": now},
-            )
-            for cid, conn_id, pid, created, last_msg, last_in, window, mark in stored:
-                draft, part = by_participant[(conn_id, pid)]
-                found[(conn_id, pid)] = Conversation(
-                    cid,
-                    draft.connection.tenant_id,
-                    conn_id,
-                    draft.connection.channel,
-                    part,
-                    created,
-                    last_msg,
-                    last_in,
-                    window,
-                )
-                if mark is not None and mark > fresh_after:
-                    marked.add(cid)
-            return found, marked
         for chunk in _chunks(sorted(by_participant)):
             # RETURNING gives the row as stored (new or merged); the participant is already
             # in hand, so no read-back join is needed.
@@ -343,33 +421,105 @@ class InboundWriter:
             "window_expires_at": rows.opt_ts(self._codec, window),
         }
 
+    # ---- all at once (PostgreSQL) ----
+
+    async def _ingest_together(
+        self,
+        pg: NativeExecutor,
+        routed: Sequence[RoutedItem],
+        drafts: dict[tuple[str, str], _ConversationDraft],
+        results: list[IngestResult],
+    ) -> None:
+        """PostgreSQL: participants, conversations and received messages in one statement
+        (``_UPSERT_TOGETHER``); the messages it leaves (echoes, and those of marked
+        conversations) are written after it as on the other path."""
+        # Each message with a customer gets its conversation from the statement; until then
+        # it names none (the statement fills it in).
+        messages = _message_drafts(
+            routed, results, lambda i: _UNKNOWN if routed[i].item.customer_id else None
+        )
+        now = datetime.now(UTC)
+        fresh_after = now - TOMBSTONE_RETENTION
+        keys = sorted(drafts)
+        document = _json([_customer_json(key[1], drafts[key]) for key in keys])
+        received = [
+            rows.received_message_json(m, now)
+            for _, m in messages
+            if m.direction is Direction.INBOUND
+        ]
+        found = await pg.fetch_tuples(
+            _UPSERT_TOGETHER,
+            {
+                "rows": self._codec.json_document(document),
+                "messages": self._codec.json_document(_json(received)),
+                "now": now,
+                "fresh": fresh_after,
+            },
+        )
+        participants: dict[tuple[str, str], Participant] = {}
+        conversations: dict[tuple[str, str], Conversation] = {}
+        marked: set[str] = set()
+        inserted: set[str] = set()
+        for row in found:
+            if row[1] is None:
+                inserted.add(row[0])
+                continue
+            pid, conn_id, user_id, username, name, picture, fetched = row[:7]
+            cid, created, last_msg, last_in, window, mark = row[7:]
+            fetched = rows.opt_ts_in(self._codec, fetched)
+            part = Participant(pid, conn_id, user_id, username, name, picture, fetched)
+            connection = drafts[(conn_id, user_id)].connection
+            participants[(conn_id, user_id)] = part
+            conversations[(conn_id, pid)] = Conversation(
+                cid,
+                connection.tenant_id,
+                conn_id,
+                connection.channel,
+                part,
+                created,
+                last_msg,
+                last_in,
+                window,
+            )
+            if mark is not None and mark > fresh_after:
+                marked.add(cid)
+        _attach(routed, results, participants, conversations)
+        for i, m in messages:
+            conversation = results[i].conversation
+            if conversation is None:
+                # Every customer comes back from the statement (see _UPSERT_TOGETHER).
+                raise RuntimeError("a customer's conversation is missing from the batch upsert")
+            m.conversation_id = conversation.id
+        await self._lock_message_ids(routed)
+        await self._insert_messages(
+            messages, results, marked, together=True, inserted=frozenset(inserted)
+        )
+
     # ---- messages ----
 
     async def _insert_messages(
-        self, routed: Sequence[RoutedItem], results: list[IngestResult], marked: set[str]
+        self,
+        messages: list[tuple[int, Message]],
+        results: list[IngestResult],
+        marked: set[str],
+        *,
+        together: bool = False,
+        inserted: frozenset[str] = frozenset(),
     ) -> None:
-        first_of: dict[tuple[str, str], int] = {}
-        drafts: list[tuple[int, Message]] = []
-        for i, r in enumerate(routed):
-            conv = results[i].conversation
-            if r.item.kind not in MESSAGE_KINDS or conv is None:
-                continue
-            # Meta's message id names the message; one without (any field may be missing)
-            # is named by its dedupe key, and its id derived from that key, so that Meta's
-            # retries of it hit the primary key and are stored once, as they are published.
-            mid = r.item.external_id
-            key = (r.connection.id, mid or r.item.dedupe_key)
-            if key in first_of:
-                results[i].duplicate = True  # a repeat within this very batch
-                continue
-            first_of[key] = i
-            message_id = new_id("msg") if mid else derived_id("msg", *key)
-            drafts.append((i, message_from_item(r.item, r.connection, conv.id, message_id)))
-        drafts.sort(key=lambda d: (d[1].connection_id, d[1].external_id, d[1].id))
-        if marked:
-            await self._apply_early_changes([m for _, m in drafts if m.conversation_id in marked])
-        inserted = await self._insert_received([m for _, m in drafts])
-        for i, message in drafts:
+        """Writes the batch's messages and tells each item's result what became of its
+        message. ``together``: ``_UPSERT_TOGETHER`` wrote the received messages of unmarked
+        conversations already (``inserted``: the ids it inserted), so only the others are
+        left to write."""
+        left = [
+            (i, m)
+            for i, m in messages
+            if not together or m.direction is Direction.OUTBOUND or m.conversation_id in marked
+        ]
+        if left:
+            if marked:
+                await self._apply_early_changes([m for _, m in left if m.conversation_id in marked])
+            inserted = inserted | await self._insert_received([m for _, m in left])
+        for i, message in messages:
             if message.id in inserted:
                 results[i].message = message
                 results[i].message_id = message.id
