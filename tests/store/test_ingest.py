@@ -170,6 +170,42 @@ async def test_replies_name_the_replied_message(store: AnyStore) -> None:
     assert r.reply_to_message_id == first.message_id
 
 
+async def test_one_batch_of_received_echoed_and_early_changed_messages_stores_each(
+    store: AnyStore,
+) -> None:
+    """On PostgreSQL a batch's received messages share one statement with its participants
+    and conversations, while an echo and a message whose unsend came first are written after
+    it: all of them in one batch still come out as they would one by one."""
+    conn = await saved_connection(store)
+    await ingest(store, conn, item(EventKind.MESSAGE_DELETED, "222", "gone"))
+    results = await ingest(
+        store,
+        conn,
+        text("111", "m1", body="first"),
+        item(EventKind.MESSAGE_ECHOED, "111", "e1", text="reply"),
+        text("222", "gone", body="unsent"),
+        text("222", "kept", body="other"),
+        text("333", "m2", body="new customer"),
+        text("111", "m1", body="first"),
+    )
+    received, echo, unsent, kept, fresh, repeat = results
+    assert [r.duplicate for r in results] == [False] * 5 + [True]
+    assert repeat.message_id == received.message_id
+    assert echo.message.direction == Direction.OUTBOUND
+    assert unsent.deleted_before_arrival
+    assert not kept.deleted_before_arrival
+    assert received.conversation.id == echo.conversation.id
+    assert unsent.conversation.id == kept.conversation.id
+    assert len({received.conversation.id, unsent.conversation.id, fresh.conversation.id}) == 3
+    async with store.transaction() as tx:
+        for result in (received, echo, unsent, kept, fresh):
+            stored = await tx.get_message(result.message_id)
+            assert stored is not None
+            assert stored.conversation_id == result.conversation.id
+            assert stored.text == result.message.text
+            assert stored.deleted == (result is unsent)
+
+
 async def test_a_large_batch_spans_several_statements(store: AnyStore) -> None:
     conn = await saved_connection(store)
     items = [text(str(1000 + n % 300), f"m{n}", T0 + timedelta(seconds=n)) for n in range(900)]
