@@ -92,34 +92,31 @@ ON CONFLICT DO NOTHING RETURNING id
 # a JSON document, holds a row per customer: ``u`` their channel id, ``pv`` and ``v`` the ids
 # a new participant and a new conversation take, ``t`` tenant, ``c`` connection, ``h``
 # channel, ``lm``/``li``/``we`` the times the batch brings. One orjson call costs a fraction
-# of binding a binary array per column (a dumper call per value), and the plan cannot go
-# stale: the conflicts go through the unique indexes whatever the statistics.
-# A participant the statement's snapshot missed because another batch inserted it meanwhile
-# is taken by the no-op update, which returns it: every customer comes back with their
-# conversation. Received messages go into the conversations the statement returns (their
-# sender is the customer), except those of a conversation with a recent early change
-# (``:fresh``, see the module's docstring), which the caller writes after applying the
-# change. Each insert sorts its rows and so reads all of its input before writing: the
-# participants, then the conversations, then the messages are written, each in key order,
-# as by the statements this one replaced.
+# of binding a binary array per column (a dumper call per value).
+# Participants are upserted rather than looked up: the no-op update returns the customers
+# known already (those another batch inserted after this statement's snapshot too), and the
+# statement reads no table, so its prepared plan cannot go stale as participants grow (a
+# join read them by a full scan while the table was small). The update is a heap-only one,
+# measured as cheap as the lookup it replaces; the row lock it holds until the commit
+# orders two batches of one customer as the conversation's upsert does.
+# Received messages go into the conversations the statement returns (their sender is the
+# customer), except those of a conversation with a recent early change (``:fresh``, see the
+# module's docstring), which the caller writes after applying the change. Each insert sorts
+# its rows and so reads all of its input before writing: the participants, then the
+# conversations, then the messages are written, each in key order, as by the statements
+# this one replaced.
 # Rows: one per customer (participant, then conversation columns), then one per message
 # inserted (its id first, the rest NULL).
 _UPSERT_TOGETHER = f"""
 WITH d AS MATERIALIZED (
   SELECT * FROM json_to_recordset(:rows) AS d(pv text, u text, v text, t text, c text, h text,
     lm timestamptz, li timestamptz, we timestamptz)
-), old AS (
-  SELECT p.* FROM participants p JOIN d ON p.connection_id = d.c AND p.channel_user_id = d.u
-), new AS (
+), p AS (
   INSERT INTO participants (id, connection_id, channel_user_id)
-  SELECT d.pv, d.c, d.u FROM d
-  WHERE NOT EXISTS (SELECT FROM old WHERE old.connection_id = d.c AND old.channel_user_id = d.u)
-  ORDER BY d.c, d.u
+  SELECT d.pv, d.c, d.u FROM d ORDER BY d.c, d.u
   ON CONFLICT (connection_id, channel_user_id) DO UPDATE
   SET channel_user_id = excluded.channel_user_id
   RETURNING *
-), p AS (
-  SELECT * FROM old UNION ALL SELECT * FROM new
 ), cv AS (
   INSERT INTO conversations (id, tenant_id, connection_id, channel, participant_id, created_at,
     last_message_at, last_inbound_at, window_expires_at)
