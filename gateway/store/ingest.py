@@ -290,7 +290,7 @@ class InboundWriter:
             _attach(routed, results, participants, conversations)
             await self._lock_message_ids(routed)
             messages = _message_drafts(routed, results, lambda i: _id_of(results[i].conversation))
-            await self._insert_messages(messages, results, marked)
+            await self._insert_messages(messages, results, marked, messages)
         await self._confirm_echoes(routed, results)
         await self._own_echoes(routed, results)
         known = await self._known_messages(routed, results)
@@ -488,9 +488,13 @@ class InboundWriter:
                 raise RuntimeError("a customer's conversation is missing from the batch upsert")
             m.conversation_id = conversation.id
         await self._lock_message_ids(routed)
-        await self._insert_messages(
-            messages, results, marked, together=True, inserted=frozenset(inserted)
-        )
+        # What the statement did not write: echoes, and messages of marked conversations.
+        left = [
+            (i, m)
+            for i, m in messages
+            if m.direction is Direction.OUTBOUND or m.conversation_id in marked
+        ]
+        await self._insert_messages(messages, results, marked, left, inserted)
 
     # ---- messages ----
 
@@ -499,23 +503,16 @@ class InboundWriter:
         messages: list[tuple[int, Message]],
         results: list[IngestResult],
         marked: set[str],
-        *,
-        together: bool = False,
-        inserted: frozenset[str] = frozenset(),
+        left: list[tuple[int, Message]],
+        inserted: Iterable[str] = (),
     ) -> None:
-        """Writes the batch's messages and tells each item's result what became of its
-        message. ``together``: ``_UPSERT_TOGETHER`` wrote the received messages of unmarked
-        conversations already (``inserted``: the ids it inserted), so only the others are
-        left to write."""
-        left = [
-            (i, m)
-            for i, m in messages
-            if not together or m.direction is Direction.OUTBOUND or m.conversation_id in marked
-        ]
+        """Writes the batch's messages not written yet (``left``; ``inserted``: the ids of
+        those already inserted) and tells each item's result what became of its message."""
+        inserted = set(inserted)
         if left:
             if marked:
                 await self._apply_early_changes([m for _, m in left if m.conversation_id in marked])
-            inserted = inserted | await self._insert_received([m for _, m in left])
+            inserted |= await self._insert_received([m for _, m in left])
         for i, message in messages:
             if message.id in inserted:
                 results[i].message = message

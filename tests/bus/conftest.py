@@ -52,6 +52,23 @@ def make_event(
     )
 
 
+async def cut_reader(consumer: Any, client: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Kills the Redis connection the consumer's reader is reading on (with ``client``) and
+    waits until the consumer says it is retrying the read."""
+    assert consumer._read_link is not None
+    async with asyncio.timeout(5):
+        while consumer._read_link._conn is None:  # noqa: ASYNC110 - the reader is reading
+            await asyncio.sleep(0.01)
+    reading = consumer._read_link._conn
+    host, port = reading._writer.get_extra_info("sockname")[:2]
+    await client.client_kill(f"{host}:{port}")  # the reader's own connection
+    async with asyncio.timeout(5):
+        while not any(  # noqa: ASYNC110
+            r.getMessage() == "bus read failed, retrying" for r in caplog.records
+        ):
+            await asyncio.sleep(0.02)
+
+
 def seq_of(event: Event) -> int:
     return int(event.payload["message"]["text"].rsplit("#", 1)[1])
 

@@ -21,7 +21,7 @@ from gateway.bus.redis_consumer import RedisConsumer
 from gateway.domain.bus import Delivery, Subscription
 from gateway.domain.errors import InvalidArgument
 from gateway.domain.events import Event
-from tests.bus.conftest import make_event
+from tests.bus.conftest import cut_reader, make_event
 from tests.bus.test_contract import drain
 
 SHARDS = 8
@@ -348,16 +348,7 @@ async def test_a_nacked_entry_comes_once_after_a_read_was_cut_off(
     async with bus.subscribe(Subscription("g", "a")) as a:
         [d1] = await a.receive(10, 5.0)
         await a.nack(d1.delivery_id, 1.5)
-        assert a._read_link is not None
-        reading = a._read_link._conn
-        assert reading is not None
-        host, port = reading._writer.get_extra_info("sockname")[:2]  # type: ignore[attr-defined]
-        await client.client_kill(f"{host}:{port}")  # the reader's own connection
-        async with asyncio.timeout(5):
-            while not any(  # noqa: ASYNC110
-                r.getMessage() == "bus read failed, retrying" for r in caplog.records
-            ):
-                await asyncio.sleep(0.02)
+        await cut_reader(a, client, caplog)
         got: list[Delivery] = []
         async with asyncio.timeout(10):
             while not got or got[-1].event.event_id != second.event_id:

@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 from gateway.bus import MemoryBus, RedisBus
 from gateway.domain.bus import Delivery, Subscription
 from gateway.domain.events import Event
-from tests.bus.conftest import make_event, seq_of
+from tests.bus.conftest import cut_reader, make_event, seq_of
 
 SHARDS = 8
 
@@ -302,18 +302,7 @@ async def test_a_redelivery_keeps_its_attempt_after_a_read_was_cut_off(
     async with bus.subscribe(Subscription("g", "b")) as b:
         # b took the shard over: first (attempt 2) and second wait in its buffer.
         assert b._buffer.size == 2
-        assert b._read_link is not None
-        async with asyncio.timeout(5):
-            while b._read_link._conn is None:  # noqa: ASYNC110 - the reader is reading
-                await asyncio.sleep(0.01)
-        reading = b._read_link._conn
-        host, port = reading._writer.get_extra_info("sockname")[:2]  # type: ignore[attr-defined]
-        await client.client_kill(f"{host}:{port}")  # the reader's own connection
-        async with asyncio.timeout(5):
-            while not any(  # noqa: ASYNC110
-                r.getMessage() == "bus read failed, retrying" for r in caplog.records
-            ):
-                await asyncio.sleep(0.02)
+        await cut_reader(b, client, caplog)
         await asyncio.sleep(0.3)  # the reload
         [again] = await b.receive(10, 5.0)
         await b.ack([again.delivery_id])

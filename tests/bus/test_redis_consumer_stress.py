@@ -13,7 +13,7 @@ import pytest
 
 from gateway.bus import RedisBus
 from gateway.domain.bus import Delivery, Subscription
-from tests.bus.conftest import make_event
+from tests.bus.conftest import cut_reader, make_event
 from tests.bus.test_redis_consumer_recovery import (  # noqa: F401 - fixture
     SHARDS,
     bus,
@@ -105,18 +105,7 @@ async def test_attempts_survive_a_cut_off_read_with_a_nacked_retry_in_between(
         assert [d.event.event_id for d in out] == [e.event_id for e in events[:2]]
         # The second is nacked for later; the first stays out; the third stays buffered.
         await b.nack(out[1].delivery_id, 60.0)
-        assert b._read_link is not None
-        async with asyncio.timeout(5):
-            while b._read_link._conn is None:  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-        reading = b._read_link._conn
-        host, port = reading._writer.get_extra_info("sockname")[:2]  # type: ignore[attr-defined]
-        await client.client_kill(f"{host}:{port}")
-        async with asyncio.timeout(5):
-            while not any(  # noqa: ASYNC110
-                r.getMessage() == "bus read failed, retrying" for r in caplog.records
-            ):
-                await asyncio.sleep(0.02)
+        await cut_reader(b, client, caplog)
         await asyncio.sleep(0.3)  # the reload
         [third] = await b.receive(10, 5.0)
         await b.ack([out[0].delivery_id, third.delivery_id])
