@@ -160,7 +160,10 @@ def _print_banner(where: Any, token: str, sandboxes: dict[str, str]) -> None:
         f"  token    {token}",
         *sandbox_lines,
         "",
-        "Try:  grpcurl -plaintext -H 'authorization: Bearer <token>' "
+        # The first needs nothing but this environment; grpcurl is for those who have it.
+        f"Try:  {sys.executable} -m clients.examples.quickstart --target {where.grpc}",
+        "      (the whole mission, step by step, from the repository root)",
+        "  or  grpcurl -plaintext -H 'authorization: Bearer <token>' "
         f"{where.grpc} switchboard.v1.ChannelConnect/ListChannels",
         "",
     ]
@@ -240,7 +243,10 @@ def cmd_config_check(_: argparse.Namespace) -> int:
     from gateway.plugins import load_channels
 
     config = _load_config()
-    rows = config.describe()
+    rows = [
+        (name, _key_ring_source(config) if name == KEYS_VARIABLE else value)
+        for name, value in config.describe()
+    ]
     channels = load_channels(ChannelContext(environ=config.environ, public_url=config.public_url))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
@@ -255,9 +261,24 @@ def cmd_config_check(_: argparse.Namespace) -> int:
         )
         print(f"{'channel ' + name:<{width}}  {mode}; login flows: {flows}")
     for name in config.ignored:
-        print(f"warning: {name} is not a Switchboard variable; it is ignored")
+        print(f"warning: {name} is not a Switchboard variable; it is ignored", file=sys.stderr)
     print("configuration OK")
     return 0
+
+
+KEYS_VARIABLE = PREFIX + "ENCRYPTION_KEYS"
+
+
+def _key_ring_source(config: Config) -> str:
+    """Where the key ring comes from: the variable (masked), else the embedded default's key
+    file, which "(unset)" would hide (and which a backup must include)."""
+    from gateway.security.keyring import KEY_FILE_NAME
+
+    if config.encryption_keys.reveal():
+        return str(config.encryption_keys)
+    path = Path(config.data_dir) / KEY_FILE_NAME
+    made = "" if path.exists() else ", generated on the first start"
+    return f"(unset: the key file {path}{made})"
 
 
 # ---- tokens ----

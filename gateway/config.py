@@ -18,6 +18,7 @@ from gateway.domain.errors import ConfigError
 
 PREFIX = "SWITCHBOARD_"
 DEFAULT_DATA_DIR = "./var"
+DEFAULT_GRPC_ADDR = "127.0.0.1:50051"
 DATABASE_FILE_NAME = "switchboard.db"
 DEV_TOKEN_FILE_NAME = "dev-token"  # noqa: S105 - a file name, not a secret
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -60,12 +61,30 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def _reachable(addr: Address) -> Address:
+    """The address a client on this machine dials for a server bound to ``addr``: a
+    wildcard host is no destination."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(addr.host, addr.host)
+    return Address(host, addr.port)
+
+
 def _local_url(addr: Address) -> str:
     """The sidecar's URL on this machine, the public URL's default: moving the sidecar to
     another port must not leave OAuth redirects and webhooks pointing at the old one."""
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(addr.host, addr.host)
     port = addr.port or 8080  # port 0 (tests): known only once bound, so set PUBLIC_URL
-    return f"http://{Address(host, port)}"
+    return f"http://{Address(_reachable(addr).host, port)}"
+
+
+def grpc_target_from(environ: Mapping[str, str]) -> str:
+    """Where a client on this machine finds the gRPC server ``SWITCHBOARD_GRPC_ADDR``
+    describes, for the examples: moving the server to another port must not leave them
+    dialling the default one. An address the gateway would refuse is returned as given,
+    for the client to report."""
+    value = environ.get(PREFIX + "GRPC_ADDR", "").strip() or DEFAULT_GRPC_ADDR
+    try:
+        return str(_reachable(parse_address(value)))
+    except ValueError:
+        return value
 
 
 def data_dir_from(environ: Mapping[str, str]) -> str:
@@ -211,7 +230,7 @@ class Config:
             database_url=Secret(database_url),
             redis_url=Secret(redis_url),
             redis_key_prefix=reader.text("REDIS_KEY_PREFIX", "switchboard:"),
-            grpc_addr=reader.address("GRPC_ADDR", "127.0.0.1:50051"),
+            grpc_addr=reader.address("GRPC_ADDR", DEFAULT_GRPC_ADDR),
             http_addr=http_addr,
             metrics_addr=reader.address("METRICS_ADDR", "127.0.0.1:9464"),
             public_url=public_url,

@@ -6,7 +6,7 @@ import pytest
 
 from channels.instagram.settings import InstagramSettings
 from clients.examples.quickstart import default_token_file
-from gateway.config import Config, Secret, parse_address
+from gateway.config import Config, Secret, grpc_target_from, parse_address
 from gateway.domain.errors import ConfigError
 from gateway.security.keyring import generate_key_spec
 from gateway.store import sqlite_path
@@ -49,6 +49,15 @@ def test_an_explicit_database_url_wins_over_the_data_dir() -> None:
     )
     assert config.database_url.reveal() == "sqlite:////elsewhere/sb.db"
     assert config.data_dir == "/srv/switchboard"
+
+
+def test_the_examples_dial_the_grpc_address_the_gateway_is_given() -> None:
+    assert grpc_target_from({}) == "127.0.0.1:50051"
+    assert grpc_target_from({"SWITCHBOARD_GRPC_ADDR": "127.0.0.1:50791"}) == "127.0.0.1:50791"
+    # A server on every interface is dialled on this machine's loopback.
+    assert grpc_target_from({"SWITCHBOARD_GRPC_ADDR": "0.0.0.0:6000"}) == "127.0.0.1:6000"
+    assert grpc_target_from({"SWITCHBOARD_GRPC_ADDR": "[::]:6000"}) == "[::1]:6000"
+    assert grpc_target_from({"SWITCHBOARD_GRPC_ADDR": "nope"}) == "nope"
 
 
 def test_the_quickstart_looks_for_the_dev_token_in_the_data_dir() -> None:

@@ -29,7 +29,7 @@ import aiohttp
 from switchboard.v1 import common_pb2, connect_pb2, events_pb2, messaging_pb2
 
 from clients.client import SwitchboardClient
-from gateway.config import DEV_TOKEN_FILE_NAME, data_dir_from
+from gateway.config import DEV_TOKEN_FILE_NAME, data_dir_from, grpc_target_from
 
 CUSTOMER_TEXT = "Hi, are you open today?"
 ANSWER_TEXT = "Yes, from 9 to 6. See you soon!"
@@ -168,7 +168,11 @@ def default_token_file(environ: Mapping[str, str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--target", default="127.0.0.1:50051", help="the gateway's gRPC address")
+    parser.add_argument(
+        "--target",
+        default=grpc_target_from(os.environ),
+        help="the gateway's gRPC address (default: %(default)s, from SWITCHBOARD_GRPC_ADDR)",
+    )
     parser.add_argument(
         "--token-file",
         default=default_token_file(os.environ),

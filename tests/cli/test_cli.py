@@ -75,6 +75,26 @@ def test_config_check_prints_the_effective_configuration_masked(env: dict[str, s
     assert "channel instagram" in result.stdout
 
 
+def test_config_check_names_the_key_file_the_embedded_default_uses(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    del env["SWITCHBOARD_ENCRYPTION_KEYS"]
+    env["SWITCHBOARD_SPARE_SETTING"] = "1"
+    key_file = tmp_path / "encryption.keys"
+    before = switchboard("config", "check", env=env)
+    assert before.returncode == 0, before.stderr
+    assert f"(unset: the key file {key_file}, generated on the first start)" in before.stdout
+    # A warning is not the configuration: it goes where warnings go.
+    assert "SWITCHBOARD_SPARE_SETTING is not a Switchboard variable" in before.stderr
+    assert "SPARE" not in before.stdout
+
+    key_file.write_text(generate_key_spec("k9") + "\n")
+    after = switchboard("config", "check", env=env)
+    assert after.returncode == 0, after.stderr
+    shown = next(line for line in after.stdout.splitlines() if "ENCRYPTION_KEYS" in line)
+    assert shown.split(None, 1)[1] == f"(unset: the key file {key_file})"
+
+
 def test_migrate_twice_is_a_no_op(env: dict[str, str]) -> None:
     first = switchboard("migrate", env=env)
     assert first.returncode == 0, first.stderr
