@@ -11,6 +11,7 @@ Meta retries, or sends twice, yields the same event id and the outbox keeps it o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from gateway.domain.codec import rfc3339
@@ -45,16 +46,27 @@ _ATTACHMENT_TYPES = frozenset(
 )
 
 
-def build_events(routed: Sequence[RoutedItem], results: Sequence[IngestResult]) -> list[Event]:
+def build_events(
+    routed: Sequence[RoutedItem],
+    results: Sequence[IngestResult],
+    *,
+    recorded_at: datetime | None = None,
+) -> list[Event]:
     """One event per item, except received or echoed messages already stored or already
     unsent (their MessageDeleted was published when the unsend came) and edits older than
-    one already known."""
+    one already known. ``recorded_at`` (default: now) dates the confirmations the items
+    made."""
     events: list[Event] = []
     for r, result in zip(routed, results, strict=True):
         if r.item.kind in MESSAGE_KINDS and result.duplicate:
             if result.confirmed is not None:
                 # Our own message's echo: a confirmation, not a message from another app.
-                events.append(delivery_update(result.confirmed, r.received_at, confirmed=True))
+                # Dated when it was recorded, as every DeliveryUpdate is: an echo received
+                # before our send's outcome was committed confirms it only after that
+                # commit, and its update must not be dated before the SENT one it follows.
+                recorded_at = recorded_at or datetime.now(UTC)
+                at = max(recorded_at, r.received_at)
+                events.append(delivery_update(result.confirmed, at, confirmed=True))
             continue
         if result.own_echo or result.superseded:
             continue

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import aiohttp
+import orjson
 from switchboard.v1 import common_pb2
 
+from channels.instagram.parser import parse_delivery
 from gateway.domain.connect import AccessToken
 from gateway.domain.events import EventKind
+from gateway.domain.inbound import IngestResult, RoutedItem
+from gateway.domain.models import (
+    Account,
+    Connection,
+    ConnectionStatus,
+    Direction,
+    Message,
+    MessageStatus,
+)
 from gateway.services.credentials import unseal
+from gateway.services.inbound_events import build_events
 from tests.outbound.conftest import Out
 
 
@@ -86,3 +100,67 @@ async def test_an_echo_that_overtakes_metas_answer_still_only_confirms(out: Out)
     async with out.gateway.gateway.store.transaction() as tx:
         page = await tx.list_messages(out.conversation.id, page_size=50)
     assert [m.id for m in page.items if m.direction.value == "OUTBOUND"] == [reply.message.id]
+
+
+def test_a_confirmation_is_dated_when_recorded_not_when_its_echo_came() -> None:
+    """An echo received while our send's outcome was still being recorded waits for that
+    commit to confirm the message: its update follows the SENT one on the stream, and must
+    not be dated before it (a consumer ordering by time would see it confirmed, then sent)."""
+    echo_received = datetime(2026, 1, 5, 10, 0, 0, tzinfo=UTC)
+    sent_recorded = echo_received + timedelta(milliseconds=3)
+    confirmed_at = echo_received + timedelta(milliseconds=5)
+    parsed = parse_delivery(
+        orjson.dumps(
+            {
+                "object": "instagram",
+                "entry": [
+                    {
+                        "id": "17841400000000001",
+                        "time": 1,
+                        "messaging": [
+                            {
+                                "sender": {"id": "17841400000000001"},
+                                "recipient": {"id": "5200000000000001"},
+                                "timestamp": 1,
+                                "message": {"mid": "m-ours", "text": "Hi", "is_echo": True},
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    [item] = parsed.items
+    assert item.kind is EventKind.MESSAGE_ECHOED
+    connection = Connection(
+        id="conn_1",
+        tenant_id="t1",
+        channel="instagram",
+        status=ConnectionStatus.CONNECTED,
+        account=Account(external_id="17841400000000001"),
+        login_flow="instagram",
+    )
+    ours = Message(
+        id="msg_1",
+        tenant_id="t1",
+        connection_id="conn_1",
+        conversation_id="cnv_1",
+        channel="instagram",
+        direction=Direction.OUTBOUND,
+        status=MessageStatus.SENT,
+        external_id="m-ours",
+        sent_at=sent_recorded,
+        confirmed_at=sent_recorded,
+    )
+    routed = [RoutedItem(connection, item, echo_received)]
+    results = [IngestResult(duplicate=True, message_id="msg_1", confirmed=ours)]
+
+    [update] = build_events(routed, results, recorded_at=confirmed_at)
+    assert update.kind is EventKind.DELIVERY_UPDATE
+    assert update.payload["confirmed_at"]
+    assert update.occurred_at == confirmed_at
+
+    # Unless told, the time it runs: after the echo came, whatever the echo's own clock.
+    before = datetime.now(UTC)
+    [update] = build_events(routed, results)
+    assert update.occurred_at >= before > echo_received
