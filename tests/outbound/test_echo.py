@@ -22,6 +22,7 @@ from gateway.domain.models import (
 )
 from gateway.services.credentials import unseal
 from gateway.services.inbound_events import build_events
+from tests.inbound.samples import IG_ID, envelope, samples
 from tests.outbound.conftest import Out
 
 
@@ -109,27 +110,7 @@ def test_a_confirmation_is_dated_when_recorded_not_when_its_echo_came() -> None:
     echo_received = datetime(2026, 1, 5, 10, 0, 0, tzinfo=UTC)
     sent_recorded = echo_received + timedelta(milliseconds=3)
     confirmed_at = echo_received + timedelta(milliseconds=5)
-    parsed = parse_delivery(
-        orjson.dumps(
-            {
-                "object": "instagram",
-                "entry": [
-                    {
-                        "id": "17841400000000001",
-                        "time": 1,
-                        "messaging": [
-                            {
-                                "sender": {"id": "17841400000000001"},
-                                "recipient": {"id": "5200000000000001"},
-                                "timestamp": 1,
-                                "message": {"mid": "m-ours", "text": "Hi", "is_echo": True},
-                            }
-                        ],
-                    }
-                ],
-            }
-        )
-    )
+    parsed = parse_delivery(orjson.dumps(envelope(samples()["echo"])))
     [item] = parsed.items
     assert item.kind is EventKind.MESSAGE_ECHOED
     connection = Connection(
@@ -137,7 +118,7 @@ def test_a_confirmation_is_dated_when_recorded_not_when_its_echo_came() -> None:
         tenant_id="t1",
         channel="instagram",
         status=ConnectionStatus.CONNECTED,
-        account=Account(external_id="17841400000000001"),
+        account=Account(external_id=IG_ID),
         login_flow="instagram",
     )
     ours = Message(
@@ -148,7 +129,7 @@ def test_a_confirmation_is_dated_when_recorded_not_when_its_echo_came() -> None:
         channel="instagram",
         direction=Direction.OUTBOUND,
         status=MessageStatus.SENT,
-        external_id="m-ours",
+        external_id=item.external_id,
         sent_at=sent_recorded,
         confirmed_at=sent_recorded,
     )
