@@ -5,8 +5,6 @@ timed by endpoint; gRPC message counters as grpc-prometheus counts them."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from gateway.security.keyring import generate_key_spec
 from gateway.services.connection_status import mark_needs_reauth
 
 # The outbound fixtures (a whole gateway, a sandbox account, a customer who wrote).
+from tests.helpers import switchboard
 from tests.outbound.conftest import (  # noqa: F401
     Out,
     out,
@@ -69,14 +68,7 @@ def test_config_check_command_prints_no_query_string_password(tmp_path: Path) ->
         "SWITCHBOARD_REDIS_URL": f"redis://redis:6379/0?password={REDIS_PASSWORD}",
         "SWITCHBOARD_ENCRYPTION_KEYS": generate_key_spec("k1"),
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "config", "check"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = switchboard("config", "check", env=env)
     printed = done.stdout + done.stderr
     assert "configuration OK" in printed or done.returncode == 0, printed
     assert DB_PASSWORD not in printed

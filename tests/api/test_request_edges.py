@@ -7,10 +7,7 @@ README, DESIGN.md).
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -21,27 +18,15 @@ from switchboard.v1 import connect_pb2, connect_pb2_grpc, messaging_pb2, messagi
 
 from gateway.security.tokens import TokenAuthority, create_token, validate_static_tokens_spec
 from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
-from tests.helpers import bearer, error_info, fresh_database
+from tests.helpers import bearer, error_info, switchboard
 from tests.store import factories
 
 # ---- a whole gateway on either backend ----
 
-BACKENDS = ["sqlite", pytest.param("postgres", marks=[pytest.mark.postgres])]
-
-
-@pytest.fixture(params=BACKENDS)
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/sb.db"
-        return
-    request.getfixturevalue("postgres_url")  # fails at once when PostgreSQL is down
-    with fresh_database(str(request.getfixturevalue("postgres_admin_url")), "edges") as url:
-        yield url
-
 
 @pytest.fixture
-async def gateway(database_url: str, tmp_path: Path) -> AsyncIterator[RunningGateway]:
-    async with run_gateway(gateway_environ(database_url, str(tmp_path))) as running:
+async def gateway(database: str, tmp_path: Path) -> AsyncIterator[RunningGateway]:
+    async with run_gateway(gateway_environ(database, str(tmp_path))) as running:
         yield running
 
 
@@ -212,21 +197,10 @@ async def test_get_message_names_the_sender_as_list_messages_does(
 # ---- the command line ----
 
 
-def _switchboard(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
-        env={"PATH": os.environ.get("PATH", ""), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_sandbox_with_a_port_out_of_range_is_one_line_not_a_traceback(tmp_path: Path) -> None:
     """`switchboard sandbox [--addr HOST:PORT]`: a port out of range is a usage problem,
     one line and exit 2, as a non-numeric one is."""
-    result = _switchboard("sandbox", "--addr", "127.0.0.1:70000", env={"HOME": str(tmp_path)})
+    result = switchboard("sandbox", "--addr", "127.0.0.1:70000", env={"HOME": str(tmp_path)})
     assert "Traceback" not in result.stderr, result.stderr[-400:]
     assert result.returncode == 2, (result.returncode, result.stderr[-400:])
 
@@ -235,7 +209,7 @@ def test_sandbox_with_a_bad_log_level_is_one_line_not_a_traceback(tmp_path: Path
     """README, Configuration: variables are "validated at start: each problem is reported on
     its own line and the process exits with status 2", SWITCHBOARD_LOG_LEVEL for
     `switchboard sandbox` too."""
-    result = _switchboard(
+    result = switchboard(
         "sandbox",
         "--addr",
         "127.0.0.1:0",

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,19 +37,7 @@ from gateway.security.tokens import create_token
 from tests.api.test_proto_dict import all_events, reference_event_to_proto
 from tests.bus.conftest import make_event
 from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway
-from tests.helpers import bearer, error_info, fresh_database
-
-BACKENDS = ["embedded", pytest.param("postgres+redis", marks=[pytest.mark.postgres])]
-
-
-@pytest.fixture(params=BACKENDS)
-def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "embedded":
-        yield f"sqlite:///{tmp_path}/sb.db"
-        return
-    request.getfixturevalue("postgres_url")  # fails the run at once when PostgreSQL is down
-    with fresh_database(str(request.getfixturevalue("postgres_admin_url")), "subscribe") as url:
-        yield url
+from tests.helpers import bearer, error_info
 
 
 @pytest.fixture

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from gateway.security.keyring import generate_key_spec
-from tests.helpers import fresh_database
+from tests.helpers import fresh_database, switchboard
 
 STORE_COMMANDS = [
     ("tokens", "create", "--name", "x"),
@@ -19,20 +16,6 @@ STORE_COMMANDS = [
     ("tokens", "revoke", "x"),
     ("keys", "rotate"),
 ]
-
-
-def switchboard(
-    *args: str, env: dict[str, str], cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway.cli", *args],
-        env={"PATH": os.environ.get("PATH", ""), **env},
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 @pytest.fixture

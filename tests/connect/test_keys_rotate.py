@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,20 +14,13 @@ from gateway.services.credentials import unseal
 from gateway.store import open_store
 from tests.connect.conftest import Api, Browser, connect_account
 from tests.gateway_harness import RunningGateway
+from tests.helpers import switchboard
 
 
 async def rotate(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """The command, run off the event loop: the gateway under test shares this loop, and a
     transaction it has open must go on to its commit while the command waits for the lock."""
-    return await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-m", "gateway.cli", "keys", "rotate"],
-        env={"PATH": os.environ.get("PATH", ""), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return await asyncio.to_thread(switchboard, "keys", "rotate", env=env)
 
 
 @pytest.fixture
