@@ -131,8 +131,13 @@ class GraphClient:
                 "meta call failed",
                 extra={"host": host_setting, "path": path, "error": type(exc).__name__},
             )
+            maybe = _maybe_delivered(exc)
             raise ChannelTransientError(
                 f"{host_setting} could not be reached ({type(exc).__name__})"
+                if not maybe
+                else f"{host_setting} did not answer ({type(exc).__name__});"
+                " the request may have been carried out",
+                maybe_delivered=maybe,
             ) from None
         if timed:
             _api_seconds(_endpoint(path)).observe(time.perf_counter() - started)
@@ -151,6 +156,17 @@ class GraphClient:
         if 200 <= status < 300 and body is not None and not _is_error(body):
             return GraphResponse(status, body, reply_headers)
         raise error_from_body(status, body, reply_headers)
+
+
+# Failures that happen before a request can leave: Meta cannot have acted on it.
+_NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL)
+
+
+def _maybe_delivered(exc: BaseException) -> bool:
+    """Whether Meta may have received the request and acted on it: every failure once the
+    connection was made (a timeout waiting for the answer, a connection dropped or reset
+    under the request), since we cannot tell how far the request got."""
+    return not isinstance(exc, _NOT_SENT)
 
 
 # The Graph paths the channel calls, by their last segment: a bounded label. A path that

@@ -61,7 +61,9 @@ class InstagramChannel:
         self.embedded_sandbox = embedded_sandbox
         self._sandbox: RunningSandbox | None = None
         # Both read the settings at call time: start() may replace them (embedded sandbox).
-        self.graph = GraphClient(lambda host: self.settings.base_urls[host])
+        self.graph = GraphClient(
+            lambda host: self.settings.base_urls[host], timeout_s=settings.api_timeout_s
+        )
         self.connector = InstagramConnector(lambda: self.settings, self.graph)
         self.inbound = InstagramInbound(lambda: self.settings)
         self.profiles = InstagramProfiles(lambda: self.settings, self.graph)

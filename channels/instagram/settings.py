@@ -32,6 +32,7 @@ META_HOSTS: dict[str, str] = {
     "INSTAGRAM_GRAPH_URL": "https://graph.instagram.com",
 }
 DEFAULT_GRAPH_VERSION = "v21.0"
+DEFAULT_API_TIMEOUT_S = 15.0
 _VERSION = re.compile(r"^v\d+\.\d+$")
 _SCOPE = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -50,6 +51,9 @@ class InstagramSettings:
     # Facebook Login's scopes: ours, and FACEBOOK_LOGIN_EXTRA_SCOPES (business_management
     # when the businesses' Pages sit in a business portfolio, INSTAGRAM.md §1).
     facebook_scopes: tuple[str, ...] = FACEBOOK_SCOPES
+    # How long a call to Meta may take, answer included. A send that runs out of it may
+    # still have been delivered: its retry waits for the echo first.
+    api_timeout_s: float = DEFAULT_API_TIMEOUT_S
 
     @property
     def instagram_flow_configured(self) -> bool:
@@ -128,6 +132,17 @@ class InstagramSettings:
             if not _SCOPE.match(scope):
                 problems.append(f"FACEBOOK_LOGIN_EXTRA_SCOPES: {scope!r} is not a permission name")
 
+        api_timeout_s = DEFAULT_API_TIMEOUT_S
+        if get("INSTAGRAM_API_TIMEOUT_SECONDS"):
+            try:
+                api_timeout_s = float(get("INSTAGRAM_API_TIMEOUT_SECONDS"))
+            except ValueError:
+                api_timeout_s = -1.0
+            if not 0.1 <= api_timeout_s <= 300:
+                problems.append(
+                    "INSTAGRAM_API_TIMEOUT_SECONDS: must be a number of seconds from 0.1 to 300"
+                )
+
         redirect_uri = get("INSTAGRAM_REDIRECT_URI") or (
             f"{public_url.rstrip('/')}/oauth/instagram/callback"
         )
@@ -146,4 +161,5 @@ class InstagramSettings:
             base_urls=base_urls,
             sandbox_url=sandbox_url,
             facebook_scopes=FACEBOOK_SCOPES + extra_scopes,
+            api_timeout_s=api_timeout_s,
         )

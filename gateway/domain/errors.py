@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 
 
 class SwitchboardError(Exception):
@@ -162,10 +163,19 @@ class ChannelError(SwitchboardError):
 
 
 class ChannelTransientError(ChannelError):
-    """A temporary failure (network, 5xx, Meta codes 1/2): retry with backoff."""
+    """A temporary failure (network, 5xx, Meta codes 1/2): retry with backoff.
+
+    ``maybe_delivered``: the request may have reached the channel, which then did its work
+    without our hearing of it (a timeout or a dropped connection after the request went
+    out). Sending again could deliver a message twice, so the core waits for the channel's
+    echo before it does (see gateway.services.outbound_delivery)."""
 
     reason = "CHANNEL_TRANSIENT"
     retryable = True
+
+    def __init__(self, message: str, *, maybe_delivered: bool = False, **kw: Any) -> None:
+        super().__init__(message, **kw)
+        self.maybe_delivered = maybe_delivered
 
 
 class ChannelAuthError(ChannelError):

@@ -35,6 +35,9 @@ async def meta_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     state = request.app[STATE]
     is_control = request.path.startswith(control.PREFIX)
     if state.latency_ms > 0 and not is_control:
+        # The request has reached Meta before it is slow to answer: a caller that gives up
+        # meanwhile does not take it back (its send is carried out all the same).
+        await request.read()
         await asyncio.sleep(state.latency_ms / 1000)
     try:
         return await handler(request)
