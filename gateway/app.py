@@ -265,6 +265,7 @@ class Gateway:
                 max_attempts=cfg.send_max_attempts,
                 retry_base_s=cfg.send_retry_base_s,
                 retry_max_s=cfg.send_retry_max_s,
+                unanswered_wait_s=cfg.send_unanswered_wait_s,
             ),
             clock=Clock(),
             outbox=OutboxWriter(relay),

@@ -158,6 +158,9 @@ class Config:
     send_retry_base_s: float = 1.0
     send_retry_max_s: float = 300.0
     send_poll_s: float = 1.0
+    # After an attempt that heard no answer (it may have been delivered), how long its
+    # retry waits at least for the channel's echo, which it adopts instead of sending again.
+    send_unanswered_wait_s: float = 10.0
     # The raw environment, for channel plugins (they validate their own variables).
     environ: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
     # SWITCHBOARD_* variables that were set but are not read (a typo, an old name).
@@ -258,6 +261,9 @@ class Config:
             send_retry_base_s=reader.number("SEND_RETRY_BASE_SECONDS", 1.0, low=0.001, high=3600),
             send_retry_max_s=reader.number("SEND_RETRY_MAX_SECONDS", 300.0, low=0.001, high=86400),
             send_poll_s=reader.number("SEND_POLL_SECONDS", 1.0, low=0.01, high=60),
+            send_unanswered_wait_s=reader.number(
+                "SEND_UNANSWERED_WAIT_SECONDS", 10.0, low=0, high=3600
+            ),
             environ=env,
         )
         # The test suite's own variables share the prefix; they are not the gateway's.
@@ -312,6 +318,7 @@ _VARIABLES: dict[str, tuple[str, float]] = {
     "send_retry_base_s": ("SEND_RETRY_BASE_SECONDS", 0.0),
     "send_retry_max_s": ("SEND_RETRY_MAX_SECONDS", 0.0),
     "send_poll_s": ("SEND_POLL_SECONDS", 0.0),
+    "send_unanswered_wait_s": ("SEND_UNANSWERED_WAIT_SECONDS", 0.0),
 }
 
 

@@ -137,6 +137,7 @@ def delivery_error(e: DeliveryError | None) -> common_pb2.DeliveryError | None:
         channel_code=e.channel_code,
         channel_subcode=e.channel_subcode,
         retryable=e.retryable,
+        maybe_delivered=e.maybe_delivered,
     )
 
 

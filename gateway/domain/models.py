@@ -141,6 +141,9 @@ class DeliveryError:
     channel_code: int = 0
     channel_subcode: int = 0
     retryable: bool = False
+    # The attempt may have reached the channel, which then delivered it (a timeout or a
+    # dropped connection after the request went out).
+    maybe_delivered: bool = False
 
 
 @dataclass(slots=True)

@@ -38,6 +38,12 @@ class ContentKind(enum.StrEnum):
     SENDER_ACTION = "sender_action"
 
 
+def echoed_as_message(kind: str) -> bool:
+    """Whether the channel echoes content of this kind as a message once delivered (a
+    reaction or a sender action is not a message)."""
+    return kind not in (ContentKind.REACTION, ContentKind.SENDER_ACTION)
+
+
 class RateCategory(enum.StrEnum):
     """Which of the account's rate buckets a send draws from."""
 

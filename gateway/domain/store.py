@@ -209,6 +209,13 @@ class Tx(Protocol):
     async def count_send_queue(self) -> int:
         """Outbound messages QUEUED or RETRYING."""
 
+    async def find_unadopted_echo(
+        self, message: Message, since: datetime
+    ) -> tuple[str, datetime] | None:
+        """(external id, time) of an echo stored since ``since`` as a message of its own in
+        the pending ``message``'s conversation, with its text: the channel delivered the
+        message although its attempt did not hear so."""
+
     async def confirm_outbound(self, echoes: Sequence[tuple[str, str, datetime]]) -> list[Message]:
         """Sets ``confirmed_at`` on sent messages named by (connection_id, external_id,
         time) and not confirmed yet; returns the messages it changed."""

@@ -23,6 +23,7 @@ def error_json(e: DeliveryError) -> dict[str, Any]:
         "channel_code": e.channel_code,
         "channel_subcode": e.channel_subcode,
         "retryable": e.retryable,
+        "maybe_delivered": e.maybe_delivered,
     }
     return {k: v for k, v in data.items() if v not in ("", 0, False)}
 

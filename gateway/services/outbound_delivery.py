@@ -103,6 +103,15 @@ class DeliveryPolicy:
     lease_s: float = 60.0
     # Token-bucket waits up to this long are slept in place; longer ones hold the message.
     max_inline_wait_s: float = 1.0
+    # After an attempt that may have been delivered (no answer), the retry waits at least
+    # this long for the channel's echo, and adopts it if it came rather than send again.
+    unanswered_wait_s: float = 10.0
+
+    def retry_after(self, attempts: int, *, maybe_delivered: bool) -> timedelta:
+        backoff = self.backoff(attempts)
+        if maybe_delivered:
+            return max(backoff, timedelta(seconds=self.unanswered_wait_s))
+        return backoff
 
     def backoff(self, attempts: int) -> timedelta:
         """Exponential in the attempts made, with jitter over its upper half so that
@@ -360,12 +369,14 @@ class Deliverer:
         fail_fast: bool,
     ) -> Message:
         code = str(exc.code)
+        maybe_delivered = isinstance(exc, ChannelTransientError) and exc.maybe_delivered
         error = DeliveryError(
             reason=exc.reason,
             message=exc.message,
             channel_code=exc.code,
             channel_subcode=exc.subcode,
             retryable=exc.retryable,
+            maybe_delivered=maybe_delivered,
         )
         if isinstance(exc, ChannelRateLimited):
             m.ACCOUNT_PAUSES.labels(conn.channel, "error").inc()
@@ -390,7 +401,11 @@ class Deliverer:
             m.SENDS.labels(conn.channel, "retrying", code).inc()
             message.status = MessageStatus.RETRYING
             message.error = replace(error, retryable=True)
-            message.next_attempt_at = now + self.policy.backoff(message.attempts)
+            # One that may have been delivered stays leased until then (lease_of in
+            # gateway.store.outbound), so that its echo is taken for ours and adopted.
+            message.next_attempt_at = now + self.policy.retry_after(
+                message.attempts, maybe_delivered=maybe_delivered
+            )
             return await self._record(message, attempt)
         if isinstance(exc, ChannelAuthError):
             self._tokens.pop(conn.id, None)
@@ -410,6 +425,22 @@ class Deliverer:
         message.error = error
         message.next_attempt_at = None
         return await self._record(message, attempt)
+
+    async def adopt_echo(self, message: Message, external_id: str, echoed_at: datetime) -> Message:
+        """SENT as the message the channel echoed (``external_id``): an earlier attempt
+        that heard no answer was delivered after all. Recording it folds the echo's row
+        into the message and confirms it, as when an echo overtakes the answer."""
+        m.SENDS.labels(message.channel, "sent", "0").inc()
+        log.info(
+            "message delivered by an attempt that heard no answer; not sent again",
+            extra={"message_id": message.id},
+        )
+        message.status = MessageStatus.SENT
+        message.external_id = external_id
+        message.sent_at = echoed_at
+        message.error = None
+        message.next_attempt_at = None
+        return await self._record(message, None)
 
     async def record_failure(self, message: Message, error: DeliveryError) -> Message:
         """FAILED with ``error``, without an attempt (nothing reached the channel)."""

@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
-from gateway.domain.models import DeliveryError, Message
+from gateway.domain.models import DeliveryError, Message, MessageStatus
+from gateway.domain.outbound import echoed_as_message
 from gateway.domain.store import Store
 from gateway.observability import outbound_metrics as m
 from gateway.services.outbound_delivery import Deliverer
@@ -88,12 +89,18 @@ class OutboundWorker:
 
     async def _one(self, message: Message) -> None:
         async with self._slots:
+            echo = None
             async with self._store.transaction() as tx:
                 conn = await tx.get_connection(message.connection_id)
+                if _may_be_out(message):
+                    echo = await tx.find_unadopted_echo(message, _echo_since(message))
             if conn is None:
                 await self._deliverer.record_failure(
                     message, DeliveryError("CONNECTION_NOT_FOUND", "the connection is gone")
                 )
+                return
+            if echo is not None:
+                await self._deliverer.adopt_echo(message, *echo)
                 return
             await self._deliverer.attempt(message, conn)
 
@@ -108,3 +115,25 @@ class OutboundWorker:
             if self._stopping:
                 return
             await rounds.run(self.run_once)
+
+
+# How far before a message's creation its echo may be dated: Meta's clock, not ours.
+_ECHO_CLOCK_SKEW = timedelta(seconds=2)
+
+
+def _may_be_out(message: Message) -> bool:
+    """Whether the channel may have delivered the message already, unheard: its last
+    attempt heard no answer, or it is QUEUED and the worker claims it, which is also how
+    a first attempt cut off (a process that stopped mid-send) comes back. Only what the
+    channel echoes as a message can be recognised by its echo."""
+    outbound = message.content.get("outbound")
+    if not isinstance(outbound, dict) or not echoed_as_message(str(outbound.get("kind"))):
+        return False
+    if message.status is MessageStatus.QUEUED:
+        return True
+    return message.error is not None and message.error.maybe_delivered
+
+
+def _echo_since(message: Message) -> datetime:
+    created = message.created_at or datetime.now(UTC)
+    return created - _ECHO_CLOCK_SKEW

@@ -593,8 +593,9 @@ class InboundWriter:
         stored as a new message. When its conversation has a message of the same text being
         sent through the gateway right now (leased), it is taken for that message's echo and
         not announced as one sent from another app; recording the send's outcome folds it
-        into ours. A message waiting for a retry is not being sent: an echo of its text
-        meanwhile is another app's (a human agent's) and is announced."""
+        into ours, or its retry adopts it. A message waiting for a retry is not being
+        sent: an echo of its text meanwhile is another app's (a human agent's) and is
+        announced, unless the attempt may have been delivered (it then stays leased)."""
         fresh = [
             result
             for r, result in zip(routed, results, strict=True)

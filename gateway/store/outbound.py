@@ -72,6 +72,17 @@ _OUTCOME_UPDATE = (
 _SETTLED = (MessageStatus.SENT, MessageStatus.FAILED)
 
 
+def lease_of(message: Message, lease_until: datetime | None) -> datetime | None:
+    """The lease an outcome leaves on its message: ``lease_until``, except that a message
+    whose attempt may have been delivered stays leased until its retry. An echo of it
+    meanwhile is then taken for ours (``pending_texts``), for the retry to adopt instead
+    of sending the message again (``find_unadopted_echo``)."""
+    error = message.error
+    if message.status is MessageStatus.RETRYING and error is not None and error.maybe_delivered:
+        return message.next_attempt_at
+    return lease_until
+
+
 def _pending(alias: str) -> str:
     """``alias`` keeps send order and is still to be sent: the predicate of
     messages_send_order, as its partial index must be matched."""
@@ -124,7 +135,7 @@ WITH u AS (
   SELECT * FROM json_to_recordset(:outcomes) AS u(id text, connection_id text, status text,
     external_id text, error jsonb, attempts integer, next_attempt_at timestamptz,
     sent_at timestamptz, confirmed_at timestamptz, number integer, started_at timestamptz,
-    finished_at timestamptz, attempt_error jsonb)
+    finished_at timestamptz, attempt_error jsonb, claimed_until timestamptz)
   LIMIT :n
 ), echoes AS (
   DELETE FROM messages e USING u
@@ -141,7 +152,7 @@ UPDATE messages m SET status = u.status, external_id = u.external_id, error = u.
   attempts = u.attempts, next_attempt_at = u.next_attempt_at, sent_at = u.sent_at,
   confirmed_at = CASE WHEN x.created_at IS NULL OR u.confirmed_at IS NOT NULL
     THEN u.confirmed_at ELSE GREATEST(x.created_at, u.sent_at) END,
-  claimed_until = :lease
+  claimed_until = u.claimed_until
 FROM u LEFT JOIN echoes x ON x.id = u.id
 WHERE m.id = u.id
 RETURNING m.id, x.created_at IS NOT NULL AS echoed, m.confirmed_at,
@@ -512,7 +523,6 @@ class OutboundWriter:
                     sent_at = m.sent_at or echoed_at
                     m.confirmed_at = max(echoed_at, sent_at)
         codec = self._codec
-        lease = rows.opt_ts(codec, lease_until)
         updates: list[Params] = []
         attempts: list[Params] = []
         for m, attempt in items:
@@ -526,7 +536,7 @@ class OutboundWriter:
                     "next_attempt_at": rows.opt_ts(codec, m.next_attempt_at),
                     "sent_at": rows.opt_ts(codec, m.sent_at),
                     "confirmed_at": rows.opt_ts(codec, m.confirmed_at),
-                    "claimed_until": lease,
+                    "claimed_until": rows.opt_ts(codec, lease_of(m, lease_until)),
                     "id": m.id,
                 }
             )
@@ -595,6 +605,7 @@ class OutboundWriter:
                 "next_attempt_at": _utc(m.next_attempt_at),
                 "sent_at": _utc(m.sent_at),
                 "confirmed_at": _utc(m.confirmed_at),
+                "claimed_until": _utc(lease_of(m, lease_until)),
             }
             if attempt is not None:
                 row["number"] = attempt.number
@@ -606,7 +617,6 @@ class OutboundWriter:
         return _RECORD_OUTCOMES, {
             "outcomes": self._codec.json_document(_document(document)),
             "n": len(document),
-            "lease": rows.opt_ts(self._codec, lease_until),
         }
 
     def _outcomes_recorded(
@@ -719,7 +729,8 @@ class OutboundWriter:
         """(conversation id, text) of the messages these conversations have an attempt of
         under way (leased, first attempt included): what an echo of ours may be seen as
         before its outcome is recorded. A message waiting for a retry is not out, so an
-        echo of its text meanwhile is another app's message."""
+        echo of its text meanwhile is another app's message, unless its attempt may have
+        been delivered: it then stays leased until its retry (``lease_of``)."""
         if not conversation_ids:
             return set()
         where, params = any_of(
@@ -733,6 +744,31 @@ class OutboundWriter:
             replan=True,
         )
         return {(r["conversation_id"], r["text"] or "") for r in found}
+
+    async def find_unadopted_echo(
+        self, message: Message, since: datetime
+    ) -> tuple[str, datetime] | None:
+        """(external id, time) of the oldest echo stored as a message of its own in the
+        message's conversation since ``since`` with the message's text: no outcome has
+        claimed its id. Send order keeps one ordered message of a conversation out at a
+        time, so while this one is pending such an echo is of this one (or of a message of
+        the same text another app sent meanwhile: the customer has the text either way)."""
+        found = await self._ex.fetch(
+            "SELECT external_id, created_at FROM messages"
+            " WHERE conversation_id = :conv AND direction = 'OUTBOUND' AND sent_at IS NULL"
+            " AND external_id <> '' AND COALESCE(text, '') = :text AND created_at >= :since"
+            " AND id <> :id ORDER BY created_at LIMIT 1",
+            {
+                "conv": message.conversation_id,
+                "text": message.text or "",
+                "since": self._codec.ts(rows.utc(since)),
+                "id": message.id,
+            },
+            replan=True,
+        )
+        if not found:
+            return None
+        return found[0]["external_id"], self._codec.ts_in(found[0]["created_at"])
 
     async def confirm(self, echoes: Sequence[tuple[str, str, datetime]]) -> list[Message]:
         """Marks our sent messages that these (connection, external id, time) echoes name

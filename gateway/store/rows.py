@@ -268,13 +268,16 @@ def attachment_to_json(a: Attachment) -> dict[str, str]:
 
 
 def error_to_json(e: DeliveryError) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "reason": e.reason,
         "message": e.message,
         "channel_code": e.channel_code,
         "channel_subcode": e.channel_subcode,
         "retryable": e.retryable,
     }
+    if e.maybe_delivered:
+        out["maybe_delivered"] = True
+    return out
 
 
 def message_identity(m: Message) -> dict[str, Any]:

@@ -608,6 +608,11 @@ class SqlTx:
     async def count_send_queue(self) -> int:
         return await self._outbound().count_queue()
 
+    async def find_unadopted_echo(
+        self, message: Message, since: datetime
+    ) -> tuple[str, datetime] | None:
+        return await self._outbound().find_unadopted_echo(message, since)
+
     async def confirm_outbound(self, echoes: Sequence[tuple[str, str, datetime]]) -> list[Message]:
         return await self._outbound().confirm(echoes)
 
