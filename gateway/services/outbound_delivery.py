@@ -248,6 +248,8 @@ class Deliverer:
         if conn.status is not ConnectionStatus.CONNECTED or sender is None:
             reason = f"CONNECTION_{conn.status.value}" if sender else "CHANNEL_CANNOT_SEND"
             return await self.record_failure(message, DeliveryError(reason, "cannot send now"))
+        if message.attempts >= self.policy.max_attempts:
+            return await self._give_up(message)
         if content is None:
             content = from_json(message.content["outbound"])
         try:
@@ -397,7 +399,9 @@ class Deliverer:
         transient = isinstance(exc, ChannelTransientError) or not isinstance(
             exc, ChannelRequestError | ChannelAuthError
         )
-        if transient and message.attempts < self.policy.max_attempts:
+        # One that may have been delivered waits for its echo even after its last attempt:
+        # if the echo comes, it was delivered, else it fails then (see attempt()).
+        if transient and (message.attempts < self.policy.max_attempts or maybe_delivered):
             m.SENDS.labels(conn.channel, "retrying", code).inc()
             message.status = MessageStatus.RETRYING
             message.error = replace(error, retryable=True)
@@ -441,6 +445,19 @@ class Deliverer:
         message.error = None
         message.next_attempt_at = None
         return await self._record(message, None)
+
+    async def _give_up(self, message: Message) -> Message:
+        """FAILED without another attempt: the last one heard no answer and no echo came
+        while its retry waited for one (the worker looks before attempting)."""
+        last = message.error or DeliveryError(ChannelTransientError.reason)
+        log.info("message failed", extra={"message_id": message.id, "reason": last.reason})
+        error = replace(
+            last,
+            retryable=False,
+            message=f"gave up after {message.attempts} attempts: {last.message}"
+            " (no echo of the last one came)",
+        )
+        return await self.record_failure(message, error)
 
     async def record_failure(self, message: Message, error: DeliveryError) -> Message:
         """FAILED with ``error``, without an attempt (nothing reached the channel)."""

@@ -122,6 +122,28 @@ async def test_a_send_that_timed_out_and_was_not_delivered_is_sent_again(out: Ou
     assert await _confirmed(out, sent.id)
 
 
+async def test_a_last_attempt_that_timed_out_fails_once_no_echo_came(out: Out) -> None:
+    await out.control.update_settings(latency_ms=SLOW_MS)
+    await out.control.inject_error(1, account=out.ig_id, always=True, message="Unknown error")
+    reply = await out.send(text="Are you there?")
+    failed = await out.wait_status(reply.message.id, "MESSAGE_STATUS_FAILED", timeout_s=30)
+    # SWITCHBOARD_SEND_MAX_ATTEMPTS in the tests; the last one's wait for an echo was
+    # not another attempt.
+    assert len(failed.attempts) == 3
+    assert len(await out.bodies()) == 3
+    assert all(a.error.maybe_delivered for a in failed.attempts)
+    assert "gave up after 3 attempts" in failed.error.message
+    assert "no echo" in failed.error.message
+    assert not failed.error.retryable
+    updates = await out.events(EventKind.DELIVERY_UPDATE, 5)
+    statuses = [e.payload["status"] for e in updates if e.payload["message_id"] == failed.id]
+    assert statuses == [
+        "MESSAGE_STATUS_QUEUED",
+        *["MESSAGE_STATUS_RETRYING"] * 3,
+        "MESSAGE_STATUS_FAILED",
+    ]
+
+
 async def _confirmed(out: Out, message_id: str) -> bool:
     for _ in range(100):
         if (await out.get(message_id)).HasField("confirmed_at"):
