@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 
 from google.protobuf import timestamp_pb2
@@ -131,14 +132,8 @@ def attachment(a: Attachment) -> common_pb2.Attachment:
 def delivery_error(e: DeliveryError | None) -> common_pb2.DeliveryError | None:
     if e is None:
         return None
-    return common_pb2.DeliveryError(
-        reason=e.reason,
-        message=e.message,
-        channel_code=e.channel_code,
-        channel_subcode=e.channel_subcode,
-        retryable=e.retryable,
-        maybe_delivered=e.maybe_delivered,
-    )
+    # The proto's fields are the dataclass's, by name.
+    return common_pb2.DeliveryError(**dataclasses.asdict(e))
 
 
 def message(m: Message, sender: Participant | None = None) -> common_pb2.Message:

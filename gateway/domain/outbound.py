@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 from gateway.config import Secret
 from gateway.domain.errors import InvalidArgument
-from gateway.domain.models import Attachment, Connection, Conversation, DeliveryError
+from gateway.domain.models import Attachment, Connection, Conversation, DeliveryError, Message
 
 HUMAN_AGENT = "HUMAN_AGENT"
 
@@ -41,7 +41,7 @@ class ContentKind(enum.StrEnum):
 def echoed_as_message(kind: str) -> bool:
     """Whether the channel echoes content of this kind as a message once delivered (a
     reaction or a sender action is not a message)."""
-    return kind not in (ContentKind.REACTION, ContentKind.SENDER_ACTION)
+    return bool(kind) and kind not in (ContentKind.REACTION, ContentKind.SENDER_ACTION)
 
 
 class RateCategory(enum.StrEnum):
@@ -304,6 +304,12 @@ def _validate_template(elements: tuple[TemplateElement, ...], limits: OutboundLi
 
 
 # ---- storage form (Message.content["outbound"]) ----
+
+
+def stored_kind(message: Message) -> str:
+    """The kind of content a stored outbound message holds ("" when it holds none)."""
+    outbound = message.content.get("outbound")
+    return str(outbound.get("kind") or "") if isinstance(outbound, dict) else ""
 
 
 def to_json(message: OutboundMessage) -> dict[str, Any]:

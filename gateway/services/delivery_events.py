@@ -7,6 +7,7 @@ message and the change, so that recording the same change twice yields one event
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 from typing import Any
 
@@ -17,15 +18,8 @@ from gateway.domain.models import DeliveryError, Message
 
 
 def error_json(e: DeliveryError) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "reason": e.reason,
-        "message": e.message,
-        "channel_code": e.channel_code,
-        "channel_subcode": e.channel_subcode,
-        "retryable": e.retryable,
-        "maybe_delivered": e.maybe_delivered,
-    }
-    return {k: v for k, v in data.items() if v not in ("", 0, False)}
+    # The proto's DeliveryError has the dataclass's field names.
+    return {k: v for k, v in dataclasses.asdict(e).items() if v not in ("", 0, False)}
 
 
 def delivery_update_payload(message: Message) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 from gateway.domain.models import DeliveryError, Message, MessageStatus
-from gateway.domain.outbound import echoed_as_message
+from gateway.domain.outbound import echoed_as_message, stored_kind
 from gateway.domain.store import Store
 from gateway.observability import outbound_metrics as m
 from gateway.services.outbound_delivery import Deliverer
@@ -126,8 +126,7 @@ def _may_be_out(message: Message) -> bool:
     attempt heard no answer, or it is QUEUED and the worker claims it, which is also how
     a first attempt cut off (a process that stopped mid-send) comes back. Only what the
     channel echoes as a message can be recognised by its echo."""
-    outbound = message.content.get("outbound")
-    if not isinstance(outbound, dict) or not echoed_as_message(str(outbound.get("kind"))):
+    if not echoed_as_message(stored_kind(message)):
         return False
     if message.status is MessageStatus.QUEUED:
         return True

@@ -36,7 +36,13 @@ from gateway.domain.models import (
     Message,
     MessageStatus,
 )
-from gateway.domain.outbound import ContentKind, DeliveryAttempt, SendBatch, SendTarget
+from gateway.domain.outbound import (
+    ContentKind,
+    DeliveryAttempt,
+    SendBatch,
+    SendTarget,
+    stored_kind,
+)
 from gateway.store import bulk, rows
 from gateway.store.locks import message_ids_lock
 from gateway.store.rows import Codec, Params
@@ -191,8 +197,7 @@ def _unique(values: Iterable[str]) -> list[str]:
 
 
 def _unordered(message: Message) -> bool:
-    outbound = message.content.get("outbound")
-    return isinstance(outbound, dict) and outbound.get("kind") == ContentKind.SENDER_ACTION
+    return stored_kind(message) == ContentKind.SENDER_ACTION
 
 
 def _document(rows_: list[dict[str, Any]]) -> bytes:

@@ -7,6 +7,7 @@ travels (timestamptz and JSONB on PostgreSQL, sortable text on SQLite), which a
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -268,16 +269,8 @@ def attachment_to_json(a: Attachment) -> dict[str, str]:
 
 
 def error_to_json(e: DeliveryError) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "reason": e.reason,
-        "message": e.message,
-        "channel_code": e.channel_code,
-        "channel_subcode": e.channel_subcode,
-        "retryable": e.retryable,
-    }
-    if e.maybe_delivered:
-        out["maybe_delivered"] = True
-    return out
+    # Its fields by name, as DeliveryError(**...) reads them back.
+    return dataclasses.asdict(e)
 
 
 def message_identity(m: Message) -> dict[str, Any]:

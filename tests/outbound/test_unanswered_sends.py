@@ -22,6 +22,7 @@ from gateway.store import open_store
 from tests.helpers import bearer
 from tests.outbound.conftest import Out
 from tests.outbound.test_echo import subscribe
+from tests.outbound.test_send_order import statuses
 
 # Meta answers after 1.2 s; the gateway waits 0.4 s for it.
 SLOW_MS = 1200
@@ -135,9 +136,7 @@ async def test_a_last_attempt_that_timed_out_fails_once_no_echo_came(out: Out) -
     assert "gave up after 3 attempts" in failed.error.message
     assert "no echo" in failed.error.message
     assert not failed.error.retryable
-    updates = await out.events(EventKind.DELIVERY_UPDATE, 5)
-    statuses = [e.payload["status"] for e in updates if e.payload["message_id"] == failed.id]
-    assert statuses == [
+    assert await statuses(out, failed.id, 5) == [
         "MESSAGE_STATUS_QUEUED",
         *["MESSAGE_STATUS_RETRYING"] * 3,
         "MESSAGE_STATUS_FAILED",
