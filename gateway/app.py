@@ -266,6 +266,7 @@ class Gateway:
                 retry_base_s=cfg.send_retry_base_s,
                 retry_max_s=cfg.send_retry_max_s,
                 unanswered_wait_s=cfg.send_unanswered_wait_s,
+                lease_s=cfg.send_lease_s,
             ),
             clock=Clock(),
             outbox=OutboxWriter(relay),

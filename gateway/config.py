@@ -161,6 +161,9 @@ class Config:
     # After an attempt that heard no answer (it may have been delivered), how long its
     # retry waits at least for the channel's echo, which it adopts instead of sending again.
     send_unanswered_wait_s: float = 10.0
+    # How long a message is leased to the process attempting it; half of it bounds the
+    # attempt's rate-limit waits and channel call together.
+    send_lease_s: float = 60.0
     # The raw environment, for channel plugins (they validate their own variables).
     environ: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
     # SWITCHBOARD_* variables that were set but are not read (a typo, an old name).
@@ -264,6 +267,7 @@ class Config:
             send_unanswered_wait_s=reader.number(
                 "SEND_UNANSWERED_WAIT_SECONDS", 10.0, low=0, high=3600
             ),
+            send_lease_s=reader.number("SEND_LEASE_SECONDS", 60.0, low=3, high=3600),
             environ=env,
         )
         # The test suite's own variables share the prefix; they are not the gateway's.
@@ -319,6 +323,7 @@ _VARIABLES: dict[str, tuple[str, float]] = {
     "send_retry_max_s": ("SEND_RETRY_MAX_SECONDS", 0.0),
     "send_poll_s": ("SEND_POLL_SECONDS", 0.0),
     "send_unanswered_wait_s": ("SEND_UNANSWERED_WAIT_SECONDS", 0.0),
+    "send_lease_s": ("SEND_LEASE_SECONDS", 0.0),
 }
 
 

@@ -140,10 +140,12 @@ def test_the_description_names_the_variables_that_are_read() -> None:
             "SWITCHBOARD_SEND_WAIT_SECONDS": "0.5",
             "SWITCHBOARD_WEBHOOK_ACK_TIMEOUT_SECONDS": "3",
             "SWITCHBOARD_WEBHOOK_ECHO_WAIT_MS": "20",
+            "SWITCHBOARD_SEND_LEASE_SECONDS": "90",
             "SWITCHBOARD_LOG_FORMAT": "json",
         }
     )
     described = dict(config.describe())
+    assert described["SWITCHBOARD_SEND_LEASE_SECONDS"] == "90.0"
     assert described["SWITCHBOARD_SHUTDOWN_GRACE_SECONDS"] == "5.0"
     assert described["SWITCHBOARD_TOKEN_REFRESH_MARGIN_DAYS"] == "7"
     assert described["SWITCHBOARD_SEND_RATE_TEXT_PER_SECOND"] == "40.0"
@@ -152,6 +154,13 @@ def test_the_description_names_the_variables_that_are_read() -> None:
     again = Config.from_environ({k: v for k, v in described.items() if v != "(unset)"})
     assert again.ignored == ()
     assert again == config
+
+
+@pytest.mark.parametrize("value", ["1", "7200", "soon"])
+def test_a_send_lease_out_of_range_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_environ({"SWITCHBOARD_SEND_LEASE_SECONDS": value})
+    assert [p.split(":")[0] for p in caught.value.problems] == ["SWITCHBOARD_SEND_LEASE_SECONDS"]
 
 
 def test_unknown_variables_are_reported_as_ignored() -> None:

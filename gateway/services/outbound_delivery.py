@@ -99,13 +99,22 @@ class DeliveryPolicy:
     max_attempts: int = 6
     retry_base_s: float = 1.0
     retry_max_s: float = 300.0
-    # A message is leased this long to whoever attempts it (longer than a Send API call).
+    # A message is leased this long to whoever attempts it. An attempt spends at most half
+    # of it on rate-limit waits and the channel's call (``attempt_bound_s``) and a third on
+    # recording the outcome; the rest covers the claim's own commit. A lease that lapsed
+    # while its attempt went on would have another worker send the message again.
     lease_s: float = 60.0
     # Token-bucket waits up to this long are slept in place; longer ones hold the message.
     max_inline_wait_s: float = 1.0
     # After an attempt that may have been delivered (no answer), the retry waits at least
     # this long for the channel's echo, and adopts it if it came rather than send again.
     unanswered_wait_s: float = 10.0
+
+    @property
+    def attempt_bound_s(self) -> float:
+        """How long an attempt may wait for a rate-limit token and for the channel's answer
+        together; a call still unanswered then is given up as one that heard no answer."""
+        return self.lease_s / 2
 
     def retry_after(self, attempts: int, *, maybe_delivered: bool) -> timedelta:
         backoff = self.backoff(attempts)
@@ -244,6 +253,7 @@ class Deliverer:
     ) -> Message:
         """One attempt at a message this process holds the lease of; returns it as stored.
         ``content``: the message's content when the caller has it (else read from it)."""
+        deadline = time.monotonic() + self.policy.attempt_bound_s
         sender = self.sender_of(conn.channel)
         if conn.status is not ConnectionStatus.CONNECTED or sender is None:
             reason = f"CONNECTION_{conn.status.value}" if sender else "CHANNEL_CANNOT_SEND"
@@ -270,12 +280,15 @@ class Deliverer:
             )
             await mark_needs_reauth(self._store, conn.id, error.message, notify=self.outbox.notify)
             return await self.record_failure(message, error)
-        return await self._send(message, conn, sender, content, token, fail_fast=fail_fast)
+        return await self._send(
+            message, conn, sender, content, token, deadline=deadline, fail_fast=fail_fast
+        )
 
     async def _admit(
         self, message: Message, conn: Connection, content: OutboundMessage
     ) -> Message | None:
-        """Takes a token, sleeping short waits; None when admitted, else the held message."""
+        """Takes a token, sleeping short waits; None when admitted, else the held message.
+        The time slept comes out of the attempt's bound (``attempt_bound_s``)."""
         category = content.category
         while True:
             admission = await self.limiter.acquire(account_key(conn), category, self.clock.now())
@@ -316,13 +329,30 @@ class Deliverer:
         content: OutboundMessage,
         token: Secret,
         *,
+        deadline: float,
         fail_fast: bool,
     ) -> Message:
         started = self.clock.now()
         clock_started = time.perf_counter()
         latency, sent = self._metrics(conn.channel)
         try:
-            result = await sender.send(conn, token, content)
+            # Whatever the channel's own timeout: the message's lease must outlast its call.
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                result = await sender.send(conn, token, content)
+        except TimeoutError:
+            latency.observe(time.perf_counter() - clock_started)
+            bound = self.policy.attempt_bound_s
+            log.warning(
+                "send call cut at the attempt's bound; it may have been delivered",
+                extra={"message_id": message.id, "bound_s": bound},
+            )
+            unanswered = ChannelTransientError(
+                f"no answer from the channel within the attempt's {bound:g} s, half of the"
+                f" message's {self.policy.lease_s:g} s lease (SWITCHBOARD_SEND_LEASE_SECONDS);"
+                " the request may have been carried out",
+                maybe_delivered=True,
+            )
+            return await self._refused(message, conn, unanswered, started, fail_fast=fail_fast)
         except ChannelError as exc:
             latency.observe(time.perf_counter() - clock_started)
             return await self._refused(message, conn, exc, started, fail_fast=fail_fast)

@@ -44,7 +44,7 @@ def out_extra() -> dict[str, str]:
     }
 
 
-async def _accepted_mids(out: Out, count: int, timeout_s: float = 10.0) -> list[str]:
+async def accepted_mids(out: Out, count: int, timeout_s: float = 10.0) -> list[str]:
     """The message ids the sandbox gave the account's accepted sends, once ``count`` are."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
@@ -77,7 +77,7 @@ async def test_a_send_that_timed_out_but_was_delivered_is_not_sent_again(out: Ou
     assert reply.message.error.maybe_delivered
     assert reply.message.error.reason == "CHANNEL_TRANSIENT"
     # Meta delivers it after all, and echoes it.
-    mids = await _accepted_mids(out, 1)
+    mids = await accepted_mids(out, 1)
     assert len(mids) == 1
     # A retry that sent again would now be answered at once.
     await out.control.update_settings(latency_ms=0)
@@ -118,7 +118,7 @@ async def test_a_send_that_timed_out_and_was_not_delivered_is_sent_again(out: Ou
     # the retry sends it.
     sent = await out.wait_status(reply.message.id, "MESSAGE_STATUS_SENT", timeout_s=15)
     assert [a.number for a in sent.attempts] == [1, 2]
-    assert len(await _accepted_mids(out, 1)) == 1
+    assert len(await accepted_mids(out, 1)) == 1
     assert [b["message"]["text"] for b in await out.bodies()] == ["Still there?"] * 2
     assert await _confirmed(out, sent.id)
 
@@ -188,7 +188,7 @@ async def test_a_first_attempt_cut_off_by_a_stop_is_not_sent_again_when_delivere
                 await attempt
         finally:
             await stopping.aclose()
-    mids = await _accepted_mids(out, 1)
+    mids = await accepted_mids(out, 1)
     assert len(mids) == 1
     await out.control.update_settings(latency_ms=0)
 

@@ -18,11 +18,14 @@ from tests.outbound.test_send_order import accepted
 async def test_a_message_waiting_for_a_slot_is_not_sent_again_by_another_worker(
     out: Out,
 ) -> None:
-    second, _, _ = await customer_writes(out.gateway, out.control, out.connection)
+    customers = [out.customer]
+    for _ in range(2):
+        other_customer, _, _ = await customer_writes(out.gateway, out.control, out.connection)
+        customers.append(other_customer)
     await out.throttle()
-    # Two conversations, so that both messages are due together once the pause ends.
+    # Three conversations, so that the messages are due together once the pause ends.
     ids = []
-    for c, customer in enumerate([out.customer, second]):
+    for c, customer in enumerate(customers):
         reply = await out.send(text=f"c{c}", recipient_id=customer)
         assert reply.message.status == common_pb2.MESSAGE_STATUS_QUEUED
         ids.append(reply.message.id)
@@ -32,8 +35,10 @@ async def test_a_message_waiting_for_a_slot_is_not_sent_again_by_another_worker(
     assert worker is not None
     await worker.aclose()
     first = service.deliverer
-    # Meta takes two seconds a call; a claim is leased for three.
-    policy = replace(first.policy, lease_s=3.0)
+    # Meta takes two seconds a call; a claim is leased for five (an attempt may take half of
+    # it). Claimed together, the third message would wait four seconds for its slot and
+    # still be in its call when its lease lapsed.
+    policy = replace(first.policy, lease_s=5.0)
     await out.control.update_settings(latency_ms=2000)
     async with open_store(gateway.config.database_url.reveal()) as store:
         deliverers = [out.other_deliverer(store, policy) for _ in range(2)]
@@ -55,4 +60,4 @@ async def test_a_message_waiting_for_a_slot_is_not_sent_again_by_another_worker(
             await one_at_a_time.aclose()
             for deliverer in deliverers:
                 await deliverer.aclose()
-    assert sorted(await accepted(out)) == ["c0", "c1"]
+    assert sorted(await accepted(out)) == ["c0", "c1", "c2"]
