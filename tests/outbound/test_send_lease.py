@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 from switchboard.v1 import common_pb2
 
-from gateway.domain.events import EventKind
 from tests.outbound.conftest import Out
 from tests.outbound.test_echo import subscribe
-from tests.outbound.test_unanswered_sends import accepted_mids
+from tests.outbound.test_unanswered_sends import adopted
 
 
 @pytest.fixture
@@ -33,13 +32,5 @@ async def test_a_call_longer_than_half_the_lease_ends_unanswered_and_its_echo_is
     assert reply.message.error.maybe_delivered
     assert "3 s lease" in reply.message.error.message
     # Meta carries the call out after all, and echoes the message.
-    mids = await accepted_mids(out, 1)
-    assert len(mids) == 1
-    await out.control.update_settings(latency_ms=0)
-
-    sent = await out.wait_status(reply.message.id, "MESSAGE_STATUS_SENT", timeout_s=15)
-    assert sent.external_id == mids[0]
-    assert sent.HasField("confirmed_at")
+    sent = await adopted(out, reply.message.id)
     assert [a.number for a in sent.attempts] == [1]
-    assert len(await out.bodies()) == 1
-    assert await out.events(EventKind.MESSAGE_ECHOED, 1, timeout_s=0.5) == []
