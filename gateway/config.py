@@ -355,6 +355,26 @@ def log_level_from(environ: Mapping[str, str]) -> str:
     return level
 
 
+def read_number(
+    variable: str, raw: str, default: float, *, low: float, high: float, problems: list[str]
+) -> float:
+    """``raw``, the value of ``variable``, as a number from ``low`` to ``high``; ``default``
+    when unset, and when it is no number or out of range (a line in ``problems`` then).
+    Channel plugins read their own variables with it too."""
+    raw = raw.strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        problems.append(f"{variable}: {raw!r} is not a number")
+        return default
+    if not low <= value <= high:
+        problems.append(f"{variable}: {raw} is outside {low:g}..{high:g}")
+        return default
+    return value
+
+
 class _Reader:
     def __init__(self, env: Mapping[str, str], problems: list[str]) -> None:
         self.env = env
@@ -382,14 +402,4 @@ class _Reader:
 
     def number(self, name: str, default: float, *, low: float, high: float) -> float:
         raw = self.text(name, "")
-        if not raw:
-            return default
-        try:
-            value = float(raw)
-        except ValueError:
-            self.problems.append(f"{PREFIX}{name}: {raw!r} is not a number")
-            return default
-        if not low <= value <= high:
-            self.problems.append(f"{PREFIX}{name}: {raw} is outside {low:g}..{high:g}")
-            return default
-        return value
+        return read_number(PREFIX + name, raw, default, low=low, high=high, problems=self.problems)

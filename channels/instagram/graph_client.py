@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from channels.instagram.settings import DEFAULT_API_TIMEOUT_S
 from channels.instagram.usage import parse_usage, regain_at, retry_after
 from gateway.config import Secret
 from gateway.domain.errors import (
@@ -61,7 +62,9 @@ class GraphResponse:
 class GraphClient:
     """``request(method, host_setting, path, ...)`` against the host ``base_url`` names."""
 
-    def __init__(self, base_url: Callable[[str], str], *, timeout_s: float = 15.0) -> None:
+    def __init__(
+        self, base_url: Callable[[str], str], *, timeout_s: float = DEFAULT_API_TIMEOUT_S
+    ) -> None:
         self._base_url = base_url
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from gateway.config import Secret
+from gateway.config import Secret, read_number
 from gateway.domain.errors import ConfigError
 
 FLOW_FACEBOOK = "facebook"
@@ -132,16 +132,14 @@ class InstagramSettings:
             if not _SCOPE.match(scope):
                 problems.append(f"FACEBOOK_LOGIN_EXTRA_SCOPES: {scope!r} is not a permission name")
 
-        api_timeout_s = DEFAULT_API_TIMEOUT_S
-        if get("INSTAGRAM_API_TIMEOUT_SECONDS"):
-            try:
-                api_timeout_s = float(get("INSTAGRAM_API_TIMEOUT_SECONDS"))
-            except ValueError:
-                api_timeout_s = -1.0
-            if not 0.1 <= api_timeout_s <= 300:
-                problems.append(
-                    "INSTAGRAM_API_TIMEOUT_SECONDS: must be a number of seconds from 0.1 to 300"
-                )
+        api_timeout_s = read_number(
+            "INSTAGRAM_API_TIMEOUT_SECONDS",
+            get("INSTAGRAM_API_TIMEOUT_SECONDS"),
+            DEFAULT_API_TIMEOUT_S,
+            low=0.1,
+            high=300,
+            problems=problems,
+        )
 
         redirect_uri = get("INSTAGRAM_REDIRECT_URI") or (
             f"{public_url.rstrip('/')}/oauth/instagram/callback"

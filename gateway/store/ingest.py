@@ -171,6 +171,10 @@ class _ConversationDraft:
     last_message_at: datetime | None = None
     last_inbound_at: datetime | None = None
 
+    @property
+    def window_expires_at(self) -> datetime | None:
+        return None if self.last_inbound_at is None else self.last_inbound_at + WINDOW
+
 
 def _customer_json(customer_id: str, d: _ConversationDraft) -> dict[str, Any]:
     """A row of ``_UPSERT_TOGETHER``."""
@@ -183,7 +187,7 @@ def _customer_json(customer_id: str, d: _ConversationDraft) -> dict[str, Any]:
         "h": d.connection.channel,
         "lm": d.last_message_at,
         "li": d.last_inbound_at,
-        "we": None if d.last_inbound_at is None else d.last_inbound_at + WINDOW,
+        "we": d.window_expires_at,
     }
 
 
@@ -405,7 +409,6 @@ class InboundWriter:
     def _conversation_row(
         self, d: _ConversationDraft, participant: Participant, now: datetime
     ) -> Params:
-        window = None if d.last_inbound_at is None else d.last_inbound_at + WINDOW
         return {
             "id": new_id("cnv"),
             "tenant_id": d.connection.tenant_id,
@@ -415,7 +418,7 @@ class InboundWriter:
             "created_at": self._codec.ts(now),
             "last_message_at": rows.opt_ts(self._codec, d.last_message_at),
             "last_inbound_at": rows.opt_ts(self._codec, d.last_inbound_at),
-            "window_expires_at": rows.opt_ts(self._codec, window),
+            "window_expires_at": rows.opt_ts(self._codec, d.window_expires_at),
         }
 
     # ---- all at once (PostgreSQL) ----

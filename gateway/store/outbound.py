@@ -761,11 +761,11 @@ class OutboundWriter:
         found = await self._ex.fetch(
             "SELECT external_id, created_at FROM messages"
             " WHERE conversation_id = :conv AND direction = 'OUTBOUND' AND sent_at IS NULL"
-            " AND external_id <> '' AND COALESCE(text, '') = :text AND created_at >= :since"
+            " AND external_id <> '' AND text = :text AND created_at >= :since"
             " AND id <> :id ORDER BY created_at LIMIT 1",
             {
                 "conv": message.conversation_id,
-                "text": message.text or "",
+                "text": message.text,
                 "since": self._codec.ts(rows.utc(since)),
                 "id": message.id,
             },
