@@ -36,15 +36,23 @@ from gateway.observability.outbound_metrics import CHANNEL_API_SECONDS
 
 log = logging.getLogger(__name__)
 
-TRANSIENT_CODES = frozenset({1, 2})
+# 1200: the Send API's "temporary send message failure, please try again later".
+TRANSIENT_CODES = frozenset({1, 2, 1200})
 THROTTLE_CODES = frozenset({4, 17, 32, 613, 80002, 80006})
 AUTH_CODES = frozenset({102, 190})
 POLICY_BLOCK_CODE = 368
-# Outside the 24-hour messaging window: code 10 with subcode 2018278 (graph.facebook.com)
-# or 2534022 (graph.instagram.com); 2534022 has also been seen as the code itself. Any
-# other code 10 is a missing permission, which would wrongly ask for a new login.
-OUTSIDE_WINDOW_SUBCODES = frozenset({2018278, 2534022})
+# Outside the 24-hour messaging window: code 10 with subcode 2018278 or 2018065
+# (graph.facebook.com) or 2534022 (graph.instagram.com); 2534022 has also been seen as the
+# code itself.
+OUTSIDE_WINDOW_SUBCODES = frozenset({2018278, 2018065, 2534022})
 OUTSIDE_WINDOW_CODE = 2534022
+# "This person isn't receiving messages from you right now", under code 551, 10 or 200:
+# one customer's choice, not the account's, so it fails that message alone.
+RECIPIENT_UNAVAILABLE_SUBCODES = frozenset({1545041, 2018108})
+# Code 200 for a recipient who is not an admin, developer or tester of an app not yet
+# reviewed and live: a new login would not change that, and the app's testers can still
+# be written to.
+APP_NOT_LIVE_SUBCODES = frozenset({2018021, 2018027, 2018028})
 _POLICY_PAUSE = timedelta(hours=1)
 _TOO_MANY_REQUESTS = 429
 _MAX_MESSAGE = 300
@@ -254,6 +262,11 @@ def _classify(
         return ChannelRequestError(message, reason="OUTSIDE_MESSAGING_WINDOW", **kw)
     if code in AUTH_CODES:
         return ChannelAuthError(message, **kw)
+    if subcode in RECIPIENT_UNAVAILABLE_SUBCODES:
+        return ChannelRequestError(message, reason="RECIPIENT_UNAVAILABLE", **kw)
+    if code == 200 and subcode in APP_NOT_LIVE_SUBCODES:
+        return ChannelRequestError(message, **kw)
+    # Any other code 10 or 200-299 is a permission the account's login lacks.
     if code == 10 or 200 <= code <= 299:
         return ChannelAuthError(message, reason="PERMISSION_MISSING", **kw)
     if code in THROTTLE_CODES:

@@ -163,7 +163,7 @@ class ChannelError(SwitchboardError):
 
 
 class ChannelTransientError(ChannelError):
-    """A temporary failure (network, 5xx, Meta codes 1/2): retry with backoff.
+    """A temporary failure (network, 5xx, Meta codes 1, 2, 1200): retry with backoff.
 
     ``maybe_delivered``: the request may have reached the channel, which then did its work
     without our hearing of it (a timeout or a dropped connection after the request went

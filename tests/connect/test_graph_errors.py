@@ -32,10 +32,18 @@ def graph(code: int, subcode: int | None = None, **extra: Any) -> dict[str, Any]
         (403, graph(10), ChannelAuthError, "PERMISSION_MISSING"),
         (403, graph(200), ChannelAuthError, "PERMISSION_MISSING"),
         (403, graph(10, 2018278), ChannelRequestError, "OUTSIDE_MESSAGING_WINDOW"),
+        (403, graph(10, 2018065), ChannelRequestError, "OUTSIDE_MESSAGING_WINDOW"),
+        # One customer who does not take the business's messages: not the account's login.
+        (403, graph(10, 2018108), ChannelRequestError, "RECIPIENT_UNAVAILABLE"),
+        (403, graph(200, 1545041), ChannelRequestError, "RECIPIENT_UNAVAILABLE"),
+        # A recipient outside an unreviewed app's testers: a new login would not help.
+        (403, graph(200, 2018028), ChannelRequestError, "CHANNEL_REQUEST_INVALID"),
+        (403, graph(200, 2018001), ChannelAuthError, "PERMISSION_MISSING"),
         (403, graph(10, 2534022), ChannelRequestError, "OUTSIDE_MESSAGING_WINDOW"),
         (400, graph(2534022), ChannelRequestError, "OUTSIDE_MESSAGING_WINDOW"),
         (500, graph(1), ChannelTransientError, "CHANNEL_TRANSIENT"),
         (500, graph(2), ChannelTransientError, "CHANNEL_TRANSIENT"),
+        (400, graph(1200), ChannelTransientError, "CHANNEL_TRANSIENT"),
         (400, graph(100, is_transient=True), ChannelTransientError, "CHANNEL_TRANSIENT"),
         (400, graph(4), ChannelRateLimited, "CHANNEL_RATE_LIMITED"),
         (400, graph(80002), ChannelRateLimited, "CHANNEL_RATE_LIMITED"),

@@ -36,6 +36,9 @@ async def test_a_rejected_token_turns_the_connection_needs_reauth(out: Out) -> N
     ("code", "subcode", "reason"),
     [
         (551, 1545041, "RECIPIENT_UNAVAILABLE"),
+        (10, 2018108, "RECIPIENT_UNAVAILABLE"),
+        (200, 1545041, "RECIPIENT_UNAVAILABLE"),
+        (200, 2018028, "CHANNEL_REQUEST_INVALID"),
         (100, 2018001, "CHANNEL_REQUEST_INVALID"),
         (100, 2018047, "CHANNEL_REQUEST_INVALID"),
         (10, 0, "PERMISSION_MISSING"),
@@ -44,6 +47,8 @@ async def test_a_rejected_token_turns_the_connection_needs_reauth(out: Out) -> N
 async def test_permanent_errors_fail_at_once_with_metas_code(
     out: Out, code: int, subcode: int, reason: str
 ) -> None:
+    """Only a permission the login lacks stops the connection; a refusal about one
+    customer fails that message alone."""
     await out.control.inject_error(
         code, subcode=subcode, account=out.ig_id, message=f"(#{code}) Meta refused"
     )
@@ -56,6 +61,11 @@ async def test_permanent_errors_fail_at_once_with_metas_code(
     got = await out.get(reply.message.id)
     assert len(got.attempts) == 1
     assert len(await out.bodies()) == 1
+    async with out.gateway.gateway.store.transaction() as tx:
+        conn = await tx.get_connection(out.connection.id)
+    assert conn is not None
+    expected = "NEEDS_REAUTH" if reason == "PERMISSION_MISSING" else "CONNECTED"
+    assert conn.status.value == expected
 
 
 async def test_a_credential_the_key_ring_cannot_open_names_the_key_and_the_variable(

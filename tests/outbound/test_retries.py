@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import pytest
 from switchboard.v1 import common_pb2
 
 from gateway.domain.events import EventKind
 from tests.outbound.conftest import Out
 
 
-async def test_a_transient_failure_is_retried_then_sent(out: Out) -> None:
-    await out.control.inject_error(2, account=out.ig_id, message="Service temporarily unavailable")
+@pytest.mark.parametrize(
+    ("code", "text"),
+    [
+        (2, "Service temporarily unavailable"),
+        # The Send API's own: answered as a 400, and still worth another attempt.
+        (1200, "Temporary send message failure. Please try again later."),
+    ],
+)
+async def test_a_transient_failure_is_retried_then_sent(out: Out, code: int, text: str) -> None:
+    await out.control.inject_error(code, account=out.ig_id, message=text)
     reply = await out.send(text="Try again", idempotency_key="retry-1")
     assert reply.message.status == common_pb2.MESSAGE_STATUS_RETRYING
-    assert reply.message.error.channel_code == 2
+    assert reply.message.error.channel_code == code
     sent = await out.wait_status(reply.message.id, "MESSAGE_STATUS_SENT")
     assert sent.external_id
     assert [a.number for a in sent.attempts] == [1, 2]
-    assert sent.attempts[0].error.channel_code == 2
+    assert sent.attempts[0].error.channel_code == code
     assert not sent.attempts[1].HasField("error")
     assert len(await out.bodies()) == 2
     updates = await out.events(EventKind.DELIVERY_UPDATE, 3)
