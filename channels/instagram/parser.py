@@ -33,7 +33,7 @@ TEST_ACCOUNT_ID = "0"
 _ENTRY_LISTS = ("messaging", "standby")
 # What an entry holds besides its items; anything else in it is kept as a raw item.
 _ENTRY_KEYS = frozenset({"id", "time", "changes", *_ENTRY_LISTS})
-_HEADER_KEYS = frozenset({"sender", "recipient", "timestamp"})
+_HEADER_KEYS = frozenset({"sender", "recipient", "timestamp", "is_self"})
 
 # Instagram attachment types -> the neutral names of AttachmentType.
 ATTACHMENT_TYPES: Mapping[str, str] = {
@@ -41,6 +41,7 @@ ATTACHMENT_TYPES: Mapping[str, str] = {
     "video": "video",
     "audio": "audio",
     "file": "file",
+    "media": "media",
     "share": "share",
     "story_mention": "story_mention",
     "reel": "reel",
@@ -185,7 +186,13 @@ def _item(
         return _message(
             raw, message, EventKind.MESSAGE_RECEIVED, (recipient, entry_id), sender, ts, occurred
         )
-    accounts = _ids(recipient, entry_id)
+    if _true(raw.get("is_self")):
+        # Self messaging (a business testing on its own account) says so beside the item,
+        # as on its postbacks: the business is the sender, and its own Instagram-scoped id
+        # the customer, as in the echoes of its messages, so both share one conversation.
+        accounts, customer = _ids(sender, entry_id), recipient
+    else:
+        accounts, customer = _ids(recipient, entry_id), sender
     edit = raw.get("message_edit")
     if isinstance(edit, dict):
         mid = _str(edit.get("mid"))
@@ -193,14 +200,14 @@ def _item(
         if count == 0:
             # Instagram also sends this notice for messages never edited (num_edit 0, often
             # without text): it changes nothing, so it is not an edit; kept whole, as raw.
-            return _raw(raw, "message_edit", accounts, sender, occurred, ts)
+            return _raw(raw, "message_edit", accounts, customer, occurred, ts)
         # Without text the new wording is unknown: the stored text stays as it was.
         text = _str(edit.get("text"))
         return InboundItem(
             source=raw,
             kind=EventKind.MESSAGE_EDITED,
             account_ids=accounts,
-            customer_id=sender,
+            customer_id=customer,
             occurred_at=occurred,
             dedupe_key=f"edit:{mid}:{count}:{ts}:{_digest(text)}",
             external_id=mid,
@@ -217,7 +224,7 @@ def _item(
             source=raw,
             kind=EventKind.REACTION_CHANGED,
             account_ids=accounts,
-            customer_id=sender,
+            customer_id=customer,
             occurred_at=occurred,
             dedupe_key=f"react:{mid}:{sender}:{react}:{name}:{emoji}:{ts}",
             external_id=mid,
@@ -232,7 +239,7 @@ def _item(
             source=raw,
             kind=EventKind.MESSAGES_READ,
             account_ids=accounts,
-            customer_id=sender,
+            customer_id=customer,
             occurred_at=occurred,
             dedupe_key=f"read:{mid}:{sender}:{ts}",
             external_id=mid,
@@ -245,7 +252,7 @@ def _item(
             source=raw,
             kind=EventKind.POSTBACK,
             account_ids=accounts,
-            customer_id=sender,
+            customer_id=customer,
             occurred_at=occurred,
             dedupe_key=f"pb:{mid}:{sender}:{ts}:{_digest(payload)}",
             external_id=mid,
@@ -259,13 +266,13 @@ def _item(
             source=raw,
             kind=EventKind.REFERRAL,
             account_ids=accounts,
-            customer_id=sender,
+            customer_id=customer,
             occurred_at=occurred,
             dedupe_key=f"ref:{sender}:{ts}:{info.ref}:{info.source}",
             referral=info,
         )
     kind = next((k for k in raw if k not in _HEADER_KEYS), "unknown")
-    return _raw(raw, kind, accounts, sender, occurred, ts)
+    return _raw(raw, kind, accounts, customer, occurred, ts)
 
 
 def _message(
@@ -289,7 +296,12 @@ def _message(
     if isinstance(reply, dict):
         reply_mid = _str(reply.get("mid"))
         if isinstance(reply.get("story"), dict):
-            story = StoryRef(id=_str(reply["story"].get("id")), url=_str(reply["story"].get("url")))
+            ref = reply["story"]
+            story = StoryRef(
+                id=_str(ref.get("id")),
+                url=_str(ref.get("url")),
+                link_sticker_url=_str(ref.get("link_sticker_url")),
+            )
     quick = message.get("quick_reply")
     referral = message.get("referral")
     attachments = message.get("attachments")

@@ -142,7 +142,11 @@ def message(m: Message, sender: Participant | None = None) -> common_pb2.Message
     if reply.get("story"):
         story = reply["story"]
         reply_to = common_pb2.ReplyTo(
-            story=common_pb2.StoryRef(id=str(story.get("id", "")), url=str(story.get("url", "")))
+            story=common_pb2.StoryRef(
+                id=str(story.get("id", "")),
+                url=str(story.get("url", "")),
+                link_sticker_url=str(story.get("link_sticker_url", "")),
+            )
         )
     elif reply.get("mid") or reply.get("message_id"):
         reply_to = common_pb2.ReplyTo(

@@ -58,6 +58,7 @@ class ReferralInfo:
 class StoryRef:
     id: str = ""
     url: str = ""
+    link_sticker_url: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,9 +226,10 @@ def message_from_item(
     (the keys gateway.api.convert reads)."""
     content: dict[str, Any] = {}
     if item.reply_to_story is not None:
-        content["reply_to"] = {
-            "story": {"id": item.reply_to_story.id, "url": item.reply_to_story.url}
-        }
+        story = item.reply_to_story
+        content["reply_to"] = {"story": {"id": story.id, "url": story.url}}
+        if story.link_sticker_url:
+            content["reply_to"]["story"]["link_sticker_url"] = story.link_sticker_url
     elif item.reply_to_external_id:
         content["reply_to"] = {"mid": item.reply_to_external_id}
     if item.quick_reply_payload:

@@ -42,6 +42,7 @@ _ATTACHMENT_TYPES = frozenset(
         "template",
         "fallback",
         "sticker",
+        "media",
     }
 )
 

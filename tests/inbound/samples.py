@@ -35,6 +35,7 @@ def samples() -> dict[str, dict[str, Any]]:
                             "video",
                             "audio",
                             "file",
+                            "media",
                             "story_mention",
                             "reel",
                             "ig_reel",
@@ -70,7 +71,13 @@ def samples() -> dict[str, dict[str, Any]]:
                 "message": {
                     "mid": "m-story",
                     "text": "nice",
-                    "reply_to": {"story": {"url": "https://cdn/s.mp4", "id": "st-1"}},
+                    "reply_to": {
+                        "story": {
+                            "url": "https://cdn/s.mp4",
+                            "id": "st-1",
+                            "link_sticker_url": "https://shop.example/sale",
+                        }
+                    },
                 }
             }
         ),

@@ -14,7 +14,7 @@ import grpc.aio
 import orjson
 import psycopg
 import pytest
-from switchboard.v1 import messaging_pb2, messaging_pb2_grpc
+from switchboard.v1 import common_pb2, messaging_pb2, messaging_pb2_grpc
 
 from channels.instagram.signature import sign
 from tests.gateway_harness import store_connection
@@ -218,6 +218,26 @@ async def test_every_kind_arrives_typed_and_updates_the_stored_message(stack: St
     assert original.text == "hello"
     assert original.edit_count == 1
     assert original.deleted
+
+
+async def test_a_story_reply_keeps_its_link_sticker_and_media_stays_media(stack: Stack) -> None:
+    story = {"id": "st-9", "url": "https://cdn/story.mp4", "link_sticker_url": "https://shop/x"}
+    async with stack.subscriber() as sub:
+        await stack.control.send_dm(
+            stack.ig_id,
+            "where is this?",
+            reply_to={"story": story},
+            attachments=[{"type": "media", "payload": {"url": "https://cdn/m.jpg"}}],
+        )
+        (event,) = await sub.take(1)
+    message = event.payload["message"]
+    assert message["reply_to"] == {"story": story}
+    assert message["attachments"] == [
+        {"type": "ATTACHMENT_TYPE_MEDIA", "url": "https://cdn/m.jpg", "raw_type": "media"}
+    ]
+    (stored,) = await stored_messages(stack, event.conversation_id)
+    assert stored.reply_to.story.link_sticker_url == "https://shop/x"
+    assert stored.attachments[0].type == common_pb2.ATTACHMENT_TYPE_MEDIA
 
 
 async def test_meta_retries_and_duplicates_are_published_once(stack: Stack) -> None:

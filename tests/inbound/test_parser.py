@@ -50,8 +50,10 @@ def test_every_attachment_type_keeps_url_title_and_media_id() -> None:
     assert by_raw["share"].title == "Look"
     assert by_raw["ig_post"].type == "post"
     assert by_raw["ig_post"].media_id == "18000000001"
+    assert by_raw["media"].type == "media"
+    assert by_raw["media"].url == "https://cdn.example/media"
     assert by_raw["hologram"].type == "other"
-    assert len(item.attachments) == 14
+    assert len(item.attachments) == 15
 
 
 def test_replies_quick_replies_and_referrals() -> None:
@@ -60,6 +62,7 @@ def test_replies_quick_replies_and_referrals() -> None:
     story = parse_one(s["reply_to_story"]).reply_to_story
     assert story is not None
     assert (story.id, story.url) == ("st-1", "https://cdn/s.mp4")
+    assert story.link_sticker_url == "https://shop.example/sale"
     assert parse_one(s["quick_reply"]).quick_reply_payload == "COLOR_RED"
     ad = parse_one(s["ads_referral"]).referral
     assert ad is not None
@@ -78,6 +81,36 @@ def test_echo_and_self_swap_sender_and_recipient() -> None:
     me = parse_one(samples()["self"])
     assert me.kind == EventKind.MESSAGE_ECHOED
     assert me.is_self
+
+
+def test_a_self_postback_is_in_the_conversation_of_the_self_echoes() -> None:
+    """Self messaging: the business writes to its own account under its own
+    Instagram-scoped id, and its postbacks say is_self beside the item (Meta's sample)."""
+    self_igsid = "9900000000000001"
+    echo = parse_one(
+        {
+            "sender": {"id": IG_ID},
+            "recipient": {"id": self_igsid},
+            "timestamp": TS,
+            "message": {"mid": "m-self-echo", "text": "Start", "is_echo": True, "is_self": True},
+        }
+    )
+    postback = parse_one(
+        {
+            "sender": {"id": IG_ID},
+            "recipient": {"id": self_igsid},
+            "timestamp": TS,
+            "is_self": True,
+            "postback": {"title": "Start Chatting", "payload": "DEV_PAYLOAD", "mid": "m-self-pb"},
+        }
+    )
+    assert postback.kind == EventKind.POSTBACK
+    assert postback.payload == "DEV_PAYLOAD"
+    assert postback.customer_id == echo.customer_id == self_igsid
+    assert IG_ID in postback.account_ids
+    # Beside an item the parser does not know, the flag does not name its kind.
+    odd = parse_one({**inbound({"hologram": {"x": 1}}), "is_self": True})
+    assert (odd.kind, odd.raw_kind) == (EventKind.RAW, "hologram")
 
 
 @pytest.mark.parametrize(
