@@ -94,7 +94,7 @@ def build_body(m: OutboundMessage) -> dict[str, Any]:
         body["message"] = _message(m)
         if m.reply_to_external_id:
             body["reply_to"] = {"mid": m.reply_to_external_id}
-    if m.tag == HUMAN_AGENT and "message" in body:
+    if m.tag == HUMAN_AGENT and m.kind in LIMITS.tagged_kinds:
         # A message only: a sender action (typing, seen, a reaction) goes with nothing but
         # its recipient, and Meta refuses a tag beside it.
         body["messaging_type"] = "MESSAGE_TAG"

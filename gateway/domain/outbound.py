@@ -138,6 +138,17 @@ class OutboundLimits:
     # The customer's window after their last message, and with the human-agent tag.
     window: timedelta = timedelta(hours=24)
     human_agent_window: timedelta = timedelta(days=7)
+    # What the channel takes a tag with: the rest (a reaction, a sender action) goes out
+    # untagged, so only the untagged window lets it through.
+    tagged_kinds: frozenset[ContentKind] = frozenset(
+        {
+            ContentKind.TEXT,
+            ContentKind.ATTACHMENT,
+            ContentKind.STICKER,
+            ContentKind.SHARE,
+            ContentKind.TEMPLATE,
+        }
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -485,13 +485,17 @@ def _require_window(
     closes = last + sender.limits.window
     if now <= closes:
         return
+    untagged = ""
     if content.tag == HUMAN_AGENT:
-        tagged_closes = last + sender.limits.human_agent_window
-        if now <= tagged_closes:
-            return
-        closes = tagged_closes
+        if content.kind in sender.limits.tagged_kinds:
+            tagged_closes = last + sender.limits.human_agent_window
+            if now <= tagged_closes:
+                return
+            closes = tagged_closes
+        else:
+            untagged = f" (the {HUMAN_AGENT} tag goes with messages, not a {content.kind.value})"
     raise OutsideMessagingWindow(
-        f"the customer's messaging window closed at {_ts(closes)}",
+        f"the customer's messaging window closed at {_ts(closes)}{untagged}",
         metadata={"window_closed_at": _ts(closes), "conversation_id": conversation.id},
     )
 

@@ -7,9 +7,9 @@ from datetime import datetime, timedelta
 
 import grpc
 import pytest
-from switchboard.v1 import common_pb2
+from switchboard.v1 import common_pb2, messaging_pb2
 
-from tests.helpers import error_info
+from tests.helpers import bearer, error_info
 from tests.outbound.conftest import Out
 
 DAY = 86400.0
@@ -40,6 +40,41 @@ async def test_the_human_agent_tag_allows_seven_days(out: Out) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await out.send(text="Much too late", tag="HUMAN_AGENT")
     assert error_info(caught.value).reason == "OUTSIDE_MESSAGING_WINDOW"
+
+
+async def test_the_tag_does_not_stretch_the_window_of_what_goes_out_untagged(out: Out) -> None:
+    """Meta takes the human-agent tag on messages only: a reaction or a typing indicator
+    goes out untagged, so past 24 hours it is refused before anything is stored."""
+    history = await out.stub.ListMessages(
+        messaging_pb2.ListMessagesRequest(conversation_id=out.conversation.id),
+        metadata=bearer(out.gateway.token),
+    )
+    mid = history.messages[0].external_id
+    out.advance(3 * DAY)
+    await out.control.advance_clock(3 * DAY)
+    typing = messaging_pb2.SenderAction(action=messaging_pb2.SenderAction.ACTION_TYPING_ON)
+    for content in (
+        {"sender_action": typing},
+        {"reaction": messaging_pb2.Reaction(message_id=mid, emoji="❤️")},
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await out.send(tag="HUMAN_AGENT", **content)
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        info = error_info(caught.value)
+        assert info.reason == "OUTSIDE_MESSAGING_WINDOW"
+        assert "HUMAN_AGENT" in caught.value.details()
+        assert out.conversation.last_inbound_at is not None
+        closed = datetime.fromisoformat(info.metadata["window_closed_at"].replace("Z", "+00:00"))
+        assert closed == out.conversation.last_inbound_at + timedelta(hours=24)
+    assert await out.bodies() == []
+    after = await out.stub.ListMessages(
+        messaging_pb2.ListMessagesRequest(conversation_id=out.conversation.id),
+        metadata=bearer(out.gateway.token),
+    )
+    assert len(after.messages) == len(history.messages)
+    # A message with the tag still goes, tagged.
+    reply = await out.send(text="A human here", tag="HUMAN_AGENT")
+    assert reply.message.status == common_pb2.MESSAGE_STATUS_SENT, reply.message.error
 
 
 async def test_metas_window_error_maps_to_the_same_reason(out: Out) -> None:
