@@ -325,6 +325,12 @@ def cmd_keys_rotate(_: argparse.Namespace) -> int:
     from gateway.services.credentials import rotate_credentials
 
     config = _load_config()
+    if config.database_backend == "sqlite":
+        # Run from the wrong directory, the missing database is what to say, not the key
+        # ring that the same data dir would have held.
+        from gateway.store import sqlite_path
+
+        _require_sqlite_file(config, sqlite_path(config.database_url.reveal()))
     # Rotation never invents a key: a missing ring is a configuration problem here.
     keyring = KeyRing.load(
         config.encryption_keys.reveal(), data_dir=config.data_dir, allow_generate=False
@@ -370,13 +376,14 @@ def cmd_version(_: argparse.Namespace) -> int:
     return 0
 
 
-def _not_blank(flag: str) -> Callable[[str], str]:
+def _not_blank(flag: str, every: str) -> Callable[[str], str]:
     """An empty value is refused rather than read as "not given": from an unset shell
-    variable, it would otherwise mint a token for every tenant or with every scope."""
+    variable, it would otherwise mint a token for every tenant or with every scope.
+    ``every``: how to ask for all of them instead."""
 
     def parse(value: str) -> str:
         if not value.strip():
-            raise argparse.ArgumentTypeError(f"{flag} must not be empty (use '*' for all)")
+            raise argparse.ArgumentTypeError(f"{flag} must not be empty ({every})")
         return value
 
     return parse
@@ -421,13 +428,13 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--tenant",
         action="append",
-        type=_not_blank("--tenant"),
+        type=_not_blank("--tenant", "use '*' for every tenant"),
         help="a tenant id, or '*' (repeatable; default '*', every tenant)",
     )
     create.add_argument(
         "--scope",
         action="append",
-        type=_not_blank("--scope"),
+        type=_not_blank("--scope", "leave it out for every scope"),
         help="connect, send, read, subscribe or admin (repeatable; default all)",
     )
     create.set_defaults(func=cmd_tokens)

@@ -123,15 +123,18 @@ def test_unknown_scope_is_a_usage_error(env: dict[str, str]) -> None:
     assert "scope" in result.stderr
 
 
-@pytest.mark.parametrize("flag", ["--tenant", "--scope"])
+@pytest.mark.parametrize(
+    ("flag", "hint"),
+    [("--tenant", "use '*' for every tenant"), ("--scope", "leave it out for every scope")],
+)
 def test_an_empty_tenant_or_scope_is_a_usage_error_not_every_one(
-    env: dict[str, str], flag: str
+    env: dict[str, str], flag: str, hint: str
 ) -> None:
     """From an unset shell variable it would otherwise mint an all-powerful token."""
     assert switchboard("migrate", env=env).returncode == 0
     result = switchboard("tokens", "create", "--name", "x", flag, "", env=env)
     assert result.returncode == 2
-    assert f"{flag} must not be empty" in result.stderr
+    assert f"{flag} must not be empty ({hint})" in result.stderr
     assert "x" not in switchboard("tokens", "list", env=env).stdout.split()
 
 
@@ -160,6 +163,18 @@ def test_a_store_command_without_a_database_says_to_migrate_and_creates_nothing(
         "(SWITCHBOARD_DATA_DIR unset: ./var): create it with `switchboard migrate`, "
         "or set SWITCHBOARD_DATA_DIR to the gateway's data dir\n"
     )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keys_rotate_on_the_embedded_default_elsewhere_names_the_missing_database(
+    tmp_path: Path,
+) -> None:
+    """Without SWITCHBOARD_ENCRYPTION_KEYS the key ring lives in the data dir too: from
+    the wrong directory, the database is what to name, not a variable it does not need."""
+    result = switchboard("keys", "rotate", env={"SWITCHBOARD_LOG_FORMAT": "json"}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "no database at" in result.stderr
+    assert "SWITCHBOARD_ENCRYPTION_KEYS" not in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
