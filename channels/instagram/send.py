@@ -78,13 +78,20 @@ def _message(m: OutboundMessage) -> dict[str, Any]:
     raise ChannelRequestError(f"{m.kind.value} is not a message")
 
 
-def build_body(m: OutboundMessage) -> dict[str, Any]:
-    """The Send API's JSON body for one message, exactly as Meta documents it."""
+# Facebook Login's Send API (graph.facebook.com) documents a reaction by its name, "love",
+# where Instagram Login's takes the emoji; its webhooks name it so too.
+_FACEBOOK_REACTIONS = {"\u2764\ufe0f": "love", "\u2764": "love"}
+
+
+def build_body(m: OutboundMessage, *, facebook_login: bool = False) -> dict[str, Any]:
+    """The Send API's JSON body for one message, exactly as Meta documents it for the
+    connection's login flow."""
     body: dict[str, Any] = {"recipient": {"id": m.recipient_id}}
     if m.kind is ContentKind.REACTION:
         if m.emoji:
+            reaction = _FACEBOOK_REACTIONS.get(m.emoji, m.emoji) if facebook_login else m.emoji
             body["sender_action"] = "react"
-            body["payload"] = {"message_id": m.reaction_external_id, "reaction": m.emoji}
+            body["payload"] = {"message_id": m.reaction_external_id, "reaction": reaction}
         else:
             body["sender_action"] = "unreact"
             body["payload"] = {"message_id": m.reaction_external_id}
@@ -122,9 +129,8 @@ class InstagramOutbound:
         self, connection: Connection, token: Secret, message: OutboundMessage
     ) -> SendResult:
         host, path = self.endpoint(connection)
-        reply = await self._graph.call(
-            "POST", host, path, json=build_body(message), token=token, timed=False
-        )
+        body = build_body(message, facebook_login=connection.login_flow == FLOW_FACEBOOK)
+        reply = await self._graph.call("POST", host, path, json=body, token=token, timed=False)
         data = reply.data
         return SendResult(
             external_id=str(data.get("message_id") or ""),

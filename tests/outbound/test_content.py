@@ -213,3 +213,10 @@ async def test_facebook_login_connections_send_as_their_page(out: Out) -> None:
     [record] = await out.control.sent(str(account["ig_id"]))
     assert record["host"] == "graph.facebook.com"
     assert f"/{account['page_id']}/messages" in record["path"]
+    # Facebook Login's Send API names the heart reaction; Instagram Login's takes the emoji.
+    _, _, dm = await customer_writes(out.gateway, out.control, conn, "Love it")
+    reaction = messaging_pb2.Reaction(message_id=str(dm["mid"]), emoji="❤️")
+    reacted = await out.send(reaction=reaction, connection_id=conn.id, recipient_id=igsid)
+    assert reacted.message.status == common_pb2.MESSAGE_STATUS_SENT, reacted.message.error
+    records = await out.control.sent(str(account["ig_id"]))
+    assert records[-1]["body"]["payload"] == {"message_id": dm["mid"], "reaction": "love"}
