@@ -151,12 +151,20 @@ class Gateway:
         return bus
 
     async def ready(self) -> bool:
-        """Store (and bus, when this process runs one) answering."""
+        """The store answering: what every call needs."""
         try:
             await self.store.ping()
-            if self.bus is not None:
-                await self.bus.ping()
-        except (StoreUnavailable, BusUnavailable):
+        except StoreUnavailable:
+            return False
+        return True
+
+    async def bus_ready(self) -> bool:
+        """The bus answering, when this process runs one: what Subscribe needs."""
+        if self.bus is None:
+            return True
+        try:
+            await self.bus.ping()
+        except BusUnavailable:
             return False
         return True
 
@@ -208,6 +216,7 @@ class Gateway:
                     messaging=MessagingServicer(history, bus, self.outbound),
                     authority=self.authority,
                     probe=self.ready,
+                    bus_probe=self.bus_ready,
                 )
                 try:
                     port = await grpc_server.start()

@@ -181,6 +181,54 @@ class RedisClusterNodes:
         proc.wait(timeout=10)
 
 
+class RedisNode:
+    """A throwaway single redis-server on a port of its own, which a test may stop and
+    start again (same port, empty) to play an outage."""
+
+    def __init__(self, workdir: Path) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RedisClusterUnavailable("redis-server must be on PATH")
+        self._server = server
+        self._workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = [self._server, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(self._workdir)]
+        with (self._workdir / "redis.log").open("ab") as log:
+            proc = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        self._proc = proc
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)
+        try:
+            _wait_until("the server to answer", client.ping, [proc], self._workdir, 10)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+            self._proc = None
+
+
+@contextlib.contextmanager
+def redis_node() -> Iterator[RedisNode]:
+    """A running :class:`RedisNode`, stopped and its directory removed on the way out."""
+    workdir = Path(tempfile.mkdtemp(prefix="switchboard-redis-"))
+    node = RedisNode(workdir)
+    try:
+        node.start()
+        yield node
+    finally:
+        node.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def redis_cluster(masters: int = 3, replicas_per_master: int = 0) -> Iterator[str]:
     """A throwaway Redis Cluster of ``masters`` primaries, each with

@@ -26,16 +26,23 @@ from gateway.security.tokens import TokenAuthority
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (
-    connect_pb2.DESCRIPTOR.services_by_name["ChannelConnect"].full_name,
-    messaging_pb2.DESCRIPTOR.services_by_name["Messaging"].full_name,
-)
+CONNECT_SERVICE = connect_pb2.DESCRIPTOR.services_by_name["ChannelConnect"].full_name
+MESSAGING_SERVICE = messaging_pb2.DESCRIPTOR.services_by_name["Messaging"].full_name
+SERVICE_NAMES = (CONNECT_SERVICE, MESSAGING_SERVICE)
 
 Probe = Callable[[], Awaitable[bool]]
 
 
 class GrpcServer:
-    """Owns a grpc.aio server; health follows ``probe`` (store and bus answering)."""
+    """Owns a grpc.aio server. Health follows the probes: the server as a whole (service
+    "") and ChannelConnect are SERVING while ``probe`` (the store) answers; Messaging also
+    needs ``bus_probe`` (Subscribe streams from the bus).
+
+    The bus stays out of the server's overall status on purpose: Kubernetes reads that one,
+    and a pod is ready only when all its containers are, so a Redis outage (shared by
+    every replica: no other pod would do better) would take the webhook sidecar beside it
+    out of the endpoints too, refusing Meta's deliveries the store could still take.
+    """
 
     def __init__(
         self,
@@ -45,10 +52,12 @@ class GrpcServer:
         messaging: MessagingServicer,
         authority: TokenAuthority,
         probe: Probe,
+        bus_probe: Probe | None = None,
         probe_interval_s: float = 2.0,
     ) -> None:
         self._address = address
         self._probe = probe
+        self._bus_probe = bus_probe
         self._probe_interval = probe_interval_s
         self._health = HealthServicer()
         self._server = grpc.aio.server(
@@ -91,23 +100,12 @@ class GrpcServer:
         log.info("grpc listening", extra={"address": f"{self._address.host}:{self.port}"})
         return self.port
 
-    async def _set_all(
-        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
-    ) -> None:
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, status)
-
     async def _check_once(self) -> None:
-        try:
-            ok = await self._probe()
-        except Exception:  # a probe that fails to run means not serving; logged below
-            log.warning("health probe failed", exc_info=True)
-            ok = False
-        await self._set_all(
-            health_pb2.HealthCheckResponse.SERVING
-            if ok
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        store_ok = await _run(self._probe)
+        bus_ok = store_ok and (self._bus_probe is None or await _run(self._bus_probe))
+        for name in ("", CONNECT_SERVICE):
+            await self._health.set(name, _status(store_ok))
+        await self._health.set(MESSAGING_SERVICE, _status(bus_ok))
 
     async def _probe_loop(self) -> None:
         while True:
@@ -131,3 +129,17 @@ class GrpcServer:
 
     async def wait_for_termination(self) -> None:
         await self._server.wait_for_termination()
+
+
+async def _run(probe: Probe) -> bool:
+    try:
+        return await probe()
+    except Exception:  # a probe that fails to run means not serving
+        log.warning("health probe failed", exc_info=True)
+        return False
+
+
+def _status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+    return (
+        health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
