@@ -72,7 +72,9 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self._stack = AsyncExitStack()
-        self.store: Store = open_store(config.database_url.reveal())
+        self.store: Store = open_store(
+            config.database_url.reveal(), pool_size=config.database_pool_size
+        )
         self.bus: Bus | None = None
         self.keyring: KeyRing | None = None
         self.channels = ChannelRegistry(())

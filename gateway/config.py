@@ -164,6 +164,8 @@ class Config:
     # How long a message is leased to the process attempting it; half of it bounds the
     # attempt's rate-limit waits and channel call together.
     send_lease_s: float = 60.0
+    # PostgreSQL connections each process may hold at once (its pool's bound).
+    database_pool_size: int = 10
     # The raw environment, for channel plugins (they validate their own variables).
     environ: Mapping[str, str] = field(repr=False, compare=False, default_factory=dict)
     # SWITCHBOARD_* variables that were set but are not read (a typo, an old name).
@@ -268,6 +270,9 @@ class Config:
                 "SEND_UNANSWERED_WAIT_SECONDS", 10.0, low=0, high=3600
             ),
             send_lease_s=reader.number("SEND_LEASE_SECONDS", 60.0, low=3, high=3600),
+            # At least what one process's concurrent transactions need (two webhook
+            # commits, the send commits, the relay, the workers, the API's reads).
+            database_pool_size=int(reader.number("DATABASE_POOL_SIZE", 10, low=4, high=500)),
             environ=env,
         )
         # The test suite's own variables share the prefix; they are not the gateway's.

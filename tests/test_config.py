@@ -141,11 +141,14 @@ def test_the_description_names_the_variables_that_are_read() -> None:
             "SWITCHBOARD_WEBHOOK_ACK_TIMEOUT_SECONDS": "3",
             "SWITCHBOARD_WEBHOOK_ECHO_WAIT_MS": "20",
             "SWITCHBOARD_SEND_LEASE_SECONDS": "90",
+            "SWITCHBOARD_DATABASE_POOL_SIZE": "6",
             "SWITCHBOARD_LOG_FORMAT": "json",
         }
     )
     described = dict(config.describe())
     assert described["SWITCHBOARD_SEND_LEASE_SECONDS"] == "90.0"
+    assert described["SWITCHBOARD_DATABASE_POOL_SIZE"] == "6"
+    assert config.database_pool_size == 6
     assert described["SWITCHBOARD_SHUTDOWN_GRACE_SECONDS"] == "5.0"
     assert described["SWITCHBOARD_TOKEN_REFRESH_MARGIN_DAYS"] == "7"
     assert described["SWITCHBOARD_SEND_RATE_TEXT_PER_SECOND"] == "40.0"
@@ -161,6 +164,13 @@ def test_a_send_lease_out_of_range_is_refused(value: str) -> None:
     with pytest.raises(ConfigError) as caught:
         Config.from_environ({"SWITCHBOARD_SEND_LEASE_SECONDS": value})
     assert [p.split(":")[0] for p in caught.value.problems] == ["SWITCHBOARD_SEND_LEASE_SECONDS"]
+
+
+@pytest.mark.parametrize("value", ["3", "501", "2.5x"])
+def test_a_pool_size_out_of_range_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_environ({"SWITCHBOARD_DATABASE_POOL_SIZE": value})
+    assert [p.split(":")[0] for p in caught.value.problems] == ["SWITCHBOARD_DATABASE_POOL_SIZE"]
 
 
 def test_unknown_variables_are_reported_as_ignored() -> None:

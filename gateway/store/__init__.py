@@ -36,11 +36,12 @@ def sqlite_path(url: str) -> str:
     return path
 
 
-def open_store(url: str) -> Store:
-    """A store for ``url``, not yet open: use ``async with`` or call ``open()``."""
+def open_store(url: str, *, pool_size: int = 10) -> Store:
+    """A store for ``url``, not yet open: use ``async with`` or call ``open()``.
+    ``pool_size``: the PostgreSQL connections it may hold at once (SQLite has one)."""
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme in ("postgresql", "postgres"):
-        return PostgresStore(url)
+        return PostgresStore(url, max_size=pool_size)
     if scheme == "sqlite":
         return SqliteStore(sqlite_path(url))
     # Only the scheme is echoed: the rest of a database URL may hold a password.

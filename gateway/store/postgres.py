@@ -315,6 +315,11 @@ class PostgresStore(SqlStore):
             name="switchboard-store",
         )
 
+    @property
+    def pool_size(self) -> int:
+        """The connections this store may hold at once."""
+        return self._pool.max_size
+
     async def open(self) -> None:
         # Not waiting lets the process start (and report not-ready) while PostgreSQL is down.
         await self._pool.open(wait=False)

@@ -10,6 +10,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from switchboard.v1 import connect_pb2, connect_pb2_grpc
 
+from gateway.store.postgres import PostgresStore
 from tests.gateway_harness import gateway_environ, run_gateway
 from tests.helpers import bearer, redis_node
 
@@ -25,9 +26,12 @@ async def test_postgres_and_redis_gateway_serves_and_is_healthy(
         str(tmp_path),
         SWITCHBOARD_REDIS_URL=redis_url,
         SWITCHBOARD_REDIS_KEY_PREFIX=f"{redis_prefix}wiring:",
+        SWITCHBOARD_DATABASE_POOL_SIZE="7",
     )
     async with run_gateway(env) as running:
         assert running.gateway.store.backend == "postgres"
+        assert isinstance(running.gateway.store, PostgresStore)
+        assert running.gateway.store.pool_size == 7
         assert running.gateway.bus is not None
         assert running.gateway.bus.backend == "redis"
         async with grpc.aio.insecure_channel(running.grpc_target) as channel:
