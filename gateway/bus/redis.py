@@ -249,6 +249,17 @@ class RedisBus:
                 raise _unavailable(result)
         self._groups.add(group)
 
+    async def known_groups(self) -> list[str]:
+        """Every group a Subscribe has created, whichever process served it: after a
+        rollout, a group whose consumer has not come back (the AI backend down) still has
+        its lag reported, which is when it matters."""
+        try:
+            members = await self.client.smembers(self.keys.groups())
+        except (*REDIS_ERRORS, OSError) as exc:
+            raise _unavailable(exc) from exc
+        names = {m.decode() if isinstance(m, bytes) else str(m) for m in members}
+        return sorted(names | self._groups)
+
     def read_groups(self) -> list[frozenset[int]]:
         """The shards one ``XREADGROUP`` may read together: all of them on one node; on a
         cluster, those whose streams share a hash slot (in practice, one each)."""
@@ -326,7 +337,13 @@ class RedisBus:
                 if time.monotonic() >= next_trim:
                     next_trim = time.monotonic() + self._trim_interval_s
                     await self.trim()
-                for group in list(self._groups):
+                for group in await self.known_groups():
                     await self.group_lag(group)
             except BusUnavailable:
                 log.warning("bus maintenance failed", exc_info=True)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # redis-py may finish a command it was reading when the cancellation came
+                # and return its answer, the CancelledError spent: leave all the same, or
+                # aclose() would wait for this loop forever.
+                raise asyncio.CancelledError

@@ -6,6 +6,7 @@ import asyncio
 import secrets
 
 import redis.asyncio
+from prometheus_client import REGISTRY
 
 from gateway.bus import MemoryBus, RedisBus, open_bus
 from gateway.bus.keys import BusKeys
@@ -69,3 +70,28 @@ async def test_streams_are_capped_by_maxlen(redis_url: str, redis_prefix: str) -
         await client.aclose()
         await bus.aclose()
     assert length < 1000
+
+
+async def test_every_process_reports_the_lag_of_groups_it_never_served(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """After a rollout, no process may have served the AI backend's group yet (the backend
+    is down): its lag must still be reported, which is when the alert on it matters."""
+    prefix = f"{redis_prefix}{secrets.token_hex(4)}:"
+    group = f"ai-{secrets.token_hex(3)}"
+    served = RedisBus(redis_url, key_prefix=prefix, shards=2, block_ms=100)
+    fresh = RedisBus(redis_url, key_prefix=prefix, shards=2, block_ms=100, lag_interval_s=0.05)
+    await served.start()
+    try:
+        async with served.subscribe(Subscription(group, "a")):
+            pass  # the group exists; its consumer went away
+        await served.publish([make_event(f"conv{i}", 0) for i in range(7)])
+        await fresh.start()
+        labels = {"backend": "redis", "group": group}
+        async with asyncio.timeout(10):
+            while REGISTRY.get_sample_value("switchboard_bus_group_lag", labels) != 7:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        assert group in await fresh.known_groups()
+    finally:
+        await fresh.aclose()
+        await served.aclose()
