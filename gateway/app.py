@@ -100,7 +100,7 @@ class Gateway:
             cfg.encryption_keys.reveal(), data_dir=cfg.data_dir, allow_generate=cfg.embedded
         )
         self.channels = load_channels(
-            ChannelContext(environ=cfg.environ, public_url=cfg.public_url)
+            ChannelContext(environ=cfg.environ, public_url=cfg.public_url, embedded=cfg.embedded)
         )
         await self.store.open()
         self._stack.push_async_callback(self.store.aclose)

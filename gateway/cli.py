@@ -247,7 +247,11 @@ def cmd_config_check(_: argparse.Namespace) -> int:
         (name, _key_ring_source(config) if name == KEYS_VARIABLE else value)
         for name, value in config.describe()
     ]
-    channels = load_channels(ChannelContext(environ=config.environ, public_url=config.public_url))
+    channels = load_channels(
+        ChannelContext(
+            environ=config.environ, public_url=config.public_url, embedded=config.embedded
+        )
+    )
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

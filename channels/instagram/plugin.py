@@ -72,7 +72,7 @@ class InstagramChannel:
     @classmethod
     def create(cls, context: ChannelContext) -> InstagramChannel:
         settings = InstagramSettings.from_environ(context.environ, context.public_url)
-        embedded = not (
+        embedded = context.embedded and not (
             settings.instagram_flow_configured
             or settings.facebook_flow_configured
             or settings.uses_sandbox
@@ -118,6 +118,11 @@ class InstagramChannel:
             s = self.settings
             if not (s.instagram_flow_configured or s.facebook_flow_configured):
                 await self._adopt_sandbox_credentials()
+        elif not self.info().configured:
+            log.warning(
+                "instagram: not configured (no Meta app credentials, no INSTAGRAM_SANDBOX_URL);"
+                " the built-in sandbox runs only on the embedded default"
+            )
 
     async def _adopt_sandbox_credentials(self) -> None:
         """A sandbox URL alone: take the credentials the sandbox generated (it shows only

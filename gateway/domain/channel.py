@@ -60,10 +60,17 @@ class HttpResponse:
 
 @dataclass(frozen=True, slots=True)
 class ChannelContext:
-    """What the gateway gives a plugin: its environment and public URLs."""
+    """What the gateway gives a plugin: its environment and public URLs.
+
+    ``embedded``: the gateway runs on its embedded default (SQLite, the in-process bus), a
+    developer's machine: a plugin without credentials may run a stand-in for its platform
+    in the process. Never elsewhere: a production deployment missing its credentials would
+    otherwise serve a stand-in whose control API hands out its secrets and signs webhooks.
+    """
 
     environ: Mapping[str, str]
     public_url: str
+    embedded: bool = False
 
     def callback_url(self, channel: str) -> str:
         return f"{self.public_url.rstrip('/')}/oauth/{channel}/callback"
