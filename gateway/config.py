@@ -191,7 +191,12 @@ class Config:
         if not database_url.startswith(("postgresql://", "postgres://", "sqlite:")):
             problems.append(
                 f"{PREFIX}DATABASE_URL: must start with postgresql:// or sqlite:/// "
-                f"(got scheme {urlsplit(database_url).scheme or 'none'!r})"
+                f"(got scheme {database_url.partition(':')[0] or 'none'!r})"
+            )
+        elif not database_url.startswith("sqlite:") and not _libpq_reads(database_url):
+            problems.append(
+                f"{PREFIX}DATABASE_URL: libpq cannot read it; percent-encode the special"
+                " characters of the user name and password (a space, %, @, :, /, [ or ])"
             )
         redis_url = reader.text("REDIS_URL", "")
         if redis_url:
@@ -332,17 +337,34 @@ _VARIABLES: dict[str, tuple[str, float]] = {
 }
 
 
+def _libpq_reads(url: str) -> bool:
+    """Whether libpq parses the URL. Its own error is never shown: it quotes the part it
+    could not read, which may be the password."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(url)
+    except psycopg.Error:
+        return False
+    return True
+
+
 def _mask_url(url: str) -> str:
     """Keeps a URL readable while hiding its password, in the user part or in the query
     (libpq and redis-py both read ``?password=``). Masked in place, as text: rebuilt by
-    urllib, a URL without a host (``postgresql:///db?host=/run/...``) would lose its ``//``."""
+    urllib, a URL without a host (``postgresql:///db?host=/run/...``) would lose its ``//``.
+    The user part ends at the last ``@``: libpq takes a password holding ``#``, ``?`` or
+    ``/`` as typed, where urllib would end the authority early and show the rest."""
     if not url:
         return ""
-    base, question, rest = url.partition("?")
-    query, hash_, fragment = rest.partition("#")
-    password = urlsplit(url).password
-    if password:
-        base = base.replace(f":{password}@", ":***@", 1)
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, rest = rest.rpartition("@")
+        user, colon, _password = userinfo.partition(":")
+        rest = f"{user}{':***' if colon else ''}@{rest}"
+    base, question, after = (scheme + sep + rest).partition("?")
+    query, hash_, fragment = after.partition("#")
     pairs = parse_qsl(query, keep_blank_values=True)
     if any("password" in k.lower() for k, _ in pairs):
         masked = [(k, "***" if "password" in k.lower() else v) for k, v in pairs]

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.connection import parse_url
 from redis.exceptions import RedisClusterException, RedisError
 
 __all__ = [
@@ -61,11 +62,11 @@ def is_cluster(client: RedisClient) -> TypeGuard[RedisCluster]:
 def redis_url_problem(url: str) -> str | None:
     """Why ``url`` cannot be opened, in one line without the URL (it may hold a
     password); None when it can."""
-    scheme, _ = _split_scheme(url)
+    scheme, rest = _split_scheme(url)
     if scheme not in SCHEMES or "://" not in url:
         return "must start with redis://, rediss://, unix://, redis+cluster:// or rediss+cluster://"
     if scheme not in CLUSTER_SCHEMES:
-        return None
+        return _readable(url)
     try:
         parts = urlsplit(url)
         _ = parts.port  # raises ValueError unless a number from 0 to 65535
@@ -76,4 +77,16 @@ def redis_url_problem(url: str) -> str | None:
     dbs = [parts.path.strip("/"), *parse_qs(parts.query).get("db", [])]
     if any(db not in ("", "0") for db in dbs):
         return "Redis Cluster has only database 0"
+    return _readable(f"{CLUSTER_SCHEMES[scheme]}://{rest}")
+
+
+def _readable(url: str) -> str | None:
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError:
+        # redis-py's own error quotes the part it could not read: maybe the password.
+        return (
+            "redis-py cannot read it; percent-encode the special characters of the"
+            " password (a #, ?, /, @ or %)"
+        )
     return None

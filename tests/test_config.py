@@ -111,6 +111,57 @@ def test_secrets_are_masked_in_repr_and_description() -> None:
 
 
 @pytest.mark.parametrize(
+    ("database", "redis_url", "shown"),
+    [
+        # libpq takes a password holding # or ? as typed; urllib would end the host there.
+        ("postgresql://app:S3cret#Pw_G@db:1/sb", "", "postgresql://app:***@db:1/sb"),
+        ("postgresql://app:S3c?ret_K@db/sb", "", "postgresql://app:***@db/sb"),
+        (
+            "postgresql:///sb?host=/run/pg&password=S3cretQ",
+            "",
+            "postgresql:///sb?host=/run/pg&password=***",
+        ),
+        ("postgresql://app@db/sb", "redis://:Redis%23Pw_X@r:6379/0", "postgresql://app@db/sb"),
+    ],
+)
+def test_passwords_are_masked_however_they_are_written(
+    database: str, redis_url: str, shown: str
+) -> None:
+    env = {
+        "SWITCHBOARD_DATABASE_URL": database,
+        "SWITCHBOARD_ENCRYPTION_KEYS": generate_key_spec("k1"),
+    }
+    if redis_url:
+        env["SWITCHBOARD_REDIS_URL"] = redis_url
+    described = dict(Config.from_environ(env).describe())
+    assert described["SWITCHBOARD_DATABASE_URL"] == shown
+    for secret in ("S3cret", "S3c?ret", "Pw_X", "Redis"):
+        assert secret not in str(described)
+
+
+@pytest.mark.parametrize(
+    ("variable", "url"),
+    [
+        ("SWITCHBOARD_DATABASE_URL", "postgresql://app:S3cret Pw_T@127.0.0.1:1/db"),
+        ("SWITCHBOARD_DATABASE_URL", "postgresql://app:pa%zzss_L@127.0.0.1/db"),
+        ("SWITCHBOARD_DATABASE_URL", "postgresql://app:S3cretPw_I@[::1/db"),
+        ("SWITCHBOARD_REDIS_URL", "redis://:Redis#Pw_X@127.0.0.1:6379/0"),
+    ],
+)
+def test_a_url_its_client_cannot_read_is_one_line_that_never_quotes_it(
+    variable: str, url: str
+) -> None:
+    """The clients' own errors quote what they could not read, which may be the password."""
+    with pytest.raises(ConfigError) as caught:
+        Config.from_environ({variable: url})
+    (problem,) = caught.value.problems
+    assert problem.startswith(f"{variable}: ")
+    assert "percent-encode" in problem
+    for secret in ("S3cret", "pa%zz", "Pw_"):
+        assert secret not in problem
+
+
+@pytest.mark.parametrize(
     ("text", "host", "port"),
     [
         ("127.0.0.1:50051", "127.0.0.1", 50051),
