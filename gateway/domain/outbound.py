@@ -210,7 +210,10 @@ def outbound_of(plugin: object) -> OutboundChannel | None:
 
 
 def _require_https(field_name: str, url: str) -> None:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a bracketed host left open, say
+        raise InvalidArgument(field_name, "is not a URL") from None
     if parts.scheme != "https" or not parts.netloc:
         raise InvalidArgument(field_name, "must be an absolute https URL")
 

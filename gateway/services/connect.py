@@ -159,7 +159,10 @@ class ConnectService:
             return ""
         if len(url) > MAX_RETURN_URL:
             raise InvalidArgument("return_url", f"must be at most {MAX_RETURN_URL} characters")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # a bracketed host left open, say
+            raise InvalidArgument("return_url", "is not a URL") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidArgument("return_url", "must be an absolute http(s) URL")
         if parts.username is not None or parts.password is not None:

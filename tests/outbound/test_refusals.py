@@ -53,6 +53,15 @@ INVALID: list[tuple[str, dict[str, Any], str]] = [
         },
         "attachment.url",
     ),
+    (
+        "attachment_url_that_does_not_parse",
+        {
+            "attachment": messaging_pb2.OutboundAttachment(
+                type=common_pb2.ATTACHMENT_TYPE_IMAGE, url="https://[::1/a.png"
+            )
+        },
+        "attachment.url",
+    ),
     ("no_content", {}, "content"),
     ("unknown_recipient", {"text": "hi", "recipient_id": "999999"}, "recipient_id"),
     ("no_recipient", {"text": "hi", "recipient_id": ""}, "recipient"),

@@ -83,3 +83,14 @@ async def test_sendmessage_refuses_such_cards_and_stores_and_sends_nothing(
     assert info.metadata["field"] == field
     assert await stored_messages(out) == 0
     assert await out.bodies() == []
+
+
+def test_a_url_that_does_not_parse_is_named_not_an_internal_error() -> None:
+    broken = "https://[x/boots.png"
+    assert refusal(TemplateElement(title="Boots", image_url=broken)) == (
+        "template.elements[0].image_url"
+    )
+    button = TemplateButton(type="web_url", title="Buy", url=broken)
+    assert refusal(TemplateElement(title="Boots", buttons=(button,))) == (
+        "template.elements[0].buttons[0].url"
+    )
