@@ -14,7 +14,6 @@ import contextvars
 import functools
 import inspect
 import logging
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,7 +35,7 @@ from gateway.domain.errors import (
 )
 from gateway.domain.models import ApiToken, Scope
 from gateway.observability import metrics
-from gateway.observability.logging import request_id_var
+from gateway.observability.logging import is_request_id, request_id_var
 from gateway.security.tokens import TokenAuthority
 
 log = logging.getLogger("gateway.api")
@@ -48,7 +47,6 @@ _token_var: contextvars.ContextVar[ApiToken | None] = contextvars.ContextVar(
 _recheck_var: contextvars.ContextVar[Callable[[], Awaitable[ApiToken]] | None] = (
     contextvars.ContextVar("api_token_recheck", default=None)
 )
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 API_PACKAGE = "switchboard.v1."
 
@@ -293,7 +291,7 @@ class RequestIdInterceptor(_CallObserver):
 
     def _started(self, info: MethodInfo, context: Ctx) -> None:
         request_id = _metadata(context, "x-request-id")
-        if not _REQUEST_ID.match(request_id):
+        if not is_request_id(request_id):
             request_id = secrets.token_hex(8)
         request_id_var.set(request_id)
         # Trailers travel with the status; initial metadata would cost a frame of its own.

@@ -19,6 +19,15 @@ import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+# A caller's request id is written into every log line of its request: nothing that could
+# end the line's field early or pass for another line (spaces, brackets, quotes, newlines).
+_CALLER_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def is_request_id(value: str) -> bool:
+    """Whether a caller's request id (``x-request-id``) may be used as given."""
+    return _CALLER_REQUEST_ID.fullmatch(value) is not None
+
 
 # Attributes every LogRecord has; anything else came through ``extra``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}

@@ -21,7 +21,7 @@ from gateway.domain.channel import HttpRequest
 from gateway.domain.errors import StoreUnavailable
 from gateway.domain.store import Store
 from gateway.observability import inbound_metrics, metrics
-from gateway.observability.logging import request_id_var
+from gateway.observability.logging import is_request_id, request_id_var
 from gateway.plugins import ChannelRegistry
 from gateway.services.connect import ConnectService
 from gateway.services.inbound import InboundService
@@ -71,7 +71,7 @@ class PathOnlyAccessLogger(AbstractAccessLogger):
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id for log lines, and request metrics labelled by route (not raw path)."""
     given = request.headers.get("X-Request-Id", "")
-    request_id = given if 0 < len(given) <= 64 and given.isascii() else _request_ids.next()
+    request_id = given if is_request_id(given) else _request_ids.next()
     request_id_var.set(request_id)
     route = (
         request.match_info.route.resource.canonical

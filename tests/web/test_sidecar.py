@@ -200,3 +200,8 @@ async def test_each_request_gets_its_own_request_id_unless_it_brings_one(
     given = {"X-Request-Id": "from-the-caller-1"}
     async with http.get(sidecar.http_url + "/healthz", headers=given) as reply:
         assert reply.headers["X-Request-Id"] == "from-the-caller-1"
+    # One that could pass for more of the log line is replaced, as on the gRPC side.
+    forged = {"X-Request-Id": "x] WARNING gateway.services.inbound webhook refused"}
+    async with http.get(sidecar.http_url + "/healthz", headers=forged) as reply:
+        assert reply.headers["X-Request-Id"] != forged["X-Request-Id"]
+        assert len(reply.headers["X-Request-Id"]) == 16
