@@ -81,8 +81,14 @@ def _parse_static(spec: str) -> tuple[dict[str, ApiToken], list[str]]:
             continue
         try:
             scopes = parse_scopes(scope_part.split("+"))
-        except InvalidArgument as exc:
-            problems.append(f"{where}: {exc.message}")
+        except InvalidArgument:
+            # Not quoting the word: after a '/' that belongs to the token itself (base64
+            # has them), it is a piece of the secret.
+            problems.append(
+                f"{where}: a scope after '/' is not one of {', '.join(s.value for s in Scope)};"
+                " a token holding '/', '@' or ',' is cut there: use one of letters, digits,"
+                " '-' and '_' (as `switchboard tokens create` makes)"
+            )
             continue
         digest = hash_token(token)
         tokens[digest] = ApiToken(

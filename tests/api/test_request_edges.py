@@ -134,6 +134,16 @@ async def test_a_static_token_with_an_empty_tenant_or_scope_list_is_refused(spec
         TokenAuthority(None, spec)  # type: ignore[arg-type] # static tokens only
 
 
+def test_a_base64_token_cut_by_its_own_slash_is_refused_without_quoting_it() -> None:
+    """A '/' inside the token starts the scope list: the piece after it is the secret's, so
+    the problem names the rule, not the word."""
+    spec = "q3Xv9LmN2pR7sT1uW4yZ6bC8dE0fG/H5jKqQ9nX2"
+    (problem,) = validate_static_tokens_spec(spec)
+    assert problem.startswith("SWITCHBOARD_API_TOKENS: token #1: a scope after '/'")
+    assert "h5jk" not in problem.lower()
+    assert "H5jKqQ9nX2" not in problem
+
+
 # ---- a tenant id with spaces ----
 
 
