@@ -38,8 +38,17 @@ class InvalidArgument(SwitchboardError):
 
     reason = "INVALID_ARGUMENT"
 
-    def __init__(self, field: str, message: str, *, reason: str | None = None) -> None:
-        super().__init__(f"{field}: {message}", reason=reason, metadata={"field": field})
+    def __init__(
+        self,
+        field: str,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(
+            f"{field}: {message}", reason=reason, metadata={**(metadata or {}), "field": field}
+        )
         self.field = field
 
 

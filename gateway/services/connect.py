@@ -18,6 +18,7 @@ from gateway.domain.connect import ChannelConnector, Grant, GrantedAccount, conn
 from gateway.domain.errors import (
     AlreadyExists,
     ChannelError,
+    ChannelRequestError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -224,14 +225,33 @@ class ConnectService:
             # A caller who may not act for the tenant does not get to spend its flow.
             await self._states.put(record)
             raise
-        return await self.finish(record, code, account_external_id=account_external_id)
+        return await self.finish(
+            record, code, account_external_id=account_external_id, code_field="code"
+        )
 
     async def finish(
-        self, record: OAuthState, code: str, *, account_external_id: str = ""
+        self,
+        record: OAuthState,
+        code: str,
+        *,
+        account_external_id: str = "",
+        code_field: str = "",
     ) -> CompletedConnect:
-        """Exchanges the code of a consumed state, stores the connection and subscribes."""
+        """Exchanges the code of a consumed state, stores the connection and subscribes.
+        ``code_field``: the request field that carried the code, named by the
+        INVALID_ARGUMENT a refused exchange then raises (else the channel's own error)."""
         connector, _ = self._connector(record.channel, record.login_flow)
-        grant = await connector.exchange(record.login_flow, code)
+        try:
+            grant = await connector.exchange(record.login_flow, code)
+        except ChannelRequestError as exc:
+            if not code_field:
+                raise
+            raise InvalidArgument(
+                code_field,
+                f"the channel refused it: {exc.message}",
+                reason=exc.reason,
+                metadata=exc.metadata,
+            ) from None
         chosen = self._choose(grant, account_external_id)
         account = chosen.account
         async with self._store.transaction() as tx:

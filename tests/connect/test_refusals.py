@@ -287,6 +287,11 @@ async def test_an_invalid_code_through_complete_connect_names_metas_reason(
         await api.complete("not-a-code", started.state)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "Invalid authorization code" in (caught.value.details() or "")
+    # Like every INVALID_ARGUMENT, it names the field, with Meta's reason beside it.
+    info = error_info(caught.value)
+    assert info.metadata["field"] == "code"
+    assert info.reason == "CHANNEL_REQUEST_INVALID"
+    assert (caught.value.details() or "").startswith("code: ")
     await assert_nothing_stored(gw, api, "acme")
 
 
