@@ -28,3 +28,15 @@ async def finish_or_cancel(tasks: Collection[asyncio.Task[Any]], grace_s: float)
                 extra={"task": task.get_name(), "error": type(outcome).__name__},
                 exc_info=outcome,
             )
+
+
+def leave_if_cancelled() -> None:
+    """Raises CancelledError when the running task is being cancelled.
+
+    For loops whose steps call redis-py: it may finish reading a command when the
+    cancellation comes and return the answer, the CancelledError spent, and a loop that
+    goes on waits for work that never comes while whoever cancelled it waits for it to end.
+    Called between steps, it ends the loop all the same."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -72,6 +72,7 @@ from gateway.domain.errors import BusUnavailable
 from gateway.domain.events import Event
 from gateway.domain.store import OutboxEntry
 from gateway.redis_client import REDIS_ERRORS, RedisClient, is_cluster, open_redis
+from gateway.tasks import leave_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -341,9 +342,4 @@ class RedisBus:
                     await self.group_lag(group)
             except BusUnavailable:
                 log.warning("bus maintenance failed", exc_info=True)
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                # redis-py may finish a command it was reading when the cancellation came
-                # and return its answer, the CancelledError spent: leave all the same, or
-                # aclose() would wait for this loop forever.
-                raise asyncio.CancelledError
+            leave_if_cancelled()

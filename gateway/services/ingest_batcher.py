@@ -14,7 +14,6 @@ along into its commit, in the order they came.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,6 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from gateway.domain.errors import ShuttingDown, Unavailable
 from gateway.observability import metrics
+from gateway.tasks import leave_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +87,9 @@ class GroupCommitter(Generic[J, R]):
         self._closed = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # gather, not a suppressed await of each: a cancellation of this very wait (a
+        # timeout around the close) must reach the caller, not be taken for the workers'.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         while not self._queue.empty():
             pending = self._queue.get_nowait()
@@ -142,6 +142,8 @@ class GroupCommitter(Generic[J, R]):
             self._wait_seconds.observe(started - batch[0].queued_at)
             await self._commit(batch)
             self._commit_seconds.observe(time.perf_counter() - started)
+            # A flush on Redis (the rate limiter's) may have spent a cancellation.
+            leave_if_cancelled()
 
     async def _collect(self) -> list[_Pending[J, R]]:
         first = await self._queue.get()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Generic, TypeVar
 
@@ -204,3 +205,23 @@ async def test_jobs_held_when_the_committer_closes_are_answered_closed() -> None
     await committer.aclose()
     with pytest.raises(Closed):
         await asyncio.wait_for(held, 5)
+
+
+async def test_a_flush_that_spends_a_cancellation_still_lets_the_committer_close() -> None:
+    """redis-py may finish a command it was reading when the cancellation came and return
+    its answer (the rate limiter flushes on Redis): the worker must end all the same."""
+    entered = asyncio.Event()
+
+    async def flush(jobs: Sequence[int]) -> list[int]:
+        entered.set()
+        with contextlib.suppress(asyncio.CancelledError):  # the client answers anyway
+            await asyncio.sleep(0.2)
+        return list(jobs)
+
+    committer: GroupCommitter[int, int] = GroupCommitter(flush, max_wait_s=0)
+    await committer.start()
+    job = asyncio.create_task(committer.submit(1))
+    await entered.wait()
+    async with asyncio.timeout(5):
+        await committer.aclose()
+    assert await job == 1
