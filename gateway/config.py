@@ -193,11 +193,10 @@ class Config:
                 f"{PREFIX}DATABASE_URL: must start with postgresql:// or sqlite:/// "
                 f"(got scheme {database_url.partition(':')[0] or 'none'!r})"
             )
-        elif not database_url.startswith("sqlite:") and not _libpq_reads(database_url):
-            problems.append(
-                f"{PREFIX}DATABASE_URL: libpq cannot read it; percent-encode the special"
-                " characters of the user name and password (a space, %, @, :, /, [ or ])"
-            )
+        elif not database_url.startswith("sqlite:"):
+            libpq_problem = _libpq_problem(database_url)
+            if libpq_problem:
+                problems.append(f"{PREFIX}DATABASE_URL: {libpq_problem}")
         redis_url = reader.text("REDIS_URL", "")
         if redis_url:
             # Imported here: redis-py is slow to import, and unneeded without Redis.
@@ -337,17 +336,32 @@ _VARIABLES: dict[str, tuple[str, float]] = {
 }
 
 
-def _libpq_reads(url: str) -> bool:
-    """Whether libpq parses the URL. Its own error is never shown: it quotes the part it
-    could not read, which may be the password."""
+_ENCODE = (
+    "percent-encode the special characters of the user name and password"
+    " (a space, %, @, :, /, [ or ])"
+)
+
+
+def _libpq_problem(url: str) -> str | None:
+    """Why libpq would not connect where the URL seems to say, in words that quote none of
+    it (libpq's own error quotes the part it could not read, which may be the password);
+    None when it reads as meant."""
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
     try:
-        conninfo_to_dict(url)
+        parts = conninfo_to_dict(url)
     except psycopg.Error:
-        return False
-    return True
+        return f"libpq cannot read it; {_ENCODE}"
+    # libpq ends the user part at the first '@' and the host at the first '/': a password's
+    # '@' or '/' left as typed becomes part of the host, port or database name (and would
+    # then be logged as a host that does not resolve).
+    if any("@" in str(parts.get(key, "")) for key in ("host", "hostaddr", "port", "dbname")):
+        return f"part of the user name or password is read as the host or database; {_ENCODE}"
+    ports = str(parts.get("port", ""))
+    if ports and not all(p.isdigit() for p in ports.split(",") if p):
+        return "the port is not a number"
+    return None
 
 
 def _mask_url(url: str) -> str:

@@ -145,6 +145,10 @@ def test_passwords_are_masked_however_they_are_written(
         ("SWITCHBOARD_DATABASE_URL", "postgresql://app:S3cret Pw_T@127.0.0.1:1/db"),
         ("SWITCHBOARD_DATABASE_URL", "postgresql://app:pa%zzss_L@127.0.0.1/db"),
         ("SWITCHBOARD_DATABASE_URL", "postgresql://app:S3cretPw_I@[::1/db"),
+        # libpq reads these, but ends the password at the first '@' or '/': the rest
+        # becomes the host (then logged as one that does not resolve) or the database.
+        ("SWITCHBOARD_DATABASE_URL", "postgresql://app:S3cret@Pw_A@127.0.0.1:5432/db"),
+        ("SWITCHBOARD_DATABASE_URL", "postgresql://app:S3cret/Pw_S@127.0.0.1/db"),
         ("SWITCHBOARD_REDIS_URL", "redis://:Redis#Pw_X@127.0.0.1:6379/0"),
     ],
 )
@@ -159,6 +163,12 @@ def test_a_url_its_client_cannot_read_is_one_line_that_never_quotes_it(
     assert "percent-encode" in problem
     for secret in ("S3cret", "pa%zz", "Pw_"):
         assert secret not in problem
+
+
+def test_a_port_that_is_not_a_number_is_refused_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        Config.from_environ({"SWITCHBOARD_DATABASE_URL": "postgresql://app@db:notaport/sb"})
+    assert caught.value.problems == ["SWITCHBOARD_DATABASE_URL: the port is not a number"]
 
 
 @pytest.mark.parametrize(
