@@ -516,6 +516,7 @@ class RedisConsumer:
                 backoff = 0.05
             except ResponseError as exc:
                 if "NOGROUP" in str(exc):
+                    _stream_lost(self._group)
                     try:
                         await self._bus.ensure_group(self._group, force=True)
                     except BusUnavailable:
@@ -956,6 +957,7 @@ class RedisConsumer:
                 # Redis lost the stream, and the group with it (a restart, a flush), after
                 # the bus made the group: made again (as a read refused NOGROUP does), it
                 # has nothing pending to claim.
+                _stream_lost(self._group)
                 await self._bus.ensure_group(self._group, force=True)
                 break
             next_start, entries = _text(reply[0]), reply[1]
@@ -992,3 +994,14 @@ class RedisConsumer:
         self._reader_wake.set()
         if claimed:
             self._notify()
+
+
+def _stream_lost(group: str) -> None:
+    """Said as an error: the group existed (the bus makes it before anyone reads), so Redis
+    lost its streams (restarted without its data, or flushed), and with them the events
+    published and not yet acked: the outbox let go of them once Redis had them."""
+    log.error(
+        "bus stream lost: Redis no longer has a group it had; events it held are gone"
+        " (run Redis with persistence, see the README)",
+        extra={"group": group},
+    )

@@ -262,7 +262,9 @@ async def test_a_shard_whose_take_over_failed_is_taken_over_at_a_later_heartbeat
     assert [d.event.event_id for d in got] == [event.event_id]
 
 
-async def test_a_consumer_takes_over_a_shard_whose_stream_redis_lost(bus: RedisBus) -> None:
+async def test_a_consumer_takes_over_a_shard_whose_stream_redis_lost(
+    bus: RedisBus, caplog: pytest.LogCaptureFixture
+) -> None:
     # Redis lost a shard's stream, and the group with it (a restart without persistence, a
     # flush), after the bus had made the group: what is published since lands in a new
     # stream with no group. The take-over's claim is refused NOGROUP; the group must be
@@ -277,6 +279,11 @@ async def test_a_consumer_takes_over_a_shard_whose_stream_redis_lost(bus: RedisB
     async with bus.subscribe(Subscription("g", "b")) as b:
         got = await drain(b, 1, timeout=5.0)
     assert [(d.event.event_id, d.attempt) for d in got] == [(event.event_id, 1)]
+    # What the lost stream held is gone: said as an error, not made again in silence.
+    lost = [r for r in caplog.records if r.getMessage().startswith("bus stream lost")]
+    assert lost
+    assert lost[0].levelname == "ERROR"
+    assert lost[0].group == "g"
 
 
 async def test_the_reader_lives_through_a_failure_to_make_the_group_again(
