@@ -260,6 +260,10 @@ def cmd_config_check(_: argparse.Namespace) -> int:
         flows = ", ".join(
             f"{f.name}{'' if f.configured else ' (not configured)'}" for f in info.login_flows
         )
+        if info.sandbox and not info.configured:
+            # A sandbox URL without credentials: the plugin takes the sandbox's at start,
+            # which this check (no network) does not do.
+            flows = "those the sandbox has, taken from it at start"
         mode = (
             "sandbox" if info.sandbox else ("configured" if info.configured else "not configured")
         )

@@ -58,6 +58,19 @@ def test_config_check_prints_the_effective_configuration_masked(env: dict[str, s
     assert "channel instagram" in result.stdout
 
 
+def test_config_check_says_a_sandbox_url_alone_gives_the_sandboxs_credentials(
+    env: dict[str, str],
+) -> None:
+    """Not 'not configured': the gateway takes the sandbox's credentials when it starts."""
+    env["INSTAGRAM_SANDBOX_URL"] = "http://127.0.0.1:9"
+    result = switchboard("config", "check", env=env)
+    assert result.returncode == 0, result.stderr
+    (line,) = [x for x in result.stdout.splitlines() if x.startswith("channel instagram")]
+    assert line.split(None, 2)[2] == (
+        "sandbox; login flows: those the sandbox has, taken from it at start"
+    )
+
+
 def test_config_check_names_the_key_file_the_embedded_default_uses(
     env: dict[str, str], tmp_path: Path
 ) -> None:
