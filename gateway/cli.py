@@ -325,6 +325,46 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     return _run(main)
 
 
+# ---- groups ----
+
+
+def cmd_groups(args: argparse.Namespace) -> int:
+    config = _load_config()
+    url = config.redis_url.reveal()
+    if not url:
+        # The in-process bus keeps its groups in the gateway's own process and store.
+        print(
+            "groups: only with SWITCHBOARD_REDIS_URL (the Redis bus); the embedded default"
+            " keeps its groups in the gateway's process",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def main() -> int:
+        from gateway.bus import RedisBus
+
+        async with RedisBus(url, key_prefix=config.redis_key_prefix) as bus:
+            if args.groups_command == "list":
+                for group in await bus.known_groups():
+                    lag = await bus.group_lag(group)
+                    live = await bus.live_consumers(group)
+                    print(f"{group}\tlag {lag}\tconsumers {live}")
+                return 0
+            if await bus.live_consumers(args.group):
+                print(
+                    f"group {args.group!r} has consumers reading it: stop them first",
+                    file=sys.stderr,
+                )
+                return 1
+            if not await bus.delete_group(args.group):
+                print(f"no group named {args.group!r}", file=sys.stderr)
+                return 1
+            print(f"deleted group {args.group!r}")
+            return 0
+
+    return _run(main)
+
+
 # ---- keys ----
 
 
@@ -451,6 +491,18 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = tokens_sub.add_parser("revoke", help="revoke a token by id or name")
     revoke.add_argument("token", metavar="ID_OR_NAME")
     revoke.set_defaults(func=cmd_tokens)
+
+    groups = sub.add_parser("groups", help="Subscribe groups on the Redis bus")
+    groups_sub = groups.add_subparsers(dest="groups_command", required=True)
+    groups_sub.add_parser("list", help="every group, with its lag and live consumers").set_defaults(
+        func=cmd_groups
+    )
+    delete = groups_sub.add_parser(
+        "delete",
+        help="retire a group nobody reads any more (its lag stops being reported)",
+    )
+    delete.add_argument("group")
+    delete.set_defaults(func=cmd_groups)
 
     keys = sub.add_parser("keys", help="credential encryption keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

@@ -261,6 +261,34 @@ class RedisBus:
         names = {m.decode() if isinstance(m, bytes) else str(m) for m in members}
         return sorted(names | self._groups)
 
+    async def live_consumers(self, group: str, *, within_s: float | None = None) -> int:
+        """Consumers of ``group`` that beat within ``within_s`` (default: the lease)."""
+        since = time.time() - (self.lease_ttl_s if within_s is None else within_s)
+        try:
+            return int(await self.client.zcount(self.keys.members(group), since, "+inf"))
+        except (*REDIS_ERRORS, OSError) as exc:
+            raise _unavailable(exc) from exc
+
+    async def delete_group(self, group: str) -> bool:
+        """Retires a group nobody reads any more: its read positions, pending entries,
+        leases and membership go, and its lag is no longer reported (an abandoned group
+        would keep the lag alert firing). False if there was no such group."""
+        keys = self.keys
+        pipe = self.client.pipeline(transaction=False)
+        for shard in range(keys.shards):
+            pipe.xgroup_destroy(keys.stream(shard), group)
+            pipe.delete(keys.lease(group, shard))
+        pipe.delete(keys.members(group))
+        pipe.srem(keys.groups(), group)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except (*REDIS_ERRORS, OSError) as exc:
+            raise _unavailable(exc) from exc
+        self._groups.discard(group)
+        known = bool(results[-1])
+        destroyed = any(r == 1 for r in results[0 : 2 * keys.shards : 2])
+        return known or destroyed
+
     def read_groups(self) -> list[frozenset[int]]:
         """The shards one ``XREADGROUP`` may read together: all of them on one node; on a
         cluster, those whose streams share a hash slot (in practice, one each)."""

@@ -95,3 +95,22 @@ async def test_every_process_reports_the_lag_of_groups_it_never_served(
     finally:
         await fresh.aclose()
         await served.aclose()
+
+
+async def test_a_group_nobody_reads_any_more_can_be_retired(
+    redis_url: str, redis_prefix: str
+) -> None:
+    prefix = f"{redis_prefix}{secrets.token_hex(4)}:"
+    group = f"old-{secrets.token_hex(3)}"
+    async with RedisBus(redis_url, key_prefix=prefix, shards=2, block_ms=100) as bus:
+        async with bus.subscribe(Subscription(group, "a")):
+            assert await bus.live_consumers(group) == 1
+        await bus.publish([make_event(f"conv{i}", 0) for i in range(3)])
+        assert group in await bus.known_groups()
+        assert await bus.delete_group(group)
+        assert group not in await bus.known_groups()
+        client = bus.client
+        for shard in range(2):
+            infos = await client.xinfo_groups(bus.keys.stream(shard))
+            assert all(info["name"] not in (group, group.encode()) for info in infos)
+        assert not await bus.delete_group(group)

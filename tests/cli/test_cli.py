@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from gateway.bus import RedisBus
+from gateway.domain.bus import Subscription
 from gateway.security.keyring import generate_key_spec
+from tests.bus.conftest import make_event
 from tests.helpers import fresh_database, switchboard
 
 STORE_COMMANDS = [
@@ -260,3 +264,31 @@ def test_version(env: dict[str, str]) -> None:
     result = switchboard("version", env=env)
     assert result.returncode == 0
     assert result.stdout.startswith("switchboard ")
+
+
+async def test_groups_lists_and_retires_subscribe_groups_on_the_redis_bus(
+    env: dict[str, str], redis_url: str, redis_prefix: str
+) -> None:
+    prefix = f"{redis_prefix}cli{secrets.token_hex(3)}:"
+    env |= {"SWITCHBOARD_REDIS_URL": redis_url, "SWITCHBOARD_REDIS_KEY_PREFIX": prefix}
+    bus = RedisBus(redis_url, key_prefix=prefix, shards=2, block_ms=100)
+    async with bus, bus.subscribe(Subscription("ai", "backend-1")):
+        await bus.publish([make_event("conv1", 0)])
+        listed = switchboard("groups", "list", env=env)
+        assert listed.returncode == 0, listed.stderr
+        assert listed.stdout.splitlines() == ["ai\tlag 1\tconsumers 1"]
+        busy = switchboard("groups", "delete", "ai", env=env)
+        assert busy.returncode == 1
+        assert "has consumers reading it" in busy.stderr
+    # The backend went away for good: the group is retired, its lag no longer reported.
+    assert switchboard("groups", "list", env=env).stdout == "ai\tlag 1\tconsumers 0\n"
+    deleted = switchboard("groups", "delete", "ai", env=env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert switchboard("groups", "list", env=env).stdout == ""
+    assert switchboard("groups", "delete", "ai", env=env).returncode == 1
+
+
+def test_groups_needs_the_redis_bus(env: dict[str, str]) -> None:
+    result = switchboard("groups", "list", env=env)
+    assert result.returncode == 2
+    assert "SWITCHBOARD_REDIS_URL" in result.stderr
