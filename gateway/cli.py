@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import __version__
 from gateway.config import DEV_TOKEN_FILE_NAME, PREFIX, Config, log_level_from
-from gateway.domain.errors import ConfigError, InvalidArgument, SwitchboardError
+from gateway.domain.errors import ConfigError, InvalidArgument, StoreUnavailable, SwitchboardError
 from gateway.observability.logging import configure_logging
 from gateway.runtime import tune_gc_for_serving
 
@@ -531,11 +531,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidArgument as exc:
         print(f"switchboard: {exc.message}", file=sys.stderr)
         return 2
+    except StoreUnavailable as exc:
+        reason = _postgres_refusal()
+        print(f"switchboard: {exc.message}{': ' + reason if reason else ''}", file=sys.stderr)
+        return 1
     except SwitchboardError as exc:
         print(f"switchboard: {exc.message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _postgres_refusal() -> str:
+    """Why PostgreSQL refuses this configuration, in libpq's words (a role or database that
+    does not exist, a port nobody listens on): the pool only says it timed out, the cause
+    being in its warning lines. The URL parsed (Config checked it), so libpq's words name
+    the host, port, user and database, never the password."""
+    try:
+        config = Config.from_environ()
+    except ConfigError:
+        return ""
+    if config.database_backend != "postgres":
+        return ""
+    import psycopg
+
+    try:
+        psycopg.connect(config.database_url.reveal(), connect_timeout=5).close()
+    except psycopg.Error as exc:
+        return " ".join(str(exc).split())
+    return ""
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -292,3 +293,19 @@ def test_groups_needs_the_redis_bus(env: dict[str, str]) -> None:
     result = switchboard("groups", "list", env=env)
     assert result.returncode == 2
     assert "SWITCHBOARD_REDIS_URL" in result.stderr
+
+
+@pytest.mark.postgres
+def test_a_database_that_refuses_the_login_is_named_in_libpqs_words(
+    postgres_admin_url: str, tmp_path: Path
+) -> None:
+    """The pool only says it timed out; the operator needs libpq's reason on the last line."""
+    role = f"nobody_{secrets.token_hex(3)}"
+    parts = urlsplit(postgres_admin_url)
+    url = urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
+    env = {"SWITCHBOARD_DATABASE_URL": url, "SWITCHBOARD_LOG_FORMAT": "json"}
+    result = switchboard("migrate", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("switchboard: PostgreSQL is unavailable")
+    assert f'role "{role}" does not exist' in last
