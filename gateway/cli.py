@@ -373,19 +373,15 @@ def cmd_keys_rotate(_: argparse.Namespace) -> int:
     from gateway.services.credentials import rotate_credentials
 
     config = _load_config()
-    if config.database_backend == "sqlite":
-        # Run from the wrong directory, the missing database is what to say, not the key
-        # ring that the same data dir would have held.
-        from gateway.store import sqlite_path
-
-        _require_sqlite_file(config, sqlite_path(config.database_url.reveal()))
-    # Rotation never invents a key: a missing ring is a configuration problem here.
-    keyring = KeyRing.load(
-        config.encryption_keys.reveal(), data_dir=config.data_dir, allow_generate=False
-    )
 
     async def main() -> int:
+        # The store first: run from the wrong directory, the missing database is what to
+        # say, not the key ring that the same data dir would have held.
         async with _open_migrated_store(config) as store:
+            # Rotation never invents a key: a missing ring is a configuration problem here.
+            keyring = KeyRing.load(
+                config.encryption_keys.reveal(), data_dir=config.data_dir, allow_generate=False
+            )
             report = await rotate_credentials(store, keyring)
         print(
             f"credentials: {report.total}; re-encrypted with key {keyring.primary_key_id}: "

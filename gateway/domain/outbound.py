@@ -38,10 +38,13 @@ class ContentKind(enum.StrEnum):
     SENDER_ACTION = "sender_action"
 
 
+# What makes a message on the channel: a reaction or a sender action is not one.
+MESSAGE_KINDS = frozenset(ContentKind) - {ContentKind.REACTION, ContentKind.SENDER_ACTION}
+
+
 def echoed_as_message(kind: str) -> bool:
-    """Whether the channel echoes content of this kind as a message once delivered (a
-    reaction or a sender action is not a message)."""
-    return bool(kind) and kind not in (ContentKind.REACTION, ContentKind.SENDER_ACTION)
+    """Whether the channel echoes content of this kind as a message once delivered."""
+    return kind in MESSAGE_KINDS
 
 
 class RateCategory(enum.StrEnum):
@@ -111,11 +114,6 @@ class OutboundMessage:
         return RateCategory.TEXT
 
     @property
-    def expects_message_id(self) -> bool:
-        """Reactions and sender actions make no message on the channel."""
-        return self.kind not in (ContentKind.REACTION, ContentKind.SENDER_ACTION)
-
-    @property
     def keeps_order(self) -> bool:
         """Whether it goes out in its conversation's send order. A typing indicator or
         a mark-seen late or early garbles nothing, and one held up would be worthless
@@ -138,17 +136,9 @@ class OutboundLimits:
     # The customer's window after their last message, and with the human-agent tag.
     window: timedelta = timedelta(hours=24)
     human_agent_window: timedelta = timedelta(days=7)
-    # What the channel takes a tag with: the rest (a reaction, a sender action) goes out
-    # untagged, so only the untagged window lets it through.
-    tagged_kinds: frozenset[ContentKind] = frozenset(
-        {
-            ContentKind.TEXT,
-            ContentKind.ATTACHMENT,
-            ContentKind.STICKER,
-            ContentKind.SHARE,
-            ContentKind.TEMPLATE,
-        }
-    )
+    # What the channel takes a tag with (its messages): the rest goes out untagged, so
+    # only the untagged window lets it through.
+    tagged_kinds: frozenset[ContentKind] = MESSAGE_KINDS
 
 
 @dataclass(frozen=True, slots=True)
