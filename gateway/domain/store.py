@@ -20,7 +20,7 @@ uniqueness conflict that the method does not resolve itself.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -352,6 +352,20 @@ class Store(Protocol):
     async def delete_published(self, seqs: Sequence[int]) -> None:
         """Deletes entries a bus that keeps its own events (``Bus.keeps_events``) published:
         cheaper than marking them, and nothing reads them again."""
+
+    async def hold_published(self, seqs: Sequence[int], appended_at: datetime) -> None:
+        """Marks entries published, and held: the bus has them, but not every group acked
+        them yet, and the bus may still lose them. ``appended_at``: the bus's clock when it
+        appended them (what :meth:`release_held` compares)."""
+
+    async def release_held(self, before: datetime, drop_kinds: Collection[str]) -> int:
+        """Lets go of the held entries appended before ``before`` (every group acked them):
+        deleted if their event's kind is one of ``drop_kinds``, else kept unheld, published,
+        for their retention. Returns how many."""
+
+    async def reclaim_held(self, now: datetime) -> int:
+        """Makes every held entry claimable again, unpublished: the bus lost what it held.
+        Returns how many."""
 
     async def purge_published(self, before: datetime) -> int:
         """Deletes published entries older than ``before`` (retention), with their bus acks."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from types import TracebackType
@@ -151,6 +151,39 @@ class SqlStore(abc.ABC):
 
     async def delete_published(self, seqs: Sequence[int]) -> None:
         await self._by_seqs("DELETE FROM outbox WHERE {seqs}", seqs)
+
+    async def hold_published(self, seqs: Sequence[int], appended_at: datetime) -> None:
+        await self._by_seqs(
+            "UPDATE outbox SET published_at = :at, claimed_until = NULL, held = TRUE"
+            " WHERE {seqs} AND published_at IS NULL",
+            seqs,
+            {"at": self.codec.ts(rows.utc(appended_at))},
+        )
+
+    async def release_held(self, before: datetime, drop_kinds: Collection[str]) -> int:
+        # The predicate spelled as the partial index's (``WHERE held``), so that both
+        # statements read the few held entries only, never the published ones kept.
+        kind = "event->>'kind'" if self.backend == "postgres" else "json_extract(event, '$.kind')"
+        where, params = any_of(kind, "k", sorted(drop_kinds), arrays=self.backend == "postgres")
+        before_ts = self.codec.ts(rows.utc(before))
+        async with self._session() as ex:
+            dropped = await ex.execute(
+                f"DELETE FROM outbox WHERE held AND published_at < :before AND {where}",  # noqa: S608
+                {"before": before_ts, **params},
+            )
+            kept = await ex.execute(
+                "UPDATE outbox SET held = FALSE WHERE held AND published_at < :before",
+                {"before": before_ts},
+            )
+        return dropped + kept
+
+    async def reclaim_held(self, now: datetime) -> int:
+        async with self._session() as ex:
+            return await ex.execute(
+                "UPDATE outbox SET published_at = NULL, claimed_until = :now, held = FALSE"
+                " WHERE held",
+                {"now": self.codec.ts(rows.utc(now))},
+            )
 
     async def _by_seqs(self, sql: str, seqs: Sequence[int], params: Params | None = None) -> None:
         """Runs ``sql`` on the outbox entries ``seqs``, its ``{seqs}`` the condition on them,

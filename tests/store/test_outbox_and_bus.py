@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
+from gateway.domain.events import EventKind
 from gateway.domain.models import Connection
 from gateway.domain.store import OutboxEntry
 from tests.store.conftest import AnyStore
@@ -197,3 +199,41 @@ async def test_a_deferred_insert_rolls_back_with_its_transaction(store: AnyStore
         await tx.add_events([kept])
     claimed = await store.claim_outbox(now=lease, lease_until=lease, limit=10)
     assert [e.event for e in claimed] == [kept]
+
+
+async def _entries(store: AnyStore) -> dict[int, bool]:
+    """seq -> whether published, of every entry left (bus_load reads the published)."""
+    t = now()
+    loaded, _ = await store.bus_load(since=t - timedelta(days=30))
+    waiting = await store.claim_outbox(now=t + timedelta(days=1), lease_until=t, limit=100)
+    return {e.seq: True for e in loaded} | {e.seq: False for e in waiting}
+
+
+async def test_held_entries_are_let_go_once_acked_and_published_again_after_a_loss(
+    store: AnyStore,
+) -> None:
+    conn = await with_connection(store)
+    message, reaction = event(conn), replace(event(conn), kind=EventKind.REACTION_CHANGED)
+    other, late = event(conn), event(conn)
+    async with store.transaction() as tx:
+        await tx.add_events([message, reaction, other, late])
+    t = now()
+    seqs = [e.seq for e in await store.claim_outbox(now=t, lease_until=t, limit=10)]
+    await store.hold_published(seqs[:3], t)
+    await store.hold_published(seqs[3:], t + timedelta(seconds=5))
+    # Held entries are published: no claim takes them.
+    assert await store.claim_outbox(now=t, lease_until=t, limit=10) == []
+
+    # Acked before t + 1 s: the message goes, the reaction stays (unheld), the later one waits.
+    drop = {EventKind.MESSAGE_RECEIVED.value}
+    assert await store.release_held(t + timedelta(seconds=1), drop) == 3
+    assert await _entries(store) == {seqs[1]: True, seqs[3]: True}
+    assert await store.release_held(t + timedelta(seconds=1), drop) == 0
+
+    # The bus lost what it held: the held entry is claimable again, unpublished; the
+    # released reaction is not published again.
+    assert await store.reclaim_held(t) == 1
+    again = await store.claim_outbox(now=t, lease_until=t, limit=10)
+    assert [e.event.event_id for e in again] == [late.event_id]
+    assert await store.reclaim_held(t) == 0
+    assert await _entries(store) == {seqs[1]: True, seqs[3]: False}
