@@ -36,3 +36,7 @@ class BusKeys:
     def groups(self) -> str:
         """Set of every group ever subscribed (for lag reporting)."""
         return f"{{{self.prefix}bus}}:groups"
+
+    def marker(self, shard: int) -> str:
+        """Written once beside each shard stream: gone, the stream's Redis lost its data."""
+        return f"{self.stream(shard)}:marker"

@@ -50,3 +50,9 @@ GROUP_LAG = Gauge(
 REASON_DEADLINE = "deadline"
 REASON_NACK = "nack"
 REASON_CONSUMER_GONE = "consumer_gone"
+EVENTS_REPUBLISHED = Counter(
+    "switchboard_bus_events_republished",
+    "Events the outbox relay published again because the bus lost what it held (Redis "
+    "restarted without its data, failed over, or was flushed) before every group acked them.",
+    ["backend"],
+)

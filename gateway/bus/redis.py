@@ -66,7 +66,8 @@ from redis.exceptions import NoScriptError, ResponseError
 from gateway.bus import metrics
 from gateway.bus.keys import BusKeys
 from gateway.bus.redis_consumer import FIELD, RedisConsumer
-from gateway.domain.bus import Subscription
+from gateway.bus.redis_watch import AckWatch
+from gateway.domain.bus import Subscription, Watermark
 from gateway.domain.codec import encode_event
 from gateway.domain.errors import BusUnavailable
 from gateway.domain.events import Event
@@ -77,17 +78,24 @@ from gateway.tasks import leave_if_cancelled
 log = logging.getLogger(__name__)
 
 # KEYS: the shard stream of each event, in publish order; ARGV[1]: an approximate length
-# cap (0: none, retention is by time); ARGV[1 + i]: the encoded event for KEYS[i].
+# cap (0: none, retention is by time); ARGV[1 + i]: the encoded event for KEYS[i]. Returns
+# the highest millisecond part of the ids it added: the server's clock at the last append
+# (or later, should a stream's last id be ahead of the clock), which the relay compares
+# with the groups' acks (RedisBus.watermark).
 _APPEND = f"""
 local cap = tonumber(ARGV[1])
+local top = 0
 for i = 1, #KEYS do
+  local id
   if cap > 0 then
-    redis.call('XADD', KEYS[i], 'MAXLEN', '~', cap, '*', '{FIELD.decode()}', ARGV[i + 1])
+    id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', cap, '*', '{FIELD.decode()}', ARGV[i + 1])
   else
-    redis.call('XADD', KEYS[i], '*', '{FIELD.decode()}', ARGV[i + 1])
+    id = redis.call('XADD', KEYS[i], '*', '{FIELD.decode()}', ARGV[i + 1])
   end
+  local ms = tonumber(string.match(id, '^%d+'))
+  if ms > top then top = ms end
 end
-return #KEYS
+return top
 """
 # Redis names a script by its SHA-1 (an identifier here, not a security measure).
 _APPEND_SHA = hashlib.sha1(_APPEND.encode(), usedforsecurity=False).hexdigest()
@@ -131,6 +139,7 @@ class RedisBus:
         self._groups: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumers: set[RedisConsumer] = set()
+        self._watch = AckWatch(lambda: self.client, self.keys, cluster=False)
 
     async def __aenter__(self) -> RedisBus:
         await self.start()
@@ -150,6 +159,7 @@ class RedisBus:
             return
         self._client = open_redis(self._url)
         self.cluster = is_cluster(self._client)
+        self._watch = AckWatch(lambda: self.client, self.keys, cluster=self.cluster)
         await self.ping()
         self.track(asyncio.create_task(self._maintain_loop(), name="bus-redis-maintain"))
 
@@ -177,18 +187,19 @@ class RedisBus:
     async def publish(self, events: Sequence[Event]) -> None:
         await self._append([(event.ordering_key, encode_event(event)) for event in events])
 
-    async def publish_outbox(self, entries: Sequence[OutboxEntry]) -> None:
+    async def publish_outbox(self, entries: Sequence[OutboxEntry]) -> int:
         # The outbox writer encoded each event once, for the outbox and the stream alike.
-        await self._append(
+        return await self._append(
             [(e.event.ordering_key, e.wire or encode_event(e.event)) for e in entries]
         )
 
-    async def _append(self, encoded: Sequence[tuple[str, bytes]]) -> None:
+    async def _append(self, encoded: Sequence[tuple[str, bytes]]) -> int:
         """Appends each (ordering key, encoded event) to its shard stream, in order: one
         script call per batch (per hash slot on a cluster), where a pipeline of XADDs cost
-        the webhook process four times the CPU per event (redis-py's per-command work)."""
+        the webhook process four times the CPU per event (redis-py's per-command work).
+        Returns the server's clock (ms) at the last append (0: nothing appended)."""
         if not encoded:
-            return
+            return 0
         keys = self.keys
         calls: dict[int, tuple[list[str], list[bytes]]] = {}
         for ordering_key, payload in encoded:
@@ -197,18 +208,20 @@ class RedisBus:
             streams.append(stream)
             payloads.append(payload)
         try:
-            missing = await self._run_appends(list(calls.values()))
+            missing, top = await self._run_appends(list(calls.values()))
             if missing:
                 # Redis restarted or was flushed, or a cluster node took over a slot: load
                 # the script (on every primary), then run the calls it refused. They ran
                 # nothing: a script that cannot be found never starts.
                 await self.client.script_load(_APPEND)
-                missing = await self._run_appends(missing)
+                missing, again = await self._run_appends(missing)
+                top = max(top, again)
             if missing:
                 raise BusUnavailable("redis: the append script cannot be loaded")
         except (*REDIS_ERRORS, OSError) as exc:
             raise _unavailable(exc) from exc
         metrics.EVENTS_PUBLISHED.labels(BACKEND).inc(len(encoded))
+        return top
 
     def _slot_of(self, stream: str) -> int:
         # On one node every stream takes the same call; on a cluster, one per hash slot.
@@ -216,8 +229,9 @@ class RedisBus:
 
     async def _run_appends(
         self, calls: Sequence[tuple[list[str], list[bytes]]]
-    ) -> list[tuple[list[str], list[bytes]]]:
-        """Runs the calls in one pipeline; returns those refused with NOSCRIPT."""
+    ) -> tuple[list[tuple[list[str], list[bytes]]], int]:
+        """Runs the calls in one pipeline; returns those refused with NOSCRIPT, and the
+        latest clock the others appended at."""
         pipe = self.client.pipeline(transaction=False)
         for streams, payloads in calls:
             # Through execute_command: redis-py refuses pipe.evalsha on a cluster.
@@ -226,12 +240,34 @@ class RedisBus:
             )
         results = await pipe.execute(raise_on_error=False)
         missing = []
+        top = 0
         for call, result in zip(calls, results, strict=True):
             if isinstance(result, NoScriptError):
                 missing.append(call)
             elif isinstance(result, Exception):
                 raise result
-        return missing
+            else:
+                top = max(top, int(result))
+        return missing, top
+
+    async def watermark(self) -> Watermark:
+        """Whether Redis lost what it held, and up to when every group acked what was
+        appended (``gateway.bus.redis_watch``)."""
+        try:
+            return await self._watch.watermark()
+        except (*REDIS_ERRORS, OSError) as exc:
+            raise _unavailable(exc) from exc
+
+    async def recovered(self) -> None:
+        """The loss the last :meth:`watermark` reported was answered (published again).
+        The groups known before it are made again first, so that what is published again
+        is held for them until their consumers come back and ack it."""
+        for group in sorted(self._watch.groups):
+            await self.ensure_group(group, force=True)
+        try:
+            await self._watch.recovered()
+        except (*REDIS_ERRORS, OSError) as exc:
+            raise _unavailable(exc) from exc
 
     async def ensure_group(self, group: str, *, force: bool = False) -> None:
         """Creates the group on every shard from the start of retention (idempotent)."""

@@ -998,10 +998,11 @@ class RedisConsumer:
 
 def _stream_lost(group: str) -> None:
     """Said as an error: the group existed (the bus makes it before anyone reads), so Redis
-    lost its streams (restarted without its data, or flushed), and with them the events
-    published and not yet acked: the outbox let go of them once Redis had them."""
+    lost its streams (restarted without its data, or flushed). Nothing a group had not
+    acked is lost with them: the outbox keeps an entry until every group acked it, and the
+    relay publishes again what it kept once it sees the loss (gateway.bus.redis_watch)."""
     log.error(
-        "bus stream lost: Redis no longer has a group it had; events it held are gone"
-        " (run Redis with persistence, see the README)",
+        "bus stream lost: Redis no longer has a group it had; the outbox relay publishes"
+        " again what no group acked, and what the group had acked is not delivered again",
         extra={"group": group},
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from gateway.domain.events import Event, EventKind
 from gateway.domain.store import OutboxEntry
@@ -74,9 +74,11 @@ class Bus(Protocol):
     async def publish(self, events: Sequence[Event]) -> None:
         """Durably appends the events (one round trip for the batch)."""
 
-    async def publish_outbox(self, entries: Sequence[OutboxEntry]) -> None:
+    async def publish_outbox(self, entries: Sequence[OutboxEntry]) -> int | None:
         """Publishes outbox entries (the relay's path). The in-process bus keeps their
-        ``seq`` to record acks in the store, which is what makes it durable."""
+        ``seq`` to record acks in the store, which is what makes it durable. A bus that
+        tells acks (:class:`AckWatermarks`) returns its clock (ms) at the last append, which
+        its :attr:`Watermark.acked_before_ms` is compared with; any other returns None."""
 
     async def trim(self) -> int:
         """Drops events older than the retention window now (the bus also does it
@@ -85,3 +87,27 @@ class Bus(Protocol):
     def subscribe(self, subscription: Subscription) -> AbstractAsyncContextManager[Consumer]: ...
     async def group_lag(self, group: str) -> int:
         """Events retained that the group has not acked yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class Watermark:
+    """What a bus that keeps its own events can tell of them, at one moment."""
+
+    # The bus may have lost what it held since it was last asked (restarted without its
+    # data, failed over, flushed): what was published to it must be published again.
+    lost: bool
+    # Everything appended before this (the bus's clock, ms) was acked by every group that
+    # exists; None: nothing can be said (a group is missing somewhere, or ``lost``).
+    acked_before_ms: int | None
+
+
+@runtime_checkable
+class AckWatermarks(Protocol):
+    """A bus that keeps the events it published for its groups (Redis) and can tell when
+    every group acked them: until then the outbox keeps them too (``OutboxRelay``), since
+    such a bus may lose what it holds."""
+
+    async def watermark(self) -> Watermark: ...
+    async def recovered(self) -> None:
+        """The loss the last ``watermark`` reported was answered: what the outbox held was
+        made to be published again. Until then every ``watermark`` reports the loss."""

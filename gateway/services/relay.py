@@ -16,7 +16,17 @@ only once (``RECORDED_ONCE_KINDS``: a new message, a status change) is deleted: 
 need not hold a second copy of three days of events, and a delete costs it less than the
 update that marks. Any other entry is marked published, and purged past the retention
 window: it is what stops Meta's repeat of a reaction, a read or an edit, which may come
-hours later (Meta retries for 36 hours), from being published again. The in-process bus has
+hours later (Meta retries for 36 hours), from being published again.
+
+But Redis may lose what it holds (a restart without its data, a failover to a replica that
+lagged), so on such a bus (``AckWatermarks``) an entry is let go only once every consumer
+group acked it (``Watermark.acked_before_ms``): until then the outbox is the copy that
+counts. A published entry waits for that in memory, still claimed, for up to ``hold_s``;
+past it, it is marked published and held in the store, and let go when the groups have
+acked it (the sweep looks). When the bus reports a loss, everything held, in the store and
+in memory, is published again (same event ids; consumers dedupe), the store's first: it is
+the older. Events published again after a loss may come after newer ones of their
+conversation, which went to the new Redis first. The in-process bus has
 no log but the outbox: there every entry is marked, and purged past the retention window,
 which must not be shorter than the bus's. The same
 periodic purge drops what ingestion keeps of unsends and edits that came before their
@@ -31,9 +41,12 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from gateway.domain.bus import Bus
+from gateway.bus import metrics
+from gateway.domain.bus import AckWatermarks, Bus, Watermark
+from gateway.domain.errors import BusUnavailable
 from gateway.domain.events import RECORDED_ONCE_KINDS
 from gateway.domain.inbound import TOMBSTONE_RETENTION
 from gateway.domain.store import OutboxEntry, Store
@@ -41,6 +54,22 @@ from gateway.services.rounds import Rounds
 from gateway.tasks import finish_or_cancel
 
 log = logging.getLogger(__name__)
+
+_DROPPED_KINDS = frozenset(kind.value for kind in RECORDED_ONCE_KINDS)
+
+
+@dataclass(slots=True, eq=False)
+class _Published:
+    """Entries published in one bus call and not settled yet."""
+
+    entries: Sequence[OutboxEntry]
+    # The bus's clock at the last append (``AckWatermarks``); None: the bus does not say.
+    mark: int | None
+    at: float  # time.monotonic() at the publish
+
+
+def _bus_time(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
 
 
 class OutboxRelay:
@@ -56,9 +85,18 @@ class OutboxRelay:
         purge_interval_s: float = 600.0,
         settle_interval_s: float = 0.05,
         tombstone_retention_s: float = TOMBSTONE_RETENTION.total_seconds(),
+        hold_s: float = 10.0,
     ) -> None:
         self._store = store
         self._bus = bus
+        # A bus that may lose what it holds and tells when every group acked it.
+        self._watch = bus if bus.keeps_events and isinstance(bus, AckWatermarks) else None
+        # Well within the lease: an entry waiting in memory stays claimed meanwhile.
+        self._hold_s = min(hold_s, lease_s / 3)
+        # Whether the bus was looked at since the start (a loss it reports then has only
+        # the store's held entries to answer).
+        self._looked = False
+        self._quiet_until = 0.0
         self._batch_size = batch_size
         self._lease = timedelta(seconds=lease_s)
         self._sweep_interval_s = sweep_interval_s
@@ -66,8 +104,8 @@ class OutboxRelay:
         self._tombstone_retention = timedelta(seconds=tombstone_retention_s)
         self._purge_interval_s = purge_interval_s
         self._settle_interval_s = settle_interval_s
-        # Handed-over entries published but not yet settled, and when to settle them.
-        self._unsettled: list[OutboxEntry] = []
+        # Entries published but not yet settled, and when to settle them.
+        self._unsettled: list[_Published] = []
         self._settle_due = 0.0
         self._wake = asyncio.Event()
         # Work in commit order: handed-over entries, and None where a producer notified
@@ -139,7 +177,7 @@ class OutboxRelay:
                 assert taken is not None
                 batch.extend(taken)
             try:
-                await self._bus.publish_outbox(batch)
+                mark = await self._bus.publish_outbox(batch)
             except BaseException:
                 # Back at the head, so that the next round publishes it before anything
                 # committed after it: left to the sweep, it would wait for its lease to
@@ -149,28 +187,115 @@ class OutboxRelay:
                 await self._keep_claims()
                 raise
             self.published += len(batch)
-            if not self._unsettled:
-                self._settle_due = time.monotonic() + self._settle_interval_s
-            self._unsettled.extend(batch)
-        if len(self._unsettled) >= self._batch_size or time.monotonic() >= self._settle_due:
+            self._add_unsettled(batch, mark)
+        if time.monotonic() >= self._settle_due or (
+            self._watch is None and self._unsettled_count() >= self._batch_size
+        ):
             await self._settle()
+
+    def _add_unsettled(self, entries: Sequence[OutboxEntry], mark: int | None) -> None:
+        if not self._unsettled:
+            self._settle_due = time.monotonic() + self._settle_interval_s
+        self._unsettled.append(_Published(entries, mark, time.monotonic()))
+
+    def _unsettled_count(self) -> int:
+        return sum(len(p.entries) for p in self._unsettled)
 
     async def _drain_all(self) -> None:
         while self._work:
             await self._drain()
 
-    async def _settle(self) -> None:
-        """Settles what was handed over and published, for many small batches at once: they
-        stay claimed meanwhile, and should the process die first they are only published
-        again (same event_id) once the lease lapses."""
-        if not self._unsettled:
-            return
-        entries, self._unsettled = self._unsettled, []
+    async def _settle_all(self) -> None:
+        await self._settle(force=True)
+
+    async def _settle(self, *, force: bool = False, release: bool = False) -> None:
+        """Settles what was published, for many small batches at once: they stay claimed
+        meanwhile, and should the process die first they are only published again (same
+        event_id) once the lease lapses. On a bus that may lose what it holds, only what
+        every group acked is let go; what waited ``hold_s`` (or everything, with
+        ``force``) is held in the store. ``release``: also look at the bus when nothing
+        waits, and let go of the store's held entries every group acked since."""
+        left, self._unsettled = self._unsettled, []
         try:
-            await self._published(entries)
-        except BaseException:
-            self._unsettled[:0] = entries
-            raise
+            untracked = [p for p in left if p.mark is None or self._watch is None]
+            if untracked:
+                await self._published([e for p in untracked for e in p.entries])
+                left = [p for p in left if p.mark is not None and self._watch is not None]
+            if self._watch is None or not (left or release):
+                return
+            watermark = await self._look()
+            if watermark.lost:
+                await self._republish(left)
+                left = []
+                return
+            acked_before = watermark.acked_before_ms
+            now = time.monotonic()
+            acked = [
+                p
+                for p in left
+                if acked_before is not None and p.mark is not None and p.mark < acked_before
+            ]
+            if acked:
+                await self._published([e for p in acked for e in p.entries])
+                left = [p for p in left if p not in acked]
+            overdue = [p for p in left if force or now - p.at >= self._hold_s]
+            if overdue:
+                marks = [p.mark for p in overdue if p.mark is not None]
+                seqs = [e.seq for p in overdue for e in p.entries]
+                await self._store.hold_published(seqs, _bus_time(max(marks)))
+                self.settled += len(seqs)
+                left = [p for p in left if p not in overdue]
+            if release and acked_before is not None:
+                await self._store.release_held(_bus_time(acked_before), _DROPPED_KINDS)
+        finally:
+            # Whatever was not settled waits for the next round, ahead of what came since.
+            self._unsettled[:0] = left
+            if self._unsettled:
+                self._settle_due = time.monotonic() + self._settle_interval_s
+
+    async def _look(self) -> Watermark:
+        """The bus's watermark; when it cannot be read (Redis down, or a managed Redis
+        that refuses INFO or XINFO), nothing is known acked and what waited is held in
+        the store, so that publishing goes on whatever this look costs."""
+        assert self._watch is not None
+        try:
+            watermark = await self._watch.watermark()
+        except BusUnavailable as exc:
+            if time.monotonic() >= self._quiet_until:
+                self._quiet_until = time.monotonic() + 60.0
+                log.warning(
+                    "outbox relay: the bus cannot tell what its groups acked;"
+                    " published entries are held in the store",
+                    extra={"error": str(exc)},
+                )
+            return Watermark(lost=False, acked_before_ms=None)
+        self._looked = True
+        return watermark
+
+    async def _republish(self, published: Sequence[_Published]) -> None:
+        """The bus lost what it held: the store's held entries and ``published`` (this
+        relay's, in memory) are published again, the store's first (the older), by a
+        claim at the head of the work queue."""
+        assert self._watch is not None
+        reclaimed = await self._store.reclaim_held(datetime.now(UTC))
+        # Once the store's held entries are claimable again, and before this relay's are
+        # queued: should the process die now, its own are still claimed by it, unpublished,
+        # and a sweep publishes them when the lease lapses.
+        await self._watch.recovered()
+        entries = [e for p in published for e in p.entries]
+        if entries:
+            self._work.appendleft(entries)
+        self._work.appendleft(None)
+        self._wake.set()
+        if reclaimed or entries:
+            metrics.EVENTS_REPUBLISHED.labels(self._bus.backend).inc(reclaimed + len(entries))
+            log.error(
+                "bus lost what it held: publishing it again",
+                extra={"held": reclaimed, "in_memory": len(entries)},
+            )
+        else:
+            # A new Redis (or key prefix), or a loss of nothing the outbox still held.
+            log.info("bus found without its markers: nothing held to publish again")
 
     async def _published(self, entries: Sequence[OutboxEntry]) -> None:
         kept = [e.seq for e in entries]
@@ -197,7 +322,7 @@ class OutboxRelay:
             if not entries:
                 return total
             try:
-                await self._bus.publish_outbox(entries)
+                mark = await self._bus.publish_outbox(entries)
             except BaseException:
                 # Claimed for this relay: published first by the next round, as a failed
                 # hand-over is, rather than left to wait for the lease to lapse.
@@ -206,14 +331,18 @@ class OutboxRelay:
                 raise
             total += len(entries)
             self.published += len(entries)
-            try:
-                await self._published(entries)
-            except BaseException:
-                # Published: settled with the next round's, as a hand-over is, rather than
-                # claimed again by a sweep once the lease lapses and published twice.
-                self._unsettled.extend(entries)
-                self._settle_due = time.monotonic()
-                raise
+            if mark is not None and self._watch is not None:
+                # Let go once every group acked them, as a hand-over is.
+                self._add_unsettled(entries, mark)
+            else:
+                try:
+                    await self._published(entries)
+                except BaseException:
+                    # Published: settled with the next round's, as a hand-over is, rather
+                    # than claimed again by a sweep once the lease lapses and published twice.
+                    self._add_unsettled(entries, None)
+                    self._settle_due = time.monotonic()
+                    raise
             if len(entries) < self._batch_size:
                 return total
 
@@ -223,7 +352,7 @@ class OutboxRelay:
         Best effort: with the store down as well, the leases keep what they can."""
         held = [e.seq for batch in self._work if batch is not None for e in batch]
         # And those published but not settled yet: lapsed, a claim would publish them again.
-        seqs = held + [e.seq for e in self._unsettled]
+        seqs = held + [e.seq for p in self._unsettled for e in p.entries]
         if not seqs:
             return
         now = datetime.now(UTC)
@@ -255,7 +384,7 @@ class OutboxRelay:
                 # What was handed over is published and settled before leaving, so that
                 # the next process does not publish it again; the rest waits for a sweep
                 # (the lease keeps it, nothing is lost).
-                for last in (self._drain_all, self._settle):
+                for last in (self._drain_all, self._settle_all):
                     try:
                         await last()
                     except Exception as exc:
@@ -267,10 +396,16 @@ class OutboxRelay:
             await rounds.run(lambda: self._round(schedule))
 
     async def _round(self, schedule: _Schedule) -> None:
+        if self._watch is not None and not self._looked:
+            # Before the first publish: a loss the bus reports now (Redis lost its data
+            # while no process ran) concerns the store's held entries alone.
+            await self._settle(release=True)
         await self._drain()
         # Hand-overs alone never claim: the sweep must still run under steady load to pick
         # up lapsed leases and other processes' leftovers.
         if schedule.sweep_due():
+            if self._watch is not None:
+                await self._settle(release=True)
             await self.run_once()
         if schedule.purge_due():
             await self.purge()

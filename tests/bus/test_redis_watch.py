@@ -1,0 +1,199 @@
+"""What the Redis bus tells the outbox relay: whether Redis lost what it held, and up to
+when every group acked what was appended (``gateway.bus.redis_watch``)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio
+
+from gateway.bus import RedisBus
+from gateway.domain.bus import Delivery, Subscription, Watermark
+from gateway.domain.errors import BusUnavailable
+from gateway.domain.store import OutboxEntry
+from tests.bus.conftest import make_event
+from tests.helpers import redis_node
+
+
+async def _bus(url: str, prefix: str, shards: int = 4) -> RedisBus:
+    bus = RedisBus(url, key_prefix=f"{prefix}{secrets.token_hex(4)}:", shards=shards)
+    await bus.start()
+    return bus
+
+
+@pytest.fixture
+async def bus(redis_url: str, redis_prefix: str) -> AsyncIterator[RedisBus]:
+    opened = await _bus(redis_url, redis_prefix)
+    # A prefix nobody used has no markers: that first look is a loss, answered here.
+    assert (await opened.watermark()).lost
+    await opened.recovered()
+    try:
+        yield opened
+    finally:
+        await opened.aclose()
+
+
+async def _publish(bus: RedisBus, conversation: str, n: int = 0) -> int:
+    entry = OutboxEntry(seq=n + 1, event=make_event(conversation, n), attempts=1)
+    return await bus.publish_outbox([entry])
+
+
+async def _acked(bus: RedisBus, mark: int) -> bool:
+    # The watermark is strictly after what it covers: an append in the very millisecond
+    # of the look is not known acked yet.
+    await asyncio.sleep(0.002)
+    watermark = await bus.watermark()
+    assert not watermark.lost
+    return watermark.acked_before_ms is not None and mark < watermark.acked_before_ms
+
+
+async def test_without_a_group_what_is_appended_is_owed_to_nobody(bus: RedisBus) -> None:
+    mark = await _publish(bus, "conv1")
+    assert mark > 0
+    assert await _acked(bus, mark)
+
+
+async def test_an_entry_is_acked_once_every_group_acked_it(bus: RedisBus) -> None:
+    await bus.ensure_group("ai")
+    await bus.ensure_group("audit")
+    first = await _publish(bus, "conv1")
+    assert not await _acked(bus, first)  # appended, read by nobody
+    async with (
+        bus.subscribe(Subscription(group="ai", consumer="c1")) as ai,
+        bus.subscribe(Subscription(group="audit", consumer="c1")) as audit,
+    ):
+        (delivery,) = await ai.receive(10, 5.0)
+        assert not await _acked(bus, first)  # read, pending
+        await ai.ack([delivery.delivery_id])
+        assert not await _acked(bus, first)  # "audit" has not read it
+        (other,) = await audit.receive(10, 5.0)
+        await audit.ack([other.delivery_id])
+        assert await _acked(bus, first)
+        # A later entry on another shard is held back by its own group positions only.
+        second = await _publish(bus, "conv-elsewhere", 1)
+        assert not await _acked(bus, second)
+        assert await _acked(bus, first) or first >= second  # same millisecond at most
+
+
+async def test_a_retired_group_holds_nothing_back(bus: RedisBus, redis_url: str) -> None:
+    await bus.ensure_group("gone")
+    mark = await _publish(bus, "conv1")
+    assert not await _acked(bus, mark)
+    # Retired from another process (the CLI): this one forgets it too.
+    other = RedisBus(redis_url, key_prefix=bus.keys.prefix, shards=bus.keys.shards)
+    await other.start()
+    try:
+        assert await other.delete_group("gone")
+    finally:
+        await other.aclose()
+    assert await _acked(bus, mark)
+    assert "gone" not in bus._watch.groups
+
+
+async def test_a_group_missing_on_a_shard_leaves_nothing_acked(
+    bus: RedisBus, redis_url: str
+) -> None:
+    await bus.ensure_group("ai")
+    mark = await _publish(bus, "conv1")
+    async with bus.subscribe(Subscription(group="ai", consumer="c1")) as ai:
+        (delivery,) = await ai.receive(10, 5.0)
+        await ai.ack([delivery.delivery_id])
+        assert await _acked(bus, mark)
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await client.xgroup_destroy(bus.keys.stream(0), "ai")
+    finally:
+        await client.aclose()
+    watermark = await bus.watermark()
+    assert not watermark.lost
+    assert watermark.acked_before_ms is None
+
+
+async def test_markers_naming_another_server_are_a_loss_until_answered(
+    bus: RedisBus, redis_url: str
+) -> None:
+    """What a Redis restarted from its AOF looks like to a process started after it: the
+    markers are there, but another server wrote them."""
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await client.set(bus.keys.marker(2), "a-server-before-this-one")
+    finally:
+        await client.aclose()
+    fresh = RedisBus(redis_url, key_prefix=bus.keys.prefix, shards=bus.keys.shards)
+    await fresh.start()
+    try:
+        assert (await fresh.watermark()).lost
+        assert (await fresh.watermark()).lost  # until answered
+        await fresh.recovered()
+        assert not (await fresh.watermark()).lost
+        assert not (await bus.watermark()).lost
+    finally:
+        await fresh.aclose()
+
+
+async def _look_after_restart(bus: RedisBus) -> Watermark:
+    """The first command after a restart may fail on a connection the old server closed;
+    the relay's next round asks again."""
+    for _ in range(3):
+        try:
+            return await bus.watermark()
+        except BusUnavailable:
+            continue
+    return await bus.watermark()
+
+
+async def test_a_redis_restarted_empty_is_a_loss_for_every_process() -> None:
+    with redis_node() as node:
+        first, second = await _bus(node.url, "p:"), None
+        try:
+            assert (await first.watermark()).lost
+            await first.recovered()
+            await first.ensure_group("ai")
+            assert not (await first.watermark()).lost  # and sees the group
+            second = RedisBus(node.url, key_prefix=first.keys.prefix, shards=4)
+            await second.start()
+            assert not (await second.watermark()).lost  # the same server, found whole
+            node.stop()
+            node.start()
+            assert (await _look_after_restart(first)).lost
+            await first.recovered()
+            # The groups the bus knew are made again, on every shard, before the markers.
+            client = redis.asyncio.Redis.from_url(node.url)
+            try:
+                for shard in range(first.keys.shards):
+                    infos = await client.xinfo_groups(first.keys.stream(shard))
+                    assert [i["name"] for i in infos] == [b"ai"]
+            finally:
+                await client.aclose()
+            # Markers written again by the first: the second still saw the old server.
+            assert (await _look_after_restart(second)).lost
+            await second.recovered()
+            assert not (await first.watermark()).lost
+            assert not (await second.watermark()).lost
+        finally:
+            await first.aclose()
+            if second is not None:
+                await second.aclose()
+
+
+async def test_on_a_cluster_an_ack_moves_the_watermark(
+    redis_cluster_url: str, redis_prefix: str
+) -> None:
+    bus = await _bus(redis_cluster_url, redis_prefix, shards=6)
+    try:
+        assert (await bus.watermark()).lost  # no markers yet
+        await bus.recovered()
+        await bus.ensure_group("ai")
+        marks = [await _publish(bus, f"conv{n}", n) for n in range(6)]
+        assert not await _acked(bus, min(marks))
+        async with bus.subscribe(Subscription(group="ai", consumer="c1")) as ai:
+            got: list[Delivery] = []
+            while len(got) < len(marks):
+                got += await ai.receive(10, 5.0)
+            await ai.ack([d.delivery_id for d in got])
+            assert await _acked(bus, max(marks))
+    finally:
+        await bus.aclose()
