@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.bus import RedisBus
@@ -16,7 +18,7 @@ from gateway.services.outbox import OutboxWriter
 from gateway.services.relay import OutboxRelay
 from gateway.store import SqliteStore
 from tests.bus.conftest import make_event
-from tests.helpers import redis_node
+from tests.helpers import RedisNode, redis_node
 
 
 def _outbox(db: Path) -> dict[str, tuple[bool, bool]]:
@@ -42,76 +44,74 @@ async def _take(consumer: Consumer, count: int) -> list[Event]:
     return got
 
 
-async def _hand_over(store: SqliteStore, writer: OutboxWriter, events: list[Event]) -> None:
-    async with store.transaction() as tx:
-        handed = await writer.add(tx, events)
-    writer.committed(handed)
+async def _hand_over(rig: _Rig, events: list[Event]) -> None:
+    async with rig.store.transaction() as tx:
+        handed = await rig.writer.add(tx, events)
+    rig.writer.committed(handed)
 
 
-async def test_entries_are_held_until_every_group_acked_then_let_go(tmp_path: Path) -> None:
+@dataclass
+class _Rig:
+    db: Path
+    node: RedisNode
+    store: SqliteStore
+    bus: RedisBus
+    relay: OutboxRelay
+    writer: OutboxWriter
+
+
+@asynccontextmanager
+async def _rig(tmp_path: Path, *, hold_s: float) -> AsyncIterator[_Rig]:
+    """A relay on SQLite and a Redis of its own, with a group "ai" nobody reads yet."""
     db = tmp_path / "relay.db"
     with redis_node() as node:
         async with SqliteStore(str(db)) as store, RedisBus(node.url, shards=4) as bus:
             await store.migrate()
             await bus.ensure_group("ai")
-            relay = OutboxRelay(store, bus, sweep_interval_s=0.1, hold_s=0.3)
-            writer = OutboxWriter(relay)
-            message = make_event("conv1", 0)
-            reaction = make_event("conv2", 0, kind=EventKind.REACTION_CHANGED)
-            async with relay:
-                await _hand_over(store, writer, [message, reaction])
-                # Nobody read them: past hold_s they are held in the store.
-                await _until(
-                    lambda: (
-                        _outbox(db)
-                        == {
-                            message.event_id: (True, True),
-                            reaction.event_id: (True, True),
-                        }
-                    )
-                )
-                async with bus.subscribe(Subscription(group="ai", consumer="c1")) as ai:
-                    assert {e.event_id for e in await _take(ai, 2)} == {
-                        message.event_id,
-                        reaction.event_id,
-                    }
-                    # Acked by the only group: the message goes, the reaction stays
-                    # (unheld) to refuse Meta's repeats.
-                    await _until(lambda: _outbox(db) == {reaction.event_id: (True, False)})
-                    # One acked in memory, before it was ever held, goes at once.
-                    later = make_event("conv3", 0)
-                    await _hand_over(store, writer, [later])
-                    assert [e.event_id for e in await _take(ai, 1)] == [later.event_id]
-                    await _until(lambda: later.event_id not in _outbox(db), within_s=2.0)
+            relay = OutboxRelay(store, bus, sweep_interval_s=0.1, hold_s=hold_s)
+            yield _Rig(db, node, store, bus, relay, OutboxWriter(relay))
+
+
+async def test_entries_are_held_until_every_group_acked_then_let_go(tmp_path: Path) -> None:
+    message = make_event("conv1", 0)
+    reaction = make_event("conv2", 0, kind=EventKind.REACTION_CHANGED)
+    async with _rig(tmp_path, hold_s=0.3) as rig, rig.relay:
+        await _hand_over(rig, [message, reaction])
+        # Nobody read them: past hold_s they are held in the store.
+        both_held = {message.event_id: (True, True), reaction.event_id: (True, True)}
+        await _until(lambda: _outbox(rig.db) == both_held)
+        async with rig.bus.subscribe(Subscription(group="ai", consumer="c1")) as ai:
+            taken = {e.event_id for e in await _take(ai, 2)}
+            assert taken == {message.event_id, reaction.event_id}
+            # Acked by the only group: the message goes, the reaction stays (unheld) to
+            # refuse Meta's repeats.
+            await _until(lambda: _outbox(rig.db) == {reaction.event_id: (True, False)})
+            # One acked in memory, before it was ever held, goes at once.
+            later = make_event("conv3", 0)
+            await _hand_over(rig, [later])
+            assert [e.event_id for e in await _take(ai, 1)] == [later.event_id]
+            await _until(lambda: later.event_id not in _outbox(rig.db), within_s=2.0)
 
 
 async def test_what_redis_lost_is_published_again_held_or_in_memory(tmp_path: Path) -> None:
     """Two entries held in the store and one waiting in memory when Redis restarts empty:
-    the relay sees the loss and publishes all three again, the store's first; the group,
-    made again by its consumer, gets each of them."""
-    db = tmp_path / "relay.db"
-    with redis_node() as node:
-        async with SqliteStore(str(db)) as store, RedisBus(node.url, shards=4) as bus:
-            await store.migrate()
-            await bus.ensure_group("ai")
-            relay = OutboxRelay(store, bus, sweep_interval_s=0.1, hold_s=0.5)
-            writer = OutboxWriter(relay)
-            held = [make_event("conv1", 0), make_event("conv1", 1)]
-            async with relay:
-                await _hand_over(store, writer, held)
-                await _until(lambda: all(held for _, held in _outbox(db).values()))
-                waiting = make_event("conv2", 0)
-                relay._hold_s = 60.0  # this one waits in memory
-                await _hand_over(store, writer, [waiting])
-                await _until(lambda: relay.published == 3)
-                assert _outbox(db)[waiting.event_id] == (False, False)  # claimed, in memory
-                node.stop()
-                node.start()
-                await _until(lambda: relay.published >= 6, within_s=15)
-                async with bus.subscribe(Subscription(group="ai", consumer="c1")) as ai:
-                    got = await _take(ai, 3)
-                assert [e.event_id for e in got if e.conversation_id == "conv1"] == [
-                    e.event_id for e in held
-                ]
-                assert {e.event_id for e in got} == {e.event_id for e in [*held, waiting]}
-                await _until(lambda: _outbox(db) == {}, within_s=5)
+    the relay sees the loss, makes the group again and publishes all three again, the
+    store's first; the group's consumer gets each of them."""
+    held = [make_event("conv1", 0), make_event("conv1", 1)]
+    waiting = make_event("conv2", 0)
+    async with _rig(tmp_path, hold_s=0.5) as rig, rig.relay:
+        await _hand_over(rig, held)
+        await _until(lambda: all(h for _, h in _outbox(rig.db).values()))
+        rig.relay._hold_s = 60.0  # this one waits in memory
+        await _hand_over(rig, [waiting])
+        await _until(lambda: rig.relay.published == 3)
+        assert _outbox(rig.db)[waiting.event_id] == (False, False)  # claimed, in memory
+        rig.node.stop()
+        rig.node.start()
+        await _until(lambda: rig.relay.published >= 6, within_s=15)
+        async with rig.bus.subscribe(Subscription(group="ai", consumer="c1")) as ai:
+            got = await _take(ai, 3)
+        in_conv1 = [e.event_id for e in got if e.conversation_id == "conv1"]
+        assert in_conv1 == [e.event_id for e in held]
+        assert {e.event_id for e in got} == {e.event_id for e in [*held, waiting]}
+        await _until(lambda: _outbox(rig.db) == {}, within_s=5)
