@@ -593,7 +593,9 @@ class Deliverer:
         now = self.clock.now()
         events = []
         for outcome, message in zip(outcomes, stored, strict=True):
-            if not outcome.event:
+            if not outcome.event or message is not outcome.message:
+                # Or the store kept another attempt's outcome (this one's lease had lapsed):
+                # its update went out with that outcome.
                 continue
             confirmed = message.confirmed_at is not None and message.status is MessageStatus.SENT
             if not confirmed:

@@ -6,6 +6,13 @@ attempt, so the retry worker never claims it while that attempt runs; recording 
 attempt's outcome releases the lease. An echo webhook may overtake the Send API's answer
 and be stored first as a message of its own: recording the answer folds it into ours.
 
+A settled message (SENT or FAILED) is final. An outcome that finds its message settled
+comes from an attempt whose lease lapsed while it ran (a process stalled past it) and
+another worker took the message over and settled it: the outcome is dropped, and the
+message is answered as stored. Both attempts reached the channel (nothing can undo that),
+but the late one no longer overwrites the record: a RETRYING over a SENT would have the
+message sent a third time.
+
 Send order: a message that keeps order (all but sender actions, stored ``unordered``) is
 not claimed while an earlier one of its conversation (by created_at, then id) is pending,
 QUEUED or RETRYING. One queued behind another is inserted without a lease, for the worker.
@@ -23,6 +30,7 @@ inserted (no read of the keys before or after, unless one conflicted), and an ou
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -55,6 +63,8 @@ from gateway.store.sqltx import (
     native,
     takes_arrays,
 )
+
+log = logging.getLogger(__name__)
 
 _SENT_FIELDS = (
     "status",
@@ -133,6 +143,10 @@ _INSERT_MESSAGES = (
 # the attempts. RETURNING says, per row, whether an echo confirmed it and, once a message
 # settled, whether another of its conversation still waits (the subquery sees the rows as
 # they were before the statement, the settled row itself included, hence ``w.id <> m.id``).
+# ``unsettled`` leaves out the messages settled already (see the module's docstring): their
+# rows are neither updated nor returned, and the echoes they name are left alone; the
+# UPDATE says it again so that PostgreSQL checks it anew on a row another transaction
+# settled meanwhile.
 # ``LIMIT :n`` (the document's length, here and in the recipients lookup) tells the planner
 # how many rows the document holds: it assumes 100 for a set-returning function, enough
 # to make scanning a table of a few thousand rows look cheaper than an index probe each.
@@ -143,8 +157,10 @@ WITH u AS (
     sent_at timestamptz, confirmed_at timestamptz, number integer, started_at timestamptz,
     finished_at timestamptz, attempt_error jsonb, claimed_until timestamptz)
   LIMIT :n
+), unsettled AS (
+  SELECT u.* FROM u JOIN messages s ON s.id = u.id WHERE s.status NOT IN ('SENT', 'FAILED')
 ), echoes AS (
-  DELETE FROM messages e USING u
+  DELETE FROM messages e USING unsettled u
   WHERE u.external_id <> '' AND e.connection_id = u.connection_id
     AND e.external_id = u.external_id AND e.id <> u.id
     AND e.direction = 'OUTBOUND' AND e.sent_at IS NULL AND e.external_id <> ''
@@ -159,8 +175,8 @@ UPDATE messages m SET status = u.status, external_id = u.external_id, error = u.
   confirmed_at = CASE WHEN x.created_at IS NULL OR u.confirmed_at IS NOT NULL
     THEN u.confirmed_at ELSE GREATEST(x.created_at, u.sent_at) END,
   claimed_until = u.claimed_until
-FROM u LEFT JOIN echoes x ON x.id = u.id
-WHERE m.id = u.id
+FROM unsettled u LEFT JOIN echoes x ON x.id = u.id
+WHERE m.id = u.id AND m.status NOT IN ('SENT', 'FAILED')
 RETURNING m.id, x.created_at IS NOT NULL AS echoed, m.confirmed_at,
   CASE WHEN m.status IN ('SENT', 'FAILED') AND NOT m.unordered
     THEN EXISTS (SELECT 1 FROM messages w WHERE w.conversation_id = m.conversation_id
@@ -516,6 +532,18 @@ class OutboundWriter:
             return [], False
         if self._arrays:
             return await self._record_native(items, lease_until)
+        # SQLite serializes writers: what this reads stays true until the updates below.
+        late = await self._superseded([m.id for m, _ in items])
+        if late:
+            recorded, waiting = await self.record_and_peek(
+                [(m, a) for m, a in items if m.id not in late], lease_until=lease_until
+            )
+            # Their attempts happened all the same (as _RECORD_OUTCOMES keeps them).
+            await self._insert_attempts(
+                [self._attempt_params(m.id, a) for m, a in items if m.id in late and a]
+            )
+            by_id = {m.id: m for m in recorded} | late
+            return [by_id[m.id] for m, _ in items], waiting
         sent = [m for m, _ in items if m.external_id]
         if sent:
             # Echoes go first: our row takes their external id under a unique index.
@@ -551,6 +579,10 @@ class OutboundWriter:
         waiting = await self._waiting_behind(
             [m for m, _ in items if m.status in _SETTLED and not _unordered(m)]
         )
+        await self._insert_attempts(attempts)
+        return [m for m, _ in items], waiting
+
+    async def _insert_attempts(self, attempts: list[Params]) -> None:
         if attempts:
             await self._ex.execute(
                 *bulk.insert(
@@ -560,7 +592,6 @@ class OutboundWriter:
                     arrays=False,
                 )
             )
-        return [m for m, _ in items], waiting
 
     async def record_and_peek_deferred(
         self,
@@ -579,7 +610,7 @@ class OutboundWriter:
         sent = await self._sent(*self._outcomes(items, lease_until), replan=True)
 
         async def read() -> tuple[list[Message], bool]:
-            return self._outcomes_recorded(items, await sent.rows())
+            return await self._outcomes_recorded(items, await sent.rows())
 
         return read
 
@@ -592,7 +623,8 @@ class OutboundWriter:
         # Planned per call: the UPDATE finds its rows in messages, which grows without bound
         # (see Executor.fetch).
         sql, params = self._outcomes(items, lease_until)
-        return self._outcomes_recorded(items, await self._ex.fetch(sql, params, replan=True))
+        answers = await self._ex.fetch(sql, params, replan=True)
+        return await self._outcomes_recorded(items, answers)
 
     def _outcomes(
         self, items: Sequence[tuple[Message, DeliveryAttempt | None]], lease_until: datetime | None
@@ -624,9 +656,41 @@ class OutboundWriter:
             "n": len(document),
         }
 
-    def _outcomes_recorded(
+    async def _outcomes_recorded(
         self, items: Sequence[tuple[Message, DeliveryAttempt | None]], answers: list[rows.Row]
     ) -> tuple[list[Message], bool]:
+        """The messages as recorded: those the statement left out, settled already by
+        another attempt, are read back as stored."""
+        if len(answers) < len(items):
+            answered_ids = {r["id"] for r in answers}
+            late = [m.id for m, _ in items if m.id not in answered_ids]
+            stored = await self._superseded(late)
+            return [stored.get(m.id, m) for m, _ in items], self._note_answers(items, answers)
+        return [m for m, _ in items], self._note_answers(items, answers)
+
+    async def _superseded(self, ids: Sequence[str]) -> dict[str, Message]:
+        """The settled messages among ``ids``, as stored: their outcomes came late."""
+        if not ids:
+            return {}
+        where, params = in_list("s", list(ids))
+        found = await self._ex.fetch(
+            f"SELECT * FROM messages WHERE id IN {where}"  # noqa: S608
+            " AND status IN ('SENT', 'FAILED')",
+            params,
+        )
+        stored = {r["id"]: rows.message_from_row(self._codec, r) for r in found}
+        for message_id in stored:
+            log.warning(
+                "send outcome dropped: another attempt settled the message first (this"
+                " attempt's lease lapsed while it ran); both reached the channel",
+                extra={"message_id": message_id},
+            )
+        return stored
+
+    def _note_answers(
+        self, items: Sequence[tuple[Message, DeliveryAttempt | None]], answers: list[rows.Row]
+    ) -> bool:
+        """Sets the confirmations the answers tell of; whether a message waits behind."""
         waiting = False
         echoed: dict[str, datetime] = {}
         for r in answers:
@@ -638,7 +702,7 @@ class OutboundWriter:
                 at = echoed.get(m.id)
                 if at is not None and m.confirmed_at is None:
                     m.confirmed_at = at
-        return [m for m, _ in items], waiting
+        return waiting
 
     def _echoes_of(self, sent: Sequence[Message]) -> tuple[str, Params]:
         """SQLite: the DELETE of rows that echoes of these sent messages stored before them."""

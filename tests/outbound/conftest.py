@@ -27,9 +27,12 @@ from channels.instagram.sandbox import (
 )
 from gateway.domain.events import Event, EventKind
 from gateway.domain.models import Connection, Conversation
+from gateway.domain.outbound import RateCategory
 from gateway.domain.store import Store
-from gateway.services.outbound_delivery import Deliverer, DeliveryPolicy
+from gateway.security.keyring import KeyRing, generate_key_spec
+from gateway.services.outbound_delivery import Clock, Deliverer, DeliveryPolicy
 from gateway.services.outbox import OutboxWriter
+from gateway.services.ratelimit import MemoryRateLimiter
 from tests.gateway_harness import RunningGateway, gateway_environ, run_gateway, store_connection
 from tests.helpers import bearer, fresh_database, published_events
 
@@ -240,3 +243,15 @@ async def out(
             stub=messaging_pb2_grpc.MessagingStub(channel),
             environ=out_environ,
         )
+
+
+def channelless_deliverer(store: Store) -> Deliverer:
+    """A Deliverer on ``store`` with no channel: for tests that record outcomes by hand."""
+    return Deliverer(
+        store,
+        {},
+        KeyRing.from_spec(generate_key_spec()),
+        MemoryRateLimiter({RateCategory.TEXT: 100.0, RateCategory.MEDIA: 10.0}),
+        DeliveryPolicy(),
+        clock=Clock(),
+    )

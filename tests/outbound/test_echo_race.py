@@ -12,11 +12,9 @@ from datetime import timedelta
 import pytest
 
 from gateway.domain.models import Direction, MessageStatus
-from gateway.domain.outbound import DeliveryAttempt, RateCategory
-from gateway.security.keyring import KeyRing, generate_key_spec
-from gateway.services.outbound_delivery import Clock, Deliverer, DeliveryPolicy
-from gateway.services.ratelimit import MemoryRateLimiter
+from gateway.domain.outbound import DeliveryAttempt
 from gateway.store import PostgresStore
+from tests.outbound.conftest import channelless_deliverer
 from tests.store.factories import (
     connection,
     message,
@@ -45,14 +43,7 @@ async def test_an_echo_committed_while_its_outcome_is_written_is_folded_in(
         queued, _ = await tx.enqueue_outbound(
             outbound(conv, due=now(), attempts=0, error=None), now() + timedelta(seconds=60)
         )
-    deliverer = Deliverer(
-        store,
-        {},
-        KeyRing.from_spec(generate_key_spec()),
-        MemoryRateLimiter({RateCategory.TEXT: 100.0, RateCategory.MEDIA: 10.0}),
-        DeliveryPolicy(),
-        clock=Clock(),
-    )
+    deliverer = channelless_deliverer(store)
     echo = message(
         conv,
         direction=Direction.OUTBOUND,

@@ -4,6 +4,7 @@ of its conversation waiting."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -152,3 +153,50 @@ async def test_an_outcome_that_fails_with_the_commit_leaves_nothing_behind(
     assert kept is not None
     assert kept.status is MessageStatus.QUEUED
     assert kept.external_id == ""
+
+
+@pytest.mark.parametrize("deferred", [False, True], ids=["record", "deferred"])
+async def test_a_late_outcome_never_overwrites_a_message_another_attempt_settled(
+    store: AnyStore, deferred: bool
+) -> None:
+    """Attempt A's lease lapsed while it ran (its process stalled); worker B took the
+    message over, sent it and recorded SENT. A's outcome, a transient failure, comes last:
+    recorded, it would have the message RETRYING and sent a third time. It is dropped,
+    and A is answered with the message as stored. Both attempts are number 1 (neither
+    knew of the other): the one recorded is B's."""
+    conn = connection()
+    t = now()
+    async with store.transaction() as tx:
+        await tx.save_connection(conn)
+        conv = await tx.upsert_conversation(
+            conversation(conn, await tx.upsert_participant(participant(conn)))
+        )
+        m = outbound(conv, due=t, attempts=0, error=None, created_at=t)
+        await tx.enqueue_outbound_in_order([m], t + timedelta(seconds=60), behind=[])
+        ours = await tx.get_message(m.id)
+    assert ours is not None
+    other = replace(ours)
+    other.status, other.external_id, other.sent_at, other.attempts = (
+        MessageStatus.SENT, "mid.b", t, 1,
+    )  # fmt: skip
+    async with store.transaction() as tx:
+        await tx.record_outbound_and_peek([(other, DeliveryAttempt(1, t, t))], lease_until=None)
+    failure = DeliveryError("CHANNEL_TRANSIENT", "timed out", channel_code=2, retryable=True)
+    ours.status, ours.error, ours.attempts = MessageStatus.RETRYING, failure, 1
+    ours.next_attempt_at = t + timedelta(seconds=5)
+    late = (ours, DeliveryAttempt(1, t, t + timedelta(seconds=1), failure))
+    async with store.transaction() as tx:
+        if deferred:
+            read = await tx.record_outbound_deferred([late], lease_until=None)
+            (answered,), waiting = await read()
+        else:
+            (answered,), waiting = await tx.record_outbound_and_peek([late], lease_until=None)
+        stored = await tx.get_message(m.id)
+        tries = await tx.list_attempts(m.id)
+    assert stored is not None
+    assert stored.status is MessageStatus.SENT
+    assert stored.external_id == "mid.b"
+    assert answered is not ours
+    assert (answered.status, answered.external_id) == (MessageStatus.SENT, "mid.b")
+    assert not waiting
+    assert [(x.number, x.error) for x in tries] == [(1, None)]

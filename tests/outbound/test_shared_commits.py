@@ -12,12 +12,10 @@ from typing import Any
 
 from gateway.domain.events import EventKind
 from gateway.domain.models import DeliveryError, Message, MessageStatus
-from gateway.domain.outbound import RateCategory
 from gateway.domain.store import Tx
-from gateway.security.keyring import KeyRing, generate_key_spec
 from gateway.services.delivery_events import delivery_update
-from gateway.services.outbound_delivery import Clock, Deliverer, DeliveryPolicy, Written
-from gateway.services.ratelimit import MemoryRateLimiter
+from gateway.services.outbound_delivery import Written
+from tests.outbound.conftest import channelless_deliverer
 from tests.store.conftest import AnyStore
 from tests.store.factories import connection, conversation, now, outbound, participant
 
@@ -51,14 +49,7 @@ async def queued(store: AnyStore) -> Message:
 async def test_outcomes_and_shared_work_that_come_together_commit_once(store: AnyStore) -> None:
     message = await queued(store)
     counting = CountingStore(store)
-    deliverer = Deliverer(
-        counting,
-        {},
-        KeyRing.from_spec(generate_key_spec()),
-        MemoryRateLimiter({RateCategory.TEXT: 100.0, RateCategory.MEDIA: 10.0}),
-        DeliveryPolicy(),
-        clock=Clock(),
-    )
+    deliverer = channelless_deliverer(counting)
     seen: list[MessageStatus] = []
 
     async def write(tx: Tx, jobs: Sequence[int]) -> Written[int]:
