@@ -23,6 +23,7 @@ from gateway.api.messaging_servicer import MessagingServicer
 from gateway.api.reflection import enable_reflection
 from gateway.config import Address
 from gateway.security.tokens import TokenAuthority
+from gateway.tasks import leave_if_cancelled
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ class GrpcServer:
         while True:
             await asyncio.sleep(self._probe_interval)
             await self._check_once()
+            # The bus probe is a Redis PING: a cancellation that came while redis-py read
+            # its answer may have been spent, and stop() would wait for this loop forever.
+            leave_if_cancelled()
 
     async def stop(self, grace_s: float) -> None:
         """Graceful: NOT_SERVING first, then stop accepting and let in-flight calls finish.

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -84,3 +85,26 @@ async def test_a_bus_outage_leaves_the_server_serving_but_not_messaging(tmp_path
         for name in ("", "switchboard.v1.ChannelConnect"):
             request = health_pb2.HealthCheckRequest(service=name)
             assert (await health.Check(request)).status == SERVING, name
+
+
+async def test_stop_ends_the_probes_even_when_a_probe_spends_the_cancellation(
+    tmp_path: Path,
+) -> None:
+    """redis-py may finish reading an answer when the cancellation comes, and return it:
+    the bus probe (a PING) then spends the CancelledError. stop() must end all the same."""
+    probing = asyncio.Event()
+
+    async def store() -> bool:
+        return True
+
+    async def bus() -> bool:
+        probing.set()
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            return True  # answered all the same, as redis-py may
+        return True
+
+    async with asyncio.timeout(10), health_of(tmp_path, store, bus):
+        probing.clear()
+        await probing.wait()  # stopped while a probe runs
