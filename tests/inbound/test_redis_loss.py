@@ -3,14 +3,16 @@
 The AI backend is away (its group exists, nobody reads it) while customers write; then
 Redis restarts without its data, as one started without persistence does (or a failover
 to a replica that lagged). When the AI backend subscribes again, it gets every message
-accepted meanwhile: the outbox kept them until the group acked them.
+accepted meanwhile: the outbox kept them until the group acked them. In one process
+(``serve``) and as deployed (``serve http`` publishing what it commits, ``serve grpc``
+serving Subscribe).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import psycopg
@@ -18,7 +20,9 @@ import pytest
 import redis.asyncio
 
 from channels.instagram.sandbox import SandboxClient, SandboxSettings, start_sandbox
+from gateway.app import Role
 from gateway.bus import RedisBus
+from gateway.security.keyring import generate_key_spec
 from tests.gateway_harness import gateway_environ, run_gateway
 from tests.helpers import RedisNode, fresh_database, redis_node
 from tests.inbound.conftest import Stack, connected_stack
@@ -27,14 +31,30 @@ pytestmark = pytest.mark.postgres
 
 
 @asynccontextmanager
-async def _stack(database: str, node: RedisNode, tmp_path: Path) -> AsyncIterator[Stack]:
+async def _stack(
+    database: str, node: RedisNode, tmp_path: Path, *, split: bool
+) -> AsyncIterator[Stack]:
     sandbox = await start_sandbox(SandboxSettings.generate())
-    extra = {"INSTAGRAM_SANDBOX_URL": sandbox.url, **sandbox.settings.credentials()}
-    env = gateway_environ(database, str(tmp_path), SWITCHBOARD_REDIS_URL=node.url, **extra)
+    shared = {
+        "INSTAGRAM_SANDBOX_URL": sandbox.url,
+        **sandbox.settings.credentials(),
+        "SWITCHBOARD_REDIS_URL": node.url,
+        # One key ring for both processes, as replicas of one deployment share it.
+        "SWITCHBOARD_ENCRYPTION_KEYS": generate_key_spec("loss"),
+    }
     try:
-        async with run_gateway(env) as running, SandboxClient(sandbox.url) as control:
+        async with AsyncExitStack() as processes:
+            env = gateway_environ(database, str(tmp_path / "grpc"), **shared)
+            running = await processes.enter_async_context(
+                run_gateway(env, Role.GRPC if split else Role.ALL)
+            )
+            webhooks = running
+            if split:
+                env = gateway_environ(database, str(tmp_path / "http"), **shared)
+                webhooks = await processes.enter_async_context(run_gateway(env, Role.HTTP))
+            control = await processes.enter_async_context(SandboxClient(sandbox.url))
             yield await connected_stack(
-                "postgres+redis", running, sandbox, control, database, running.http_url
+                "postgres+redis", running, sandbox, control, database, webhooks.http_url
             )
     finally:
         await sandbox.aclose()
@@ -68,11 +88,12 @@ def _outbox_size(database: str) -> int:
         return int(row[0])
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-process", "http+grpc"])
 async def test_messages_accepted_before_redis_lost_its_data_reach_the_group_after(
-    postgres_admin_url: str, tmp_path: Path
+    postgres_admin_url: str, tmp_path: Path, split: bool
 ) -> None:
     with fresh_database(postgres_admin_url, "redisloss") as database, redis_node() as node:
-        async with _stack(database, node, tmp_path) as stack:
+        async with _stack(database, node, tmp_path, split=split) as stack:
             async with stack.subscriber("ai") as sub:
                 await stack.control.send_dm(stack.ig_id, "before")
                 (first,) = await sub.take(1)
