@@ -86,6 +86,7 @@ class OutboxRelay:
         settle_interval_s: float = 0.05,
         tombstone_retention_s: float = TOMBSTONE_RETENTION.total_seconds(),
         hold_s: float = 10.0,
+        look_interval_s: float = 0.25,
     ) -> None:
         self._store = store
         self._bus = bus
@@ -103,7 +104,12 @@ class OutboxRelay:
         self._retention = timedelta(seconds=retention_s)
         self._tombstone_retention = timedelta(seconds=tombstone_retention_s)
         self._purge_interval_s = purge_interval_s
-        self._settle_interval_s = settle_interval_s
+        # On a bus that tells acks, settling asks it first (about 1.4 ms of this process's
+        # CPU on Redis with 16 shards): not more often than ``look_interval_s``. What waits
+        # meanwhile stays claimed, and goes in larger deletes.
+        self._settle_interval_s = (
+            max(settle_interval_s, look_interval_s) if self._watch else settle_interval_s
+        )
         # Entries published but not yet settled, and when to settle them.
         self._unsettled: list[_Published] = []
         self._settle_due = 0.0
