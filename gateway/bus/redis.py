@@ -58,6 +58,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from redis.crc import key_slot
@@ -69,7 +70,7 @@ from gateway.bus.redis_consumer import FIELD, RedisConsumer
 from gateway.bus.redis_watch import AckWatch
 from gateway.domain.bus import Subscription, Watermark
 from gateway.domain.codec import encode_event
-from gateway.domain.errors import BusUnavailable
+from gateway.domain.errors import BusLost, BusUnavailable
 from gateway.domain.events import Event
 from gateway.domain.store import OutboxEntry
 from gateway.redis_client import REDIS_ERRORS, RedisClient, is_cluster, open_redis
@@ -77,20 +78,30 @@ from gateway.tasks import leave_if_cancelled
 
 log = logging.getLogger(__name__)
 
-# KEYS: the shard stream of each event, in publish order; ARGV[1]: an approximate length
-# cap (0: none, retention is by time); ARGV[1 + i]: the encoded event for KEYS[i]. Returns
-# the highest millisecond part of the ids it added: the server's clock at the last append
-# (or later, should a stream's last id be ahead of the clock), which the relay compares
-# with the groups' acks (RedisBus.watermark).
+# KEYS[1..n]: the shard stream of each event, in publish order, then the marker of each of
+# those streams' shards (once each); ARGV[1]: an approximate length cap (0: none, retention
+# is by time); ARGV[2]: n; ARGV[3]: what every marker must hold ('': no check); ARGV[3 + i]:
+# the encoded event for KEYS[i]. A marker missing or holding anything else (Redis lost its
+# data since the caller last found it whole: gateway.bus.redis_watch) appends nothing and
+# returns -1. Otherwise returns the highest millisecond part of the ids it added: the
+# server's clock at the last append (or later, should a stream's last id be ahead of the
+# clock), which the relay compares with the groups' acks (RedisBus.watermark).
 _APPEND = f"""
 local cap = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local whole = ARGV[3]
+if whole ~= '' then
+  for i = n + 1, #KEYS do
+    if redis.call('GET', KEYS[i]) ~= whole then return -1 end
+  end
+end
 local top = 0
-for i = 1, #KEYS do
+for i = 1, n do
   local id
   if cap > 0 then
-    id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', cap, '*', '{FIELD.decode()}', ARGV[i + 1])
+    id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', cap, '*', '{FIELD.decode()}', ARGV[i + 3])
   else
-    id = redis.call('XADD', KEYS[i], '*', '{FIELD.decode()}', ARGV[i + 1])
+    id = redis.call('XADD', KEYS[i], '*', '{FIELD.decode()}', ARGV[i + 3])
   end
   local ms = tonumber(string.match(id, '^%d+'))
   if ms > top then top = ms end
@@ -101,6 +112,16 @@ return top
 _APPEND_SHA = hashlib.sha1(_APPEND.encode(), usedforsecurity=False).hexdigest()
 
 BACKEND = "redis"
+
+
+@dataclass(slots=True)
+class _Call:
+    """One append script call: the events of one hash slot, and their shards' markers."""
+
+    streams: list[str]
+    payloads: list[bytes]
+    # The markers to check, each once, in first-seen order (a dict as an ordered set).
+    markers: dict[str, None]
 
 
 def _unavailable(exc: BaseException) -> BusUnavailable:
@@ -188,38 +209,52 @@ class RedisBus:
         await self._append([(event.ordering_key, encode_event(event)) for event in events])
 
     async def publish_outbox(self, entries: Sequence[OutboxEntry]) -> int:
+        """Appends the entries, unless Redis lost its data since this process last found
+        it whole (its markers, ``gateway.bus.redis_watch``): then nothing is appended and
+        :class:`BusLost` is raised, so that the relay publishes what was lost before
+        anything newer of the same conversations."""
         # The outbox writer encoded each event once, for the outbox and the stream alike.
         return await self._append(
-            [(e.event.ordering_key, e.wire or encode_event(e.event)) for e in entries]
+            [(e.event.ordering_key, e.wire or encode_event(e.event)) for e in entries],
+            whole=self._watch.whole or "",
         )
 
-    async def _append(self, encoded: Sequence[tuple[str, bytes]]) -> int:
+    async def _append(self, encoded: Sequence[tuple[str, bytes]], *, whole: str = "") -> int:
         """Appends each (ordering key, encoded event) to its shard stream, in order: one
         script call per batch (per hash slot on a cluster), where a pipeline of XADDs cost
         the webhook process four times the CPU per event (redis-py's per-command work).
-        Returns the server's clock (ms) at the last append (0: nothing appended)."""
+        With ``whole``, only where the shards' markers hold it. Returns the server's clock
+        (ms) at the last append (0: nothing appended)."""
         if not encoded:
             return 0
         keys = self.keys
-        calls: dict[int, tuple[list[str], list[bytes]]] = {}
+        calls: dict[int, _Call] = {}
         for ordering_key, payload in encoded:
-            stream = keys.stream(keys.shard_of(ordering_key))
-            streams, payloads = calls.setdefault(self._slot_of(stream), ([], []))
-            streams.append(stream)
-            payloads.append(payload)
+            shard = keys.shard_of(ordering_key)
+            stream = keys.stream(shard)
+            call = calls.setdefault(self._slot_of(stream), _Call([], [], {}))
+            call.streams.append(stream)
+            call.payloads.append(payload)
+            if whole:
+                call.markers.setdefault(keys.marker(shard), None)
         try:
-            missing, top = await self._run_appends(list(calls.values()))
+            missing, top, refused = await self._run_appends(list(calls.values()), whole)
             if missing:
                 # Redis restarted or was flushed, or a cluster node took over a slot: load
                 # the script (on every primary), then run the calls it refused. They ran
                 # nothing: a script that cannot be found never starts.
                 await self.client.script_load(_APPEND)
-                missing, again = await self._run_appends(missing)
+                missing, again, refused_again = await self._run_appends(missing, whole)
                 top = max(top, again)
+                refused = refused or refused_again
             if missing:
                 raise BusUnavailable("redis: the append script cannot be loaded")
         except (*REDIS_ERRORS, OSError) as exc:
             raise _unavailable(exc) from exc
+        if refused:
+            # (On a cluster, the calls of other slots may have appended: what is published
+            # again after the loss repeats them, with the same event ids.)
+            raise BusLost("redis lost what it held since this process last found it whole")
         metrics.EVENTS_PUBLISHED.labels(BACKEND).inc(len(encoded))
         return top
 
@@ -228,27 +263,38 @@ class RedisBus:
         return key_slot(stream.encode()) if self.cluster else 0
 
     async def _run_appends(
-        self, calls: Sequence[tuple[list[str], list[bytes]]]
-    ) -> tuple[list[tuple[list[str], list[bytes]]], int]:
-        """Runs the calls in one pipeline; returns those refused with NOSCRIPT, and the
-        latest clock the others appended at."""
+        self, calls: Sequence[_Call], whole: str
+    ) -> tuple[list[_Call], int, bool]:
+        """Runs the calls in one pipeline; returns those refused with NOSCRIPT, the latest
+        clock the others appended at, and whether one found a marker other than ``whole``."""
         pipe = self.client.pipeline(transaction=False)
-        for streams, payloads in calls:
+        for call in calls:
+            keys = [*call.streams, *call.markers]
             # Through execute_command: redis-py refuses pipe.evalsha on a cluster.
             pipe.execute_command(
-                "EVALSHA", _APPEND_SHA, len(streams), *streams, self.max_len or 0, *payloads
+                "EVALSHA",
+                _APPEND_SHA,
+                len(keys),
+                *keys,
+                self.max_len or 0,
+                len(call.streams),
+                whole,
+                *call.payloads,
             )
         results = await pipe.execute(raise_on_error=False)
         missing = []
         top = 0
+        refused = False
         for call, result in zip(calls, results, strict=True):
             if isinstance(result, NoScriptError):
                 missing.append(call)
             elif isinstance(result, Exception):
                 raise result
+            elif int(result) < 0:
+                refused = True
             else:
                 top = max(top, int(result))
-        return missing, top
+        return missing, top, refused
 
     async def watermark(self) -> Watermark:
         """Whether Redis lost what it held, and up to when every group acked what was

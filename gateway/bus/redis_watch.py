@@ -13,6 +13,9 @@ back empty is seen: its markers are gone). A marker missing or naming another se
 server other than the one this process last saw, is a loss. The relay answers it, then
 calls :meth:`AckWatch.recovered`, which writes the markers again: a relay that dies before
 answering leaves the markers as they were, and the next process to look sees the loss.
+Appends check the markers of their shards too (``RedisBus.publish_outbox``): one that finds
+a marker gone, or other than the one this process last found whole, adds nothing, so that
+no newer event goes ahead of what was lost before the relay has looked.
 
 Acks. Each read of the groups is preceded, on the same connection (one per node on a
 cluster), by a read of the markers, so that what is read of the groups belongs to the
@@ -61,6 +64,12 @@ class AckWatch:
         self._seen: str | None = None
         # The groups the last look found whole knew of: made again after a loss.
         self.groups: set[str] = set()
+
+    @property
+    def whole(self) -> str | None:
+        """What the markers hold while Redis keeps what this process last found it holding;
+        None before the first look found it whole. Appends check it (``RedisBus``)."""
+        return self._whole
 
     async def watermark(self) -> Watermark:
         keys = self._keys

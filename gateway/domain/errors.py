@@ -128,6 +128,12 @@ class BusUnavailable(Unavailable):
     reason = "BUS_UNAVAILABLE"
 
 
+class BusLost(BusUnavailable):
+    """The bus refused an append: it lost what it held since this process last found it
+    whole (Redis restarted empty, failed over, flushed). What it lost must be published
+    again first, so that nothing newer of a conversation goes ahead of it."""
+
+
 class ShuttingDown(Unavailable):
     """This process is stopping: the work was not taken, another replica (or a retry) will."""
 

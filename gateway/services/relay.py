@@ -25,8 +25,11 @@ counts. A published entry waits for that in memory, still claimed, for up to ``h
 past it, it is marked published and held in the store, and let go when the groups have
 acked it (the sweep looks). When the bus reports a loss, everything held, in the store and
 in memory, is published again (same event ids; consumers dedupe), the store's first: it is
-the older. Events published again after a loss may come after newer ones of their
-conversation, which went to the new Redis first. The in-process bus has
+the older. Redis refuses an append once it lost its markers (``BusLost``), so that what
+was lost goes out again before anything newer of its conversation, whichever relay
+publishes next. (A Redis that kept its data, markers included, such as one restarted from
+its AOF or a replica that took over, is seen at the next look instead: what it lost since
+its last save may then come after newer events.) The in-process bus has
 no log but the outbox: there every entry is marked, and purged past the retention window,
 which must not be shorter than the bus's. The same
 periodic purge drops what ingestion keeps of unsends and edits that came before their
@@ -46,7 +49,7 @@ from datetime import UTC, datetime, timedelta
 
 from gateway.bus import metrics
 from gateway.domain.bus import AckWatermarks, Bus, Watermark
-from gateway.domain.errors import BusUnavailable
+from gateway.domain.errors import BusLost, BusUnavailable
 from gateway.domain.events import RECORDED_ONCE_KINDS
 from gateway.domain.inbound import TOMBSTONE_RETENTION
 from gateway.domain.store import OutboxEntry, Store
@@ -184,6 +187,10 @@ class OutboxRelay:
                 batch.extend(taken)
             try:
                 mark = await self._bus.publish_outbox(batch)
+            except BusLost:
+                self._work.appendleft(batch)
+                await self._answer_loss()
+                return
             except BaseException:
                 # Back at the head, so that the next round publishes it before anything
                 # committed after it: left to the sweep, it would wait for its lease to
@@ -278,6 +285,23 @@ class OutboxRelay:
         self._looked = True
         return watermark
 
+    async def _answer_loss(self) -> None:
+        """The bus refused an append (``BusLost``), whose entries are back at the head of
+        the work queue: what it lost goes out again ahead of them (``_republish``), so that
+        nothing newer of a conversation is published before what it lost of it."""
+        left, self._unsettled = self._unsettled, []
+        try:
+            watermark = await self._look()
+            if not watermark.lost:
+                # The look failed, or raced another process's answer to the loss: try
+                # again after the rounds' backoff rather than spin on a refusing bus.
+                await self._keep_claims()
+                raise BusUnavailable("the bus refused an append and reports no loss")
+            await self._republish(left)
+            left = []
+        finally:
+            self._unsettled[:0] = left
+
     async def _republish(self, published: Sequence[_Published]) -> None:
         """The bus lost what it held: the store's held entries and ``published`` (this
         relay's, in memory) are published again, the store's first (the older), by a
@@ -329,6 +353,10 @@ class OutboxRelay:
                 return total
             try:
                 mark = await self._bus.publish_outbox(entries)
+            except BusLost:
+                self._work.appendleft(entries)
+                await self._answer_loss()
+                return total
             except BaseException:
                 # Claimed for this relay: published first by the next round, as a failed
                 # hand-over is, rather than left to wait for the lease to lapse.

@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.bus import RedisBus
 from gateway.domain.bus import Delivery, Subscription, Watermark
-from gateway.domain.errors import BusUnavailable
+from gateway.domain.errors import BusLost, BusUnavailable
 from gateway.domain.store import OutboxEntry
 from tests.bus.conftest import make_event
 from tests.helpers import redis_node
@@ -134,6 +135,34 @@ async def test_markers_naming_another_server_are_a_loss_until_answered(
         await fresh.aclose()
 
 
+@pytest.mark.parametrize("marker", [None, "a-server-before-this-one"])
+async def test_an_append_is_refused_once_redis_lost_what_it_held(
+    bus: RedisBus, redis_url: str, marker: str | None
+) -> None:
+    """A shard's marker gone (Redis came back empty) or naming another server: the append
+    adds nothing and says so, until the loss is answered; the relay then publishes what
+    was lost ahead of it (tests/bus/test_relay_holds.py)."""
+    stream = bus.keys.stream(bus.keys.shard_of("conv1"))
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        await _publish(bus, "conv1")
+        if marker is None:
+            await client.delete(bus.keys.marker(bus.keys.shard_of("conv1")))
+        else:
+            await client.set(bus.keys.marker(bus.keys.shard_of("conv1")), marker)
+        with pytest.raises(BusLost):
+            await _publish(bus, "conv1", 1)
+        assert await client.xlen(stream) == 1
+        assert (await bus.watermark()).lost
+        with pytest.raises(BusLost):
+            await _publish(bus, "conv1", 1)  # until answered
+        await bus.recovered()
+        assert await _publish(bus, "conv1", 1) > 0
+        assert await client.xlen(stream) == 2
+    finally:
+        await client.aclose()
+
+
 async def _look_after_restart(bus: RedisBus) -> Watermark:
     """The first command after a restart may fail on a connection the old server closed;
     the relay's next round asks again."""
@@ -180,7 +209,7 @@ async def test_a_redis_restarted_empty_is_a_loss_for_every_process() -> None:
 
 
 async def test_on_a_cluster_an_ack_moves_the_watermark(
-    redis_cluster_url: str, redis_prefix: str
+    redis_cluster_url: str, redis_cluster: RedisCluster, redis_prefix: str
 ) -> None:
     bus = await _bus(redis_cluster_url, redis_prefix, shards=6)
     try:
@@ -189,6 +218,12 @@ async def test_on_a_cluster_an_ack_moves_the_watermark(
         await bus.ensure_group("ai")
         marks = [await _publish(bus, f"conv{n}", n) for n in range(6)]
         assert not await _acked(bus, min(marks))
+        # A node that came back empty has lost its shards' markers: appends there refuse.
+        await redis_cluster.delete(bus.keys.marker(bus.keys.shard_of("conv9")))
+        with pytest.raises(BusLost):
+            await _publish(bus, "conv9", 9)
+        assert (await bus.watermark()).lost
+        await bus.recovered()
         async with bus.subscribe(Subscription(group="ai", consumer="c1")) as ai:
             got: list[Delivery] = []
             while len(got) < len(marks):

@@ -61,14 +61,14 @@ class _Rig:
 
 
 @asynccontextmanager
-async def _rig(tmp_path: Path, *, hold_s: float) -> AsyncIterator[_Rig]:
+async def _rig(tmp_path: Path, *, hold_s: float, sweep_s: float = 0.1) -> AsyncIterator[_Rig]:
     """A relay on SQLite and a Redis of its own, with a group "ai" nobody reads yet."""
     db = tmp_path / "relay.db"
     with redis_node() as node:
         async with SqliteStore(str(db)) as store, RedisBus(node.url, shards=4) as bus:
             await store.migrate()
             await bus.ensure_group("ai")
-            relay = OutboxRelay(store, bus, sweep_interval_s=0.1, hold_s=hold_s)
+            relay = OutboxRelay(store, bus, sweep_interval_s=sweep_s, hold_s=hold_s)
             yield _Rig(db, node, store, bus, relay, OutboxWriter(relay))
 
 
@@ -115,3 +115,24 @@ async def test_what_redis_lost_is_published_again_held_or_in_memory(tmp_path: Pa
         assert in_conv1 == [e.event_id for e in held]
         assert {e.event_id for e in got} == {e.event_id for e in [*held, waiting]}
         await _until(lambda: _outbox(rig.db) == {}, within_s=5)
+
+
+async def test_what_redis_lost_goes_out_again_before_anything_newer_of_its_conversation(
+    tmp_path: Path,
+) -> None:
+    """Redis comes back empty while the relay waits on an event it published; the next
+    event of that conversation is committed before the relay has looked at Redis again.
+    Redis refuses that append (its markers are gone), and the relay publishes the lost
+    one first: the conversation's order holds."""
+    lost, newer = make_event("conv1", 0), make_event("conv1", 1)
+    # No sweep (and so no look of its own) during the test: only the refusal tells.
+    async with _rig(tmp_path, hold_s=60.0, sweep_s=60.0) as rig, rig.relay:
+        await _hand_over(rig, [lost])
+        await _until(lambda: rig.relay.published == 1)
+        rig.node.stop()
+        rig.node.start()
+        await _hand_over(rig, [newer])
+        await _until(lambda: rig.relay.published >= 3, within_s=15)
+        async with rig.bus.subscribe(Subscription(group="ai", consumer="c1")) as ai:
+            got = await _take(ai, 2)
+        assert [e.event_id for e in got] == [lost.event_id, newer.event_id]
