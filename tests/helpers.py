@@ -183,9 +183,10 @@ class RedisClusterNodes:
 
 class RedisNode:
     """A throwaway single redis-server on a port of its own, which a test may stop and
-    start again (same port, empty) to play an outage."""
+    start again (same port; empty, or ``persistent``: with what its AOF kept) to play an
+    outage."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, persistent: bool = False) -> None:
         server = shutil.which("redis-server")
         if server is None:
             raise RedisClusterUnavailable("redis-server must be on PATH")
@@ -194,10 +195,15 @@ class RedisNode:
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._proc: subprocess.Popen[bytes] | None = None
+        self._persistent = persistent
 
     def start(self) -> None:
         args = [self._server, "--port", str(self.port), "--bind", "127.0.0.1"]
-        args += ["--save", "", "--appendonly", "no", "--dir", str(self._workdir)]
+        args += ["--save", "", "--dir", str(self._workdir)]
+        if self._persistent:
+            args += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            args += ["--appendonly", "no"]
         with (self._workdir / "redis.log").open("ab") as log:
             proc = subprocess.Popen(
                 args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -217,10 +223,10 @@ class RedisNode:
 
 
 @contextlib.contextmanager
-def redis_node() -> Iterator[RedisNode]:
+def redis_node(*, persistent: bool = False) -> Iterator[RedisNode]:
     """A running :class:`RedisNode`, stopped and its directory removed on the way out."""
     workdir = Path(tempfile.mkdtemp(prefix="switchboard-redis-"))
-    node = RedisNode(workdir)
+    node = RedisNode(workdir, persistent=persistent)
     try:
         node.start()
         yield node

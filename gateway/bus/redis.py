@@ -80,12 +80,15 @@ log = logging.getLogger(__name__)
 
 # KEYS[1..n]: the shard stream of each event, in publish order, then the marker of each of
 # those streams' shards (once each); ARGV[1]: an approximate length cap (0: none, retention
-# is by time); ARGV[2]: n; ARGV[3]: what every marker must hold ('': no check); ARGV[3 + i]:
-# the encoded event for KEYS[i]. A marker missing or holding anything else (Redis lost its
-# data since the caller last found it whole: gateway.bus.redis_watch) appends nothing and
-# returns -1. Otherwise returns the highest millisecond part of the ids it added: the
-# server's clock at the last append (or later, should a stream's last id be ahead of the
-# clock), which the relay compares with the groups' acks (RedisBus.watermark).
+# is by time); ARGV[2]: n; ARGV[3]: what every marker must hold ('': no check); ARGV[4]:
+# '1' when that is also this server's run_id (one node); ARGV[4 + i]: the encoded event
+# for KEYS[i]. A marker missing or holding anything else, or another server (restarted,
+# even with its data, or a replica that took over), appends nothing and returns -1: Redis
+# may have lost data since the caller last found it whole (gateway.bus.redis_watch). A
+# server that refuses INFO is not checked for that (about 5 us of Redis's CPU a call
+# otherwise). Returns the highest millisecond part of the ids it added: the server's clock
+# at the last append (or later, should a stream's last id be ahead of the clock), which
+# the relay compares with the groups' acks (RedisBus.watermark).
 _APPEND = f"""
 local cap = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
@@ -94,14 +97,21 @@ if whole ~= '' then
   for i = n + 1, #KEYS do
     if redis.call('GET', KEYS[i]) ~= whole then return -1 end
   end
+  if ARGV[4] == '1' then
+    local info = redis.pcall('INFO', 'server')
+    if type(info) == 'string' then
+      local server = string.match(info, 'run_id:(%x+)')
+      if server and server ~= whole then return -1 end
+    end
+  end
 end
 local top = 0
 for i = 1, n do
   local id
   if cap > 0 then
-    id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', cap, '*', '{FIELD.decode()}', ARGV[i + 3])
+    id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', cap, '*', '{FIELD.decode()}', ARGV[i + 4])
   else
-    id = redis.call('XADD', KEYS[i], '*', '{FIELD.decode()}', ARGV[i + 3])
+    id = redis.call('XADD', KEYS[i], '*', '{FIELD.decode()}', ARGV[i + 4])
   end
   local ms = tonumber(string.match(id, '^%d+'))
   if ms > top then top = ms end
@@ -209,10 +219,11 @@ class RedisBus:
         await self._append([(event.ordering_key, encode_event(event)) for event in events])
 
     async def publish_outbox(self, entries: Sequence[OutboxEntry]) -> int:
-        """Appends the entries, unless Redis lost its data since this process last found
-        it whole (its markers, ``gateway.bus.redis_watch``): then nothing is appended and
-        :class:`BusLost` is raised, so that the relay publishes what was lost before
-        anything newer of the same conversations."""
+        """Appends the entries, unless Redis may have lost data since this process last
+        found it whole (its markers gone or rewritten, or on one node another server:
+        ``gateway.bus.redis_watch``): then nothing is appended and :class:`BusLost` is
+        raised, so that the relay publishes what was lost before anything newer of the
+        same conversations."""
         # The outbox writer encoded each event once, for the outbox and the stream alike.
         return await self._append(
             [(e.event.ordering_key, e.wire or encode_event(e.event)) for e in entries],
@@ -279,6 +290,8 @@ class RedisBus:
                 self.max_len or 0,
                 len(call.streams),
                 whole,
+                # On a cluster the markers name no server (gateway.bus.redis_watch).
+                "0" if self.cluster else "1",
                 *call.payloads,
             )
         results = await pipe.execute(raise_on_error=False)

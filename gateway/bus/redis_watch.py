@@ -13,9 +13,10 @@ back empty is seen: its markers are gone). A marker missing or naming another se
 server other than the one this process last saw, is a loss. The relay answers it, then
 calls :meth:`AckWatch.recovered`, which writes the markers again: a relay that dies before
 answering leaves the markers as they were, and the next process to look sees the loss.
-Appends check the markers of their shards too (``RedisBus.publish_outbox``): one that finds
-a marker gone, or other than the one this process last found whole, adds nothing, so that
-no newer event goes ahead of what was lost before the relay has looked.
+Appends check too (``RedisBus.publish_outbox``): one that finds a marker of its shards gone
+or other than the one this process last found whole, or on one node a server other than
+that one, adds nothing, so that no newer event goes ahead of what was lost before the
+relay has looked.
 
 Acks. Each read of the groups is preceded, on the same connection (one per node on a
 cluster), by a read of the markers, so that what is read of the groups belongs to the

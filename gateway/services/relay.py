@@ -25,11 +25,9 @@ counts. A published entry waits for that in memory, still claimed, for up to ``h
 past it, it is marked published and held in the store, and let go when the groups have
 acked it (the sweep looks). When the bus reports a loss, everything held, in the store and
 in memory, is published again (same event ids; consumers dedupe), the store's first: it is
-the older. Redis refuses an append once it lost its markers (``BusLost``), so that what
-was lost goes out again before anything newer of its conversation, whichever relay
-publishes next. (A Redis that kept its data, markers included, such as one restarted from
-its AOF or a replica that took over, is seen at the next look instead: what it lost since
-its last save may then come after newer events.) The in-process bus has
+the older. Redis refuses an append once it may have lost data (``BusLost``: its markers
+gone, or another server), so that what was lost goes out again before anything newer of
+its conversation, whichever relay publishes next. The in-process bus has
 no log but the outbox: there every entry is marked, and purged past the retention window,
 which must not be shorter than the bus's. The same
 periodic purge drops what ingestion keeps of unsends and edits that came before their

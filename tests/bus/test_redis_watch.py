@@ -163,6 +163,40 @@ async def test_an_append_is_refused_once_redis_lost_what_it_held(
         await client.aclose()
 
 
+async def test_an_append_is_refused_by_a_server_restarted_with_its_data() -> None:
+    """Redis restarted from its AOF keeps the markers, but may have lost what it was given
+    last (``appendfsync everysec``), as a replica that takes over may: another server (a
+    new run_id) refuses the append all the same, until the loss is answered."""
+    with redis_node(persistent=True) as node:
+        bus = await _bus(node.url, "aof:")
+        client = redis.asyncio.Redis.from_url(node.url)
+        try:
+            assert (await bus.watermark()).lost
+            await bus.recovered()
+            await _publish(bus, "conv1")
+            node.stop()
+            node.start()
+            stream = bus.keys.stream(bus.keys.shard_of("conv1"))
+            assert await client.get(bus.keys.marker(bus.keys.shard_of("conv1"))) is not None
+            for _ in range(3):  # the first command may meet a connection the old one closed
+                try:
+                    await _publish(bus, "conv1", 1)
+                except BusLost:
+                    break
+                except BusUnavailable:
+                    continue
+                pytest.fail("the restarted server took the append")
+            else:
+                pytest.fail("the restarted server did not answer")
+            assert await client.xlen(stream) == 1  # kept from before, nothing added
+            assert (await _look_after_restart(bus)).lost
+            await bus.recovered()
+            assert await _publish(bus, "conv1", 1) > 0
+        finally:
+            await client.aclose()
+            await bus.aclose()
+
+
 async def _look_after_restart(bus: RedisBus) -> Watermark:
     """The first command after a restart may fail on a connection the old server closed;
     the relay's next round asks again."""
