@@ -56,7 +56,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -78,40 +78,38 @@ from gateway.tasks import leave_if_cancelled
 
 log = logging.getLogger(__name__)
 
-# KEYS[1..n]: the shard stream of each event, in publish order, then the marker of each of
-# those streams' shards (once each); ARGV[1]: an approximate length cap (0: none, retention
-# is by time); ARGV[2]: n; ARGV[3]: what every marker must hold ('': no check); ARGV[4]:
-# '1' when that is also this server's run_id (one node); ARGV[4 + i]: the encoded event
-# for KEYS[i]. A marker missing or holding anything else, or another server (restarted,
-# even with its data, or a replica that took over), appends nothing and returns -1: Redis
-# may have lost data since the caller last found it whole (gateway.bus.redis_watch). A
-# server that refuses INFO is not checked for that (about 5 us of Redis's CPU a call
-# otherwise). Returns the highest millisecond part of the ids it added: the server's clock
-# at the last append (or later, should a stream's last id be ahead of the clock), which
-# the relay compares with the groups' acks (RedisBus.watermark).
+# KEYS[1..n]: the shard stream of each event, in publish order, then the markers of m of
+# those streams' shards (each once; m = 0: no check); ARGV[1]: an approximate length cap
+# (0: none, retention is by time); ARGV[2]: n; ARGV[2 + j]: what the j-th marker must hold,
+# the run_id of the server that served its shard when the caller last found Redis whole;
+# ARGV[2 + m + i]: the encoded event for KEYS[i]. A marker missing or holding anything
+# else, or another server (restarted, even with its data, or a replica that took over),
+# appends nothing and returns -1: Redis may have lost data since then
+# (gateway.bus.redis_watch). A server that refuses INFO is not checked for that (about
+# 5 us of Redis's CPU a call otherwise). Returns the highest millisecond part of the ids it
+# added: the server's clock at the last append (or later, should a stream's last id be
+# ahead of the clock), which the relay compares with the groups' acks (RedisBus.watermark).
 _APPEND = f"""
 local cap = tonumber(ARGV[1])
 local n = tonumber(ARGV[2])
-local whole = ARGV[3]
-if whole ~= '' then
-  for i = n + 1, #KEYS do
-    if redis.call('GET', KEYS[i]) ~= whole then return -1 end
-  end
-  if ARGV[4] == '1' then
-    local info = redis.pcall('INFO', 'server')
-    if type(info) == 'string' then
-      local server = string.match(info, 'run_id:(%x+)')
-      if server and server ~= whole then return -1 end
-    end
+local m = #KEYS - n
+if m > 0 then
+  local info = redis.pcall('INFO', 'server')
+  local server = nil
+  if type(info) == 'string' then server = string.match(info, 'run_id:(%x+)') end
+  for j = 1, m do
+    local whole = ARGV[2 + j]
+    if redis.call('GET', KEYS[n + j]) ~= whole then return -1 end
+    if server and server ~= whole then return -1 end
   end
 end
 local top = 0
 for i = 1, n do
   local id
   if cap > 0 then
-    id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', cap, '*', '{FIELD.decode()}', ARGV[i + 4])
+    id = redis.call('XADD', KEYS[i], 'MAXLEN', '~', cap, '*', '{FIELD.decode()}', ARGV[2 + m + i])
   else
-    id = redis.call('XADD', KEYS[i], '*', '{FIELD.decode()}', ARGV[i + 4])
+    id = redis.call('XADD', KEYS[i], '*', '{FIELD.decode()}', ARGV[2 + m + i])
   end
   local ms = tonumber(string.match(id, '^%d+'))
   if ms > top then top = ms end
@@ -130,8 +128,8 @@ class _Call:
 
     streams: list[str]
     payloads: list[bytes]
-    # The markers to check, each once, in first-seen order (a dict as an ordered set).
-    markers: dict[str, None]
+    # The markers to check, each once, and what each must hold.
+    markers: dict[str, str]
 
 
 def _unavailable(exc: BaseException) -> BusUnavailable:
@@ -220,22 +218,25 @@ class RedisBus:
 
     async def publish_outbox(self, entries: Sequence[OutboxEntry]) -> int:
         """Appends the entries, unless Redis may have lost data since this process last
-        found it whole (its markers gone or rewritten, or on one node another server:
+        found it whole (its markers gone or rewritten, or another server:
         ``gateway.bus.redis_watch``): then nothing is appended and :class:`BusLost` is
         raised, so that the relay publishes what was lost before anything newer of the
         same conversations."""
         # The outbox writer encoded each event once, for the outbox and the stream alike.
         return await self._append(
             [(e.event.ordering_key, e.wire or encode_event(e.event)) for e in entries],
-            whole=self._watch.whole or "",
+            whole=self._watch.whole,
         )
 
-    async def _append(self, encoded: Sequence[tuple[str, bytes]], *, whole: str = "") -> int:
+    async def _append(
+        self, encoded: Sequence[tuple[str, bytes]], *, whole: Mapping[int, str] | None = None
+    ) -> int:
         """Appends each (ordering key, encoded event) to its shard stream, in order: one
         script call per batch (per hash slot on a cluster), where a pipeline of XADDs cost
         the webhook process four times the CPU per event (redis-py's per-command work).
-        With ``whole``, only where the shards' markers hold it. Returns the server's clock
-        (ms) at the last append (0: nothing appended)."""
+        With ``whole`` (shard -> server), only where each shard's marker and server are
+        the ones it names. Returns the server's clock (ms) at the last append (0: nothing
+        appended)."""
         if not encoded:
             return 0
         keys = self.keys
@@ -246,16 +247,16 @@ class RedisBus:
             call = calls.setdefault(self._slot_of(stream), _Call([], [], {}))
             call.streams.append(stream)
             call.payloads.append(payload)
-            if whole:
-                call.markers.setdefault(keys.marker(shard), None)
+            if whole is not None:
+                call.markers.setdefault(keys.marker(shard), whole.get(shard, ""))
         try:
-            missing, top, refused = await self._run_appends(list(calls.values()), whole)
+            missing, top, refused = await self._run_appends(list(calls.values()))
             if missing:
                 # Redis restarted or was flushed, or a cluster node took over a slot: load
                 # the script (on every primary), then run the calls it refused. They ran
                 # nothing: a script that cannot be found never starts.
                 await self.client.script_load(_APPEND)
-                missing, again, refused_again = await self._run_appends(missing, whole)
+                missing, again, refused_again = await self._run_appends(missing)
                 top = max(top, again)
                 refused = refused or refused_again
             if missing:
@@ -273,11 +274,9 @@ class RedisBus:
         # On one node every stream takes the same call; on a cluster, one per hash slot.
         return key_slot(stream.encode()) if self.cluster else 0
 
-    async def _run_appends(
-        self, calls: Sequence[_Call], whole: str
-    ) -> tuple[list[_Call], int, bool]:
+    async def _run_appends(self, calls: Sequence[_Call]) -> tuple[list[_Call], int, bool]:
         """Runs the calls in one pipeline; returns those refused with NOSCRIPT, the latest
-        clock the others appended at, and whether one found a marker other than ``whole``."""
+        clock the others appended at, and whether one found Redis not as it was whole."""
         pipe = self.client.pipeline(transaction=False)
         for call in calls:
             keys = [*call.streams, *call.markers]
@@ -289,9 +288,7 @@ class RedisBus:
                 *keys,
                 self.max_len or 0,
                 len(call.streams),
-                whole,
-                # On a cluster the markers name no server (gateway.bus.redis_watch).
-                "0" if self.cluster else "1",
+                *call.markers.values(),
                 *call.payloads,
             )
         results = await pipe.execute(raise_on_error=False)

@@ -7,16 +7,17 @@ keeps each entry it published until every consumer group acked it, and publishes
 what it keeps should Redis turn out to have lost its data (``gateway.services.relay``).
 
 Continuity. Beside each shard stream a marker key holds the identity of the server that
-the relay last found whole: its ``run_id`` on one node (a restart, even one that reloads
-its data, or a failover changes it), a constant on a cluster (where only a node that comes
-back empty is seen: its markers are gone). A marker missing or naming another server, or a
-server other than the one this process last saw, is a loss. The relay answers it, then
-calls :meth:`AckWatch.recovered`, which writes the markers again: a relay that dies before
-answering leaves the markers as they were, and the next process to look sees the loss.
-Appends check too (``RedisBus.publish_outbox``): one that finds a marker of its shards gone
-or other than the one this process last found whole, or on one node a server other than
-that one, adds nothing, so that no newer event goes ahead of what was lost before the
-relay has looked.
+served the shard when the relay last found it whole: its ``run_id`` (a restart, even one
+that reloads its data, or a failover changes it; on a cluster, the node that serves the
+shard's slot). A look reads each shard's marker and its server's ``run_id`` together, in
+one script on that server (``_IDENTITY``: a pipeline on a cluster names no server). A marker
+missing or naming another server, or a server other than the one this process last found
+serving the shard, is a loss. The relay answers it, then calls :meth:`AckWatch.recovered`,
+which writes the markers again: a relay that dies before answering leaves the markers as
+they were, and the next process to look sees the loss. Appends check too
+(``RedisBus.publish_outbox``): one that finds a marker of its shards gone or other than
+the one this process last found whole, or a server other than that one, adds nothing, so
+that no newer event goes ahead of what was lost before the relay has looked.
 
 Acks. Each read of the groups is preceded, on the same connection (one per node on a
 cluster), by a read of the markers, so that what is read of the groups belongs to the
@@ -44,7 +45,14 @@ from gateway.bus.keys import BusKeys
 from gateway.domain.bus import Watermark
 from gateway.redis_client import RedisClient
 
-CLUSTER_IDENTITY = "cluster"
+# KEYS[1]: a shard's marker. The run_id of the server that runs it (INFO, '' where INFO is
+# refused) and the marker, read together on that server.
+IDENTITY_SCRIPT = """
+local info = redis.pcall('INFO', 'server')
+local server = ''
+if type(info) == 'string' then server = string.match(info, 'run_id:(%x+)') or '' end
+return {server, redis.call('GET', KEYS[1])}
+"""
 
 
 def _text(value: Any) -> str:
@@ -60,16 +68,18 @@ class AckWatch:
         self._client = client
         self._keys = keys
         self._cluster = cluster
-        # The server this process found whole last, and the one the last look found.
-        self._whole: str | None = None
-        self._seen: str | None = None
+        # Shard -> the server this process last found whole serving it, and the one the
+        # last look found.
+        self._whole: dict[int, str] | None = None
+        self._seen: dict[int, str] | None = None
         # The groups the last look found whole knew of: made again after a loss.
         self.groups: set[str] = set()
 
     @property
-    def whole(self) -> str | None:
-        """What the markers hold while Redis keeps what this process last found it holding;
-        None before the first look found it whole. Appends check it (``RedisBus``)."""
+    def whole(self) -> dict[int, str] | None:
+        """Shard -> what its marker holds, and the run_id of its server, while Redis keeps
+        what this process last found it holding; None before the first look found it
+        whole. Appends check it (``RedisBus``)."""
         return self._whole
 
     async def watermark(self) -> Watermark:
@@ -80,27 +90,30 @@ class AckWatch:
         clock = await client.time() if self._cluster else None
         pipe = client.pipeline(transaction=False)
         if not self._cluster:
-            pipe.info("server")
             pipe.time()
         for shard in range(keys.shards):
-            pipe.get(keys.marker(shard))
+            _identity(pipe, keys.marker(shard))
             pipe.xinfo_groups(keys.stream(shard))
         pipe.smembers(keys.groups())
         results = await pipe.execute(raise_on_error=False)
-        identity = CLUSTER_IDENTITY
         if not self._cluster:
-            identity = _text(_raised(results.pop(0))["run_id"])
             clock = _raised(results.pop(0))
-        markers, infos = results[0 : 2 * keys.shards : 2], results[1 : 2 * keys.shards : 2]
+        found_ids, infos = results[0 : 2 * keys.shards : 2], results[1 : 2 * keys.shards : 2]
         members = _raised(results[-1])
-        self._seen = identity
-        lost = any(_raised(m) is None or _text(m) != identity for m in markers)
-        if self._whole is not None and self._whole != identity:
+        servers: dict[int, str] = {}
+        lost = False
+        for shard, found in enumerate(found_ids):
+            server, marker = _server_and_marker(found)
+            servers[shard] = server
+            if marker != server:
+                lost = True
+        self._seen = servers
+        if self._whole is not None and self._whole != servers:
             lost = True
         if lost:
             return Watermark(lost=True, acked_before_ms=None)
         if self._whole is None:
-            self._whole = identity
+            self._whole = servers
         assert clock is not None
         seconds, micros = clock
         bound = int(seconds) * 1000 + int(micros) // 1000
@@ -133,32 +146,34 @@ class AckWatch:
             if known - present:
                 return Watermark(lost=False, acked_before_ms=None)
         if closer:
-            closer_bound = await self._closer(closer, identity)
+            closer_bound = await self._closer(closer, servers)
             if closer_bound is None:
                 return Watermark(lost=False, acked_before_ms=None)
             bound = min(bound, closer_bound)
         return Watermark(lost=False, acked_before_ms=bound)
 
-    async def _closer(self, closer: list[tuple[int, str, str, bool]], identity: str) -> int | None:
+    async def _closer(
+        self, closer: list[tuple[int, str, str, bool]], servers: dict[int, str]
+    ) -> int | None:
         """The bound of the groups that have entries pending (their oldest) or whose lag
         Redis cannot tell (whether they read to the end); None if a marker changed
         meanwhile or a group went (what is read now may not be the server read before)."""
         keys = self._keys
         pipe = self._client().pipeline(transaction=False)
         for shard, group, _, pending in closer:
-            pipe.get(keys.marker(shard))
+            _identity(pipe, keys.marker(shard))
             if pending:
                 pipe.xpending(keys.stream(shard), group)
             else:
                 pipe.xrevrange(keys.stream(shard), count=1)
         results = await pipe.execute(raise_on_error=False)
         bound: int | None = None
-        for (_, _, last, pending), marker, found in zip(
+        for (shard, _, last, pending), identity, found in zip(
             closer, results[0::2], results[1::2], strict=True
         ):
-            if isinstance(found, ResponseError) or _raised(marker) is None:
+            if isinstance(found, ResponseError):
                 return None
-            if _text(marker) != identity:
+            if _server_and_marker(identity) != (servers[shard], servers[shard]):
                 return None
             if pending and found.get("min") is not None:
                 mark = _ms(found["min"])
@@ -172,14 +187,30 @@ class AckWatch:
 
     async def recovered(self) -> None:
         """The relay answered the loss: the server last looked at is the whole one now."""
-        identity = self._seen
-        if identity is None:
+        seen = self._seen
+        if seen is None:
             return
+        # What the look saw, not what serves the shard now: a server that took over since
+        # then finds a marker naming another, and the next look sees that loss too.
         pipe = self._client().pipeline(transaction=False)
-        for shard in range(self._keys.shards):
-            pipe.set(self._keys.marker(shard), identity)
+        for shard, server in seen.items():
+            pipe.set(self._keys.marker(shard), server)
         await pipe.execute()
-        self._whole = identity
+        self._whole = dict(seen)
+
+
+def _identity(pipe: Any, marker: str) -> None:
+    # EVAL, not EVALSHA: a server that restarted has no scripts, and a look is not hot.
+    # Through execute_command: redis-py refuses pipe.eval on a cluster.
+    pipe.execute_command("EVAL", IDENTITY_SCRIPT, 1, marker)
+
+
+def _server_and_marker(result: Any) -> tuple[str, str | None]:
+    server, marker = _raised(result)
+    if not server:
+        # As when INFO itself was refused: the relay then holds what it published.
+        raise ResponseError("the server refuses INFO: its identity cannot be read")
+    return _text(server), None if marker is None else _text(marker)
 
 
 def _raised(result: Any) -> Any:

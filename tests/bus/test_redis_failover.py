@@ -22,8 +22,9 @@ from redis.crc import key_slot
 
 from gateway.bus import RedisBus
 from gateway.domain.bus import Subscription
-from gateway.domain.errors import BusUnavailable
+from gateway.domain.errors import BusLost, BusUnavailable
 from gateway.domain.events import Event
+from gateway.domain.store import OutboxEntry
 from tests.bus.conftest import OrderCheck, make_event
 from tests.bus.test_redis_cluster import SHARDS, cluster_bus, conversations_on_every_shard
 from tests.helpers import RedisClusterNodes, RedisClusterUnavailable, redis_cluster_nodes
@@ -200,3 +201,55 @@ async def test_the_bus_delivers_everything_in_order_after_a_primary_fails_over(
         assert check.received["a"]
         assert check.received["b"]
     assert await bus.group_lag("g") == 0
+
+
+async def test_a_failover_is_a_loss_appends_are_refused_until_it_is_answered(
+    cluster: RedisClusterNodes, bus: RedisBus
+) -> None:
+    """Replication is asynchronous: a replica that takes over may lack what its primary
+    acknowledged last. The shard's marker names the server that served it when the bus
+    was found whole, so the promoted replica refuses the append (the relay then publishes
+    again what it held, ahead of it) and the next look reports the loss."""
+    assert (await bus.watermark()).lost  # no markers yet
+    await bus.recovered()
+    assert not (await bus.watermark()).lost
+    ports = list(cluster.processes)
+    masters = masters_by_port(await cluster_nodes(ports[0]))
+    slot = key_slot(bus.keys.stream(0).encode())
+    victim = next(p for p, info in masters.items() if serves(info, slot))
+    survivors = [p for p in ports if p != victim]
+    (conversation, *_) = conversations_on_every_shard(bus, per_shard=1)
+    assert bus.keys.shard_of(conversation) == 0
+
+    def entry(n: int) -> OutboxEntry:
+        return OutboxEntry(seq=n + 1, event=make_event(conversation, n), attempts=1)
+
+    assert await bus.publish_outbox([entry(0)]) > 0
+    for port in masters:  # the replicas have the markers: the replica keeps them
+        async with redis.asyncio.Redis(host="127.0.0.1", port=port) as node:
+            assert await node.wait(1, 10_000) >= 1
+    cluster.kill(victim)
+    taken_over = functools.partial(failed_over, survivors, victim, slot)
+    await wait_for("the victim's replica to take over", taken_over)
+
+    async def refused() -> bool:
+        try:
+            await bus.publish_outbox([entry(1)])
+        except BusLost:
+            return True
+        except BusUnavailable:
+            return False  # the client has not found the new primary yet
+        raise AssertionError("the replica that took over took the append")
+
+    await wait_for("the append to be refused", refused)
+
+    async def look_lost() -> bool:
+        try:
+            return (await bus.watermark()).lost
+        except BusUnavailable:
+            return False
+
+    await wait_for("the look to report the loss", look_lost)
+    await bus.recovered()
+    assert not (await bus.watermark()).lost
+    assert await bus.publish_outbox([entry(1)]) > 0
