@@ -47,7 +47,7 @@ from gateway.redis_client import RedisClient
 
 # KEYS[1]: a shard's marker. The run_id of the server that runs it (INFO, '' where INFO is
 # refused) and the marker, read together on that server.
-IDENTITY_SCRIPT = """
+_IDENTITY = """
 local info = redis.pcall('INFO', 'server')
 local server = ''
 if type(info) == 'string' then server = string.match(info, 'run_id:(%x+)') or '' end
@@ -202,7 +202,7 @@ class AckWatch:
 def _identity(pipe: Any, marker: str) -> None:
     # EVAL, not EVALSHA: a server that restarted has no scripts, and a look is not hot.
     # Through execute_command: redis-py refuses pipe.eval on a cluster.
-    pipe.execute_command("EVAL", IDENTITY_SCRIPT, 1, marker)
+    pipe.execute_command("EVAL", _IDENTITY, 1, marker)
 
 
 def _server_and_marker(result: Any) -> tuple[str, str | None]:

@@ -186,8 +186,7 @@ class OutboxRelay:
             try:
                 mark = await self._bus.publish_outbox(batch)
             except BusLost:
-                self._work.appendleft(batch)
-                await self._answer_loss()
+                await self._answer_loss(batch)
                 return
             except BaseException:
                 # Back at the head, so that the next round publishes it before anything
@@ -219,13 +218,14 @@ class OutboxRelay:
     async def _settle_all(self) -> None:
         await self._settle(force=True)
 
-    async def _settle(self, *, force: bool = False, release: bool = False) -> None:
+    async def _settle(self, *, force: bool = False, release: bool = False) -> bool:
         """Settles what was published, for many small batches at once: they stay claimed
         meanwhile, and should the process die first they are only published again (same
         event_id) once the lease lapses. On a bus that may lose what it holds, only what
         every group acked is let go; what waited ``hold_s`` (or everything, with
         ``force``) is held in the store. ``release``: also look at the bus when nothing
-        waits, and let go of the store's held entries every group acked since."""
+        waits, and let go of the store's held entries every group acked since. True when
+        the look found the bus had lost what it held (and it was published again)."""
         left, self._unsettled = self._unsettled, []
         try:
             untracked = [p for p in left if p.mark is None or self._watch is None]
@@ -233,12 +233,12 @@ class OutboxRelay:
                 await self._published([e for p in untracked for e in p.entries])
                 left = [p for p in left if p.mark is not None and self._watch is not None]
             if self._watch is None or not (left or release):
-                return
+                return False
             watermark = await self._look()
             if watermark.lost:
                 await self._republish(left)
                 left = []
-                return
+                return True
             acked_before = watermark.acked_before_ms
             now = time.monotonic()
             acked = [
@@ -258,6 +258,7 @@ class OutboxRelay:
                 left = [p for p in left if p not in overdue]
             if release and acked_before is not None:
                 await self._store.release_held(_bus_time(acked_before), _DROPPED_KINDS)
+            return False
         finally:
             # Whatever was not settled waits for the next round, ahead of what came since.
             self._unsettled[:0] = left
@@ -283,22 +284,17 @@ class OutboxRelay:
         self._looked = True
         return watermark
 
-    async def _answer_loss(self) -> None:
-        """The bus refused an append (``BusLost``), whose entries are back at the head of
-        the work queue: what it lost goes out again ahead of them (``_republish``), so that
-        nothing newer of a conversation is published before what it lost of it."""
-        left, self._unsettled = self._unsettled, []
-        try:
-            watermark = await self._look()
-            if not watermark.lost:
-                # The look failed, or raced another process's answer to the loss: try
-                # again after the rounds' backoff rather than spin on a refusing bus.
-                await self._keep_claims()
-                raise BusUnavailable("the bus refused an append and reports no loss")
-            await self._republish(left)
-            left = []
-        finally:
-            self._unsettled[:0] = left
+    async def _answer_loss(self, refused: Sequence[OutboxEntry]) -> None:
+        """The bus refused to append ``refused`` (``BusLost``): they go back to the head of
+        the work queue, and what the bus lost goes out again ahead of them (the settle's
+        look finds the loss), so that nothing newer of a conversation is published before
+        what it lost of it."""
+        self._work.appendleft(refused)
+        if not await self._settle(release=True):
+            # The look failed, or raced another process's answer to the loss: try again
+            # after the rounds' backoff rather than spin on a refusing bus.
+            await self._keep_claims()
+            raise BusUnavailable("the bus refused an append and reports no loss")
 
     async def _republish(self, published: Sequence[_Published]) -> None:
         """The bus lost what it held: the store's held entries and ``published`` (this
@@ -352,8 +348,7 @@ class OutboxRelay:
             try:
                 mark = await self._bus.publish_outbox(entries)
             except BusLost:
-                self._work.appendleft(entries)
-                await self._answer_loss()
+                await self._answer_loss(entries)
                 return total
             except BaseException:
                 # Claimed for this relay: published first by the next round, as a failed
