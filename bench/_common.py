@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import multiprocessing as mp
 import os
@@ -188,6 +190,48 @@ def _serve_process(env: dict[str, str], role: str, out: Any, stop: MpEvent) -> N
             await watcher
 
     asyncio.run(main())
+
+
+def _bare_webhook_process(secret: bytes, port_out: Any, stop: MpEvent) -> None:
+    install_uvloop()
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.read()
+        expected = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+        given = request.headers.get("X-Hub-Signature-256", "")
+        if not hmac.compare_digest(expected, given):
+            return web.Response(status=403)
+        return web.Response(text="EVENT_RECEIVED")
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/webhooks/instagram", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port_out.put(runner.addresses[0][1])
+        while not stop.is_set():  # noqa: ASYNC110 - a multiprocessing event, not asyncio's
+            await asyncio.sleep(0.1)
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+@contextlib.contextmanager
+def bare_webhook_receiver(secret: bytes) -> Iterator[str]:
+    """The URL of a bare aiohttp handler, in a process of its own, that checks a webhook's
+    signature and answers 200: what any receiver of Meta's webhooks must do at least."""
+    ctx = mp.get_context("spawn")
+    port_q, stop = ctx.Queue(), ctx.Event()
+    server = ctx.Process(target=_bare_webhook_process, args=(secret, port_q, stop), daemon=True)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port_q.get(timeout=30)}/webhooks/instagram"
+    finally:
+        stop.set()
+        reap(server)
 
 
 class GatewayProcesses:

@@ -44,10 +44,10 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 
 from bench._common import (
     GatewayProcesses,
+    bare_webhook_receiver,
     bench_database,
     drop_bench_database,
     install_uvloop,
@@ -201,47 +201,13 @@ def drive(
 # ---- the ceiling: a bare handler that checks the signature and answers 200 ----
 
 
-def _bare_server(port_out: Any, stop: Any) -> None:
-    install_uvloop()
-
-    async def handler(request: web.Request) -> web.Response:
-        body = await request.read()
-        expected = "sha256=" + hmac.new(SECRET, body, hashlib.sha256).hexdigest()
-        given = request.headers.get("X-Hub-Signature-256", "")
-        if not hmac.compare_digest(expected, given):
-            return web.Response(status=403)
-        return web.Response(text="EVENT_RECEIVED")
-
-    async def main() -> None:
-        app = web.Application()
-        app.router.add_post("/webhooks/instagram", handler)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port_out.put(runner.addresses[0][1])
-        while not stop.is_set():  # noqa: ASYNC110 - a multiprocessing event, not asyncio's
-            await asyncio.sleep(0.1)
-        await runner.cleanup()
-
-    asyncio.run(main())
-
-
 def ceiling(duration_s: float, batch: int) -> float:
     """Deliveries per second: the best closed loop of CLOSED_CONCURRENCY."""
-    ctx = mp.get_context("spawn")
-    port_q, stop = ctx.Queue(), ctx.Event()
-    server = ctx.Process(target=_bare_server, args=(port_q, stop), daemon=True)
-    server.start()
     rates: list[float] = []
-    try:
-        url = f"http://127.0.0.1:{port_q.get(timeout=30)}/webhooks/instagram"
+    with bare_webhook_receiver(SECRET) as url:
         for concurrency in CLOSED_CONCURRENCY:
             result = drive(url, batch, duration_s, concurrency=concurrency)
             rates.append(float(result["deliveries"]) / float(result["elapsed"]))
-    finally:
-        stop.set()
-        reap(server)
     return max(rates)
 
 

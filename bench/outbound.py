@@ -13,8 +13,11 @@ the gateway runs as it is deployed (``bench._common.TOPOLOGY``), on uvloop like 
 ceiling's server. The per-account rate limit is set far above the offered load so that it
 is exercised (one bucket decision per send) without capping the figure. The account is
 subscribed to webhooks, as a connected one is: the sandbox echoes every message sent, as
-Meta does, and the gateway confirms each from its echo during our run. The ceiling runs
-without echoes (the sandbox's webhook is off meanwhile): it has nothing to confirm.
+Meta does, in both runs. During ours the gateway's webhook sidecar confirms each message
+from its echo; during the ceiling's the echoes go to a bare aiohttp handler that checks
+their signature and answers 200 (``bench._common.bare_webhook_receiver``), the least any
+receiver of Meta's webhooks does. Meta's side of the machine's load is then the same in
+both runs, and the ratio compares what the two architectures add to it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 
 from bench._common import (
     GatewayProcesses,
+    bare_webhook_receiver,
     bench_database,
     drop_bench_database,
     emit,
@@ -225,6 +229,9 @@ async def measure(
             env["SWITCHBOARD_REDIS_URL"] = REDIS
             env["SWITCHBOARD_REDIS_KEY_PREFIX"] = scope.enter_context(redis_prefix(REDIS))
         served = GatewayProcesses(env, backend)
+        # The bench's account signs in with Instagram: its webhooks carry that app's signature.
+        secret = credentials["INSTAGRAM_APP_SECRET"].encode()
+        bare_echoes = scope.enter_context(bare_webhook_receiver(secret))
         try:
             # This process prepares the store and watches it; the gateway serves from its own.
             async with (
@@ -262,18 +269,18 @@ async def measure(
                 await loop.run_in_executor(None, drive, target, token, requests, 8, 1.0)
                 results: dict[int, dict[str, Any]] = {}
                 for concurrency in concurrencies:
-                    # Ours with the echo webhooks Meta sends for every message (confirming
-                    # them is part of the gateway's work)...
+                    # Ours, the gateway confirming every message from Meta's echo...
                     ours = await loop.run_in_executor(
                         None, drive, target, token, requests, concurrency, duration_s
                     )
-                    # ...then the ceiling with none: neither the echoes still queued from
-                    # our run nor those of the ceiling's own sends may take its CPU.
+                    # ...then the ceiling, whose echoes a bare handler takes. The echoes
+                    # still queued from one run must not take the other's CPU.
                     await control.drain_echoes()
-                    await control.set_webhook(None)
+                    await control.set_webhook(bare_echoes)
                     top = await loop.run_in_executor(
                         None, ceiling, send_url, meta_token, requests, concurrency, duration_s
                     )
+                    await control.drain_echoes()
                     await control.set_webhook(webhook)
                     results[concurrency] = {"ours": _figures(ours), "ceiling": top}
                 return results
