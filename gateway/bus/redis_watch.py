@@ -160,20 +160,23 @@ class AckWatch:
         meanwhile or a group went (what is read now may not be the server read before)."""
         keys = self._keys
         pipe = self._client().pipeline(transaction=False)
-        for shard, group, _, pending in closer:
+        # A shard's identity once, ahead of the reads of its groups (on its node's
+        # connection, in order), not once per group.
+        shards = list(dict.fromkeys(shard for shard, _, _, _ in closer))
+        for shard in shards:
             _identity(pipe, keys.marker(shard))
+        for shard, group, _, pending in closer:
             if pending:
                 pipe.xpending(keys.stream(shard), group)
             else:
                 pipe.xrevrange(keys.stream(shard), count=1)
         results = await pipe.execute(raise_on_error=False)
-        bound: int | None = None
-        for (shard, _, last, pending), identity, found in zip(
-            closer, results[0::2], results[1::2], strict=True
-        ):
-            if isinstance(found, ResponseError):
-                return None
+        for shard, identity in zip(shards, results, strict=False):
             if _server_and_marker(identity) != (servers[shard], servers[shard]):
+                return None
+        bound: int | None = None
+        for (_, _, last, pending), found in zip(closer, results[len(shards) :], strict=True):
+            if isinstance(found, ResponseError):
                 return None
             if pending and found.get("min") is not None:
                 mark = _ms(found["min"])

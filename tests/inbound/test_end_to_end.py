@@ -122,7 +122,6 @@ async def test_a_token_meta_rejects_on_a_profile_lookup_turns_the_connection_nee
         events = {event.kind: event for event in first + await sub.take(1)}
     assert set(events) == {"message_received", "connection_changed"}
     changed = events["connection_changed"]
-    assert changed.kind == "connection_changed"
     assert changed.payload["connection"]["status"] == "CONNECTION_STATUS_NEEDS_REAUTH"
     async with stack.gateway.gateway.store.transaction() as tx:
         conn = await tx.get_connection(stack.connection.id)
