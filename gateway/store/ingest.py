@@ -76,7 +76,7 @@ _LATER_TIMES = ", ".join(
 _ADD_CLAIMED_EVENTS = """
 INSERT INTO outbox (event_id, event, created_at, claimed_until, attempts)
 SELECT u.i, u.e, :n, :l, 1
-FROM ROWS FROM (json_to_recordset(:rows) AS (i text, e jsonb)) WITH ORDINALITY AS u(i, e, o)
+FROM ROWS FROM (json_to_recordset(:rows) AS (i text, e json)) WITH ORDINALITY AS u(i, e, o)
 ORDER BY u.o ON CONFLICT (event_id) DO NOTHING RETURNING seq, event_id
 """
 # PostgreSQL: the batch's messages from one JSON document of rows, for the same reasons.
@@ -848,7 +848,7 @@ class InboundWriter:
                 [
                     {
                         "i": e.event_id,
-                        "e": self._codec.json_encoded(wires[e.event_id]),
+                        "e": self._codec.json_document(wires[e.event_id]),
                         "n": now,
                         "l": lease,
                         "a": 1,

@@ -69,9 +69,6 @@ class PgCodec:
     def json(self, value: Any) -> Any:
         return Jsonb(value, dumps=orjson.dumps)
 
-    def json_encoded(self, raw: bytes) -> Any:
-        return Jsonb(raw, dumps=_as_is)
-
     def json_document(self, raw: bytes) -> Any:
         return Json(raw, dumps=_as_is)
 
@@ -227,7 +224,7 @@ class PgExecutor:
 _ADD_EVENTS = (
     "INSERT INTO outbox (event_id, event, created_at)"
     " SELECT e.event_id, e.event, %(now)s"
-    " FROM unnest(%(ids)b::text[], %(events)b::jsonb[]) WITH ORDINALITY AS e(event_id, event, n)"
+    " FROM unnest(%(ids)b::text[], %(events)b::json[]) WITH ORDINALITY AS e(event_id, event, n)"
     " ORDER BY e.n ON CONFLICT (event_id) DO NOTHING"
 )
 
@@ -247,7 +244,7 @@ class PgTx(SqlTx):
             {
                 "now": datetime.now(UTC),
                 "ids": [e.event_id for e in events],
-                "events": [Jsonb(event_to_dict(e), dumps=orjson.dumps) for e in events],
+                "events": [Json(event_to_dict(e), dumps=orjson.dumps) for e in events],
             },
         )
 

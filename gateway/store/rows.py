@@ -42,12 +42,10 @@ class Codec(Protocol):
     def ts(self, value: datetime) -> Any: ...
     def ts_in(self, value: Any) -> datetime: ...
     def json(self, value: Any) -> Any: ...
-    def json_encoded(self, raw: bytes) -> Any:
-        """A value already encoded as JSON (UTF-8 bytes), bound without encoding it again."""
-
     def json_document(self, raw: bytes) -> Any:
-        """Encoded JSON bound as ``json`` rather than ``jsonb``: a document a statement only
-        reads (``json_to_recordset``), not worth converting to ``jsonb`` first."""
+        """Encoded JSON (UTF-8 bytes) bound as ``json`` rather than ``jsonb``, without
+        encoding it again: a document a statement only reads (``json_to_recordset``), or a
+        value stored as it came (an outbox event), not worth converting to ``jsonb``."""
 
     def json_in(self, value: Any) -> Any: ...
 

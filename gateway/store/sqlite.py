@@ -42,9 +42,6 @@ class SqliteCodec:
     def json(self, value: Any) -> Any:
         return orjson.dumps(value).decode()
 
-    def json_encoded(self, raw: bytes) -> Any:
-        return raw.decode()
-
     def json_document(self, raw: bytes) -> Any:
         return raw.decode()
 
