@@ -149,6 +149,20 @@ SELECT ms.id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 
 """  # noqa: S608 - the interpolated SQL is ours
 
 
+# PostgreSQL: conversations' last message times moved forward, their rows locked first in the
+# order _UPSERT_TOGETHER locks them (a locking SELECT sorts before it locks).
+_MOVE_LAST_MESSAGE_AT = """
+WITH l AS MATERIALIZED (
+  SELECT id FROM conversations WHERE id = ANY(:v::text[])
+  ORDER BY connection_id, participant_id FOR NO KEY UPDATE
+)
+UPDATE conversations SET last_message_at = u.a
+FROM l JOIN unnest(:v::text[], :a::timestamptz[]) AS u(v, a) ON u.v = l.id
+WHERE conversations.id = l.id
+  AND (conversations.last_message_at IS NULL OR conversations.last_message_at < u.a)
+"""
+
+
 def _json(value: Any) -> bytes:
     # A naive time can only mean UTC here (gateway.store.rows.utc): never the session's zone.
     return orjson.dumps(value, option=orjson.OPT_NAIVE_UTC)
@@ -285,6 +299,82 @@ class InboundWriter:
         results = [IngestResult() for _ in routed]
         if not routed:
             return results
+        rest = await self._confirm_echoes_first(routed, results)
+        if len(rest) < len(routed):
+            routed = [routed[i] for i in rest]
+            if not routed:
+                return results
+            # The same result objects: what the rest of the batch finds lands in ``results``.
+            await self._store(routed, [results[i] for i in rest])
+        else:
+            await self._store(routed, results)
+        return results
+
+    async def _confirm_echoes_first(
+        self, routed: Sequence[RoutedItem], results: list[IngestResult]
+    ) -> list[int]:
+        """Meta echoes every message it sends for us, so most echoes name a message of ours
+        already SENT: such an echo confirms it first, and that is all it does, where storing
+        it would upsert its customer and conversation, lock its id, and insert it only to find
+        it stored. Its conversation's last message time moves to the echo's, as storing it
+        would have done. Returns the indexes of the items left to store: echoes that
+        confirm nothing now (the send's outcome not committed yet, a repeat, another app's
+        message) go the usual way, where the id lock orders them after the outcome
+        (gateway.store.locks)."""
+        wanted: dict[tuple[str, str], datetime] = {}
+        for r in routed:
+            if r.item.kind == EventKind.MESSAGE_ECHOED and r.item.external_id:
+                wanted.setdefault((r.connection.id, r.item.external_id), r.item.occurred_at)
+        everything = list(range(len(routed)))
+        if not wanted:
+            return everything
+        confirmed = await OutboundWriter(self._ex, self._codec).confirm(
+            [(conn, ext, at) for (conn, ext), at in wanted.items()]
+        )
+        if not confirmed:
+            return everything
+        by_key = {(m.connection_id, m.external_id): m for m in confirmed}
+        latest: dict[str, datetime] = {}
+        for key, message in by_key.items():
+            at = wanted[key]
+            if message.conversation_id not in latest or at > latest[message.conversation_id]:
+                latest[message.conversation_id] = at
+        await self._move_last_message_at(latest)
+        rest: list[int] = []
+        told: set[tuple[str, str]] = set()
+        for i, r in enumerate(routed):
+            key = (r.connection.id, r.item.external_id)
+            if r.item.kind != EventKind.MESSAGE_ECHOED or key not in by_key:
+                rest.append(i)
+                continue
+            result = results[i]
+            result.duplicate = True
+            result.message_id = by_key[key].id
+            if key not in told:  # a repeat within the batch confirms nothing more
+                told.add(key)
+                result.confirmed = by_key[key]
+        return rest
+
+    async def _move_last_message_at(self, latest: dict[str, datetime]) -> None:
+        """Moves each conversation's last message time forward to the one given. The rows
+        are locked in the order the batch upsert locks conversations (connection,
+        participant), so that two batches about the same customers cannot deadlock."""
+        ordered = sorted(latest)
+        if self._arrays:
+            await self._ex.execute(
+                _MOVE_LAST_MESSAGE_AT,
+                {"v": ordered, "a": [self._codec.ts(rows.utc(latest[v])) for v in ordered]},
+            )
+            return
+        for conversation_id in ordered:
+            at = self._codec.ts(rows.utc(latest[conversation_id]))
+            await self._ex.execute(
+                "UPDATE conversations SET last_message_at = :a WHERE id = :v"
+                " AND (last_message_at IS NULL OR last_message_at < :a)",
+                {"v": conversation_id, "a": at},
+            )
+
+    async def _store(self, routed: Sequence[RoutedItem], results: list[IngestResult]) -> None:
         drafts = _conversation_drafts(routed)
         if self._native is not None:
             await self._ingest_together(self._native, routed, drafts, results)
@@ -300,7 +390,6 @@ class InboundWriter:
         known = await self._known_messages(routed, results)
         await self._apply_changes(routed, results, known)
         await self._fill_conversations(results, known, routed)
-        return results
 
     async def _lock_message_ids(self, routed: Sequence[RoutedItem]) -> None:
         """Echoes of ours may be in the way of the ids an outcome batch is writing (see

@@ -112,6 +112,49 @@ async def test_echoes_are_outbound_and_do_not_open_the_window(store: AnyStore) -
     assert echo.conversation.window_expires_at is None
 
 
+async def test_an_echo_of_our_sent_message_confirms_it_and_moves_its_conversation(
+    store: AnyStore,
+) -> None:
+    conn = await saved_connection(store)
+    (hello,) = await ingest(store, conn, text("111", "m1"))
+    conv = hello.conversation
+    sent_at = T0 + timedelta(seconds=5)
+    ours = f.outbound(conv, due=T0, status=MessageStatus.SENT, external_id="e1", sent_at=sent_at)
+    async with store.transaction() as tx:
+        await tx.insert_message(ours)
+    echoed_at = T0 + timedelta(seconds=6)
+    echo = item(EventKind.MESSAGE_ECHOED, "111", "e1", echoed_at, text="hi back")
+    other = item(EventKind.MESSAGE_ECHOED, "111", "e2", T0 + timedelta(seconds=7), text="agent")
+    first, repeat, foreign = await ingest(store, conn, echo, echo, other)
+    # Ours: confirmed once, not stored again; another app's echo is stored as before.
+    assert (first.duplicate, first.message_id) == (True, ours.id)
+    assert first.confirmed is not None
+    assert first.confirmed.confirmed_at == echoed_at
+    assert (repeat.duplicate, repeat.confirmed, repeat.message_id) == (True, None, ours.id)
+    assert not foreign.duplicate
+    assert foreign.message is not None
+    assert foreign.message.direction == Direction.OUTBOUND
+    (later,) = await ingest(store, conn, echo)  # Meta's retry of the delivery
+    assert (later.duplicate, later.confirmed, later.message_id) == (True, None, ours.id)
+    async with store.transaction() as tx:
+        page = await tx.list_messages(conv.id, page_size=10)
+        moved = await tx.get_conversation(conv.id)
+    assert sorted(m.external_id for m in page.items) == ["e1", "e2", "m1"]
+    assert moved is not None
+    assert moved.last_message_at == T0 + timedelta(seconds=7)
+    assert moved.last_inbound_at == T0
+    # A confirmation never moves the conversation's last message time back.
+    older = f.outbound(conv, due=T0, status=MessageStatus.SENT, external_id="e0", sent_at=T0)
+    async with store.transaction() as tx:
+        await tx.insert_message(older)
+    (late_echo,) = await ingest(store, conn, item(EventKind.MESSAGE_ECHOED, "111", "e0", T0))
+    assert late_echo.confirmed is not None
+    async with store.transaction() as tx:
+        kept = await tx.get_conversation(conv.id)
+    assert kept is not None
+    assert kept.last_message_at == T0 + timedelta(seconds=7)
+
+
 async def test_edits_and_unsends_update_known_messages(store: AnyStore) -> None:
     conn = await saved_connection(store)
     (sent,) = await ingest(store, conn, text("111", "m1", body="helo"))
