@@ -146,7 +146,11 @@ class Config:
     webhook_ack_timeout_s: float = 4.0
     # A delivery of echoes only (copies of what the business sent) may wait this long to
     # share a commit: nobody waits on it closely, and each commit costs more than an echo.
-    webhook_echo_wait_s: float = 0.05
+    # Long enough, too, for the outcome of our own send to be committed first in most
+    # cases: Meta echoes a message as it answers the call that sent it, and an echo that
+    # finds the message recorded SENT only confirms it, where one stored first is written as
+    # a message of its own and then folded into ours.
+    webhook_echo_wait_s: float = 0.25
     # Tokens are refreshed once they expire within this margin.
     token_refresh_margin_s: float = 30 * 86400.0
     # Outbound: per-account send rates (per second), the first attempt's wait in
@@ -259,7 +263,7 @@ class Config:
             webhook_ack_timeout_s=reader.number(
                 "WEBHOOK_ACK_TIMEOUT_SECONDS", 4.0, low=0.05, high=20
             ),
-            webhook_echo_wait_s=reader.number("WEBHOOK_ECHO_WAIT_MS", 50.0, low=0, high=2000)
+            webhook_echo_wait_s=reader.number("WEBHOOK_ECHO_WAIT_MS", 250.0, low=0, high=2000)
             / 1000.0,
             token_refresh_margin_s=reader.number("TOKEN_REFRESH_MARGIN_DAYS", 30.0, low=1, high=365)
             * 86400.0,

@@ -86,7 +86,7 @@ class InboundService:
         workers: int = 1,
         ack_timeout_s: float = 4.0,
         activity_interval_s: float = 5.0,
-        echo_patience_s: float = 0.05,
+        echo_patience_s: float = 0.25,
     ) -> None:
         self._store = store
         # Never so long that the wait alone would come near the answer's deadline.
