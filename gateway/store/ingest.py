@@ -300,14 +300,24 @@ class InboundWriter:
         if not routed:
             return results
         rest = await self._confirm_echoes_first(routed, results)
-        if len(rest) < len(routed):
-            routed = [routed[i] for i in rest]
-            if not routed:
-                return results
-            # The same result objects: what the rest of the batch finds lands in ``results``.
-            await self._store(routed, [results[i] for i in rest])
-        else:
+        if len(rest) == len(routed):
             await self._store(routed, results)
+            return results
+        confirmed = [r for r, result in zip(routed, results, strict=True) if result.confirmed]
+        if not rest:
+            await self._move_last_message_at(
+                [
+                    (result.confirmed.conversation_id, r.item.occurred_at)
+                    for r, result in zip(routed, results, strict=True)
+                    if result.confirmed is not None
+                ]
+            )
+            return results
+        # The confirmed echoes' conversations move in the batch upsert with the others, so
+        # that all of the batch's conversation rows are locked in one order (see
+        # _move_last_message_at). The same result objects: what the rest of the batch
+        # finds lands in ``results``.
+        await self._store([routed[i] for i in rest], [results[i] for i in rest], confirmed)
         return results
 
     async def _confirm_echoes_first(
@@ -315,12 +325,11 @@ class InboundWriter:
     ) -> list[int]:
         """Meta echoes every message it sends for us, so most echoes name a message of ours
         already SENT: such an echo confirms it first, and that is all it does, where storing
-        it would upsert its customer and conversation, lock its id, and insert it only to find
-        it stored. Its conversation's last message time moves to the echo's, as storing it
-        would have done. Returns the indexes of the items left to store: echoes that
-        confirm nothing now (the send's outcome not committed yet, a repeat, another app's
-        message) go the usual way, where the id lock orders them after the outcome
-        (gateway.store.locks)."""
+        it would lock its id and insert it only to find it stored (its conversation's last
+        message time still moves to the echo's, as storing it did). Returns the indexes of
+        the items left to store: echoes that confirm nothing now (the send's outcome not
+        committed yet, a repeat, another app's message) go the usual way, where the id lock
+        orders them after the outcome (gateway.store.locks)."""
         wanted: dict[tuple[str, str], datetime] = {}
         for r in routed:
             if r.item.kind == EventKind.MESSAGE_ECHOED and r.item.external_id:
@@ -334,12 +343,6 @@ class InboundWriter:
         if not confirmed:
             return everything
         by_key = {(m.connection_id, m.external_id): m for m in confirmed}
-        latest: dict[str, datetime] = {}
-        for key, message in by_key.items():
-            at = wanted[key]
-            if message.conversation_id not in latest or at > latest[message.conversation_id]:
-                latest[message.conversation_id] = at
-        await self._move_last_message_at(latest)
         rest: list[int] = []
         told: set[tuple[str, str]] = set()
         for i, r in enumerate(routed):
@@ -355,10 +358,15 @@ class InboundWriter:
                 result.confirmed = by_key[key]
         return rest
 
-    async def _move_last_message_at(self, latest: dict[str, datetime]) -> None:
-        """Moves each conversation's last message time forward to the one given. The rows
-        are locked in the order the batch upsert locks conversations (connection,
-        participant), so that two batches about the same customers cannot deadlock."""
+    async def _move_last_message_at(self, confirmed: Sequence[tuple[str, datetime]]) -> None:
+        """A batch of confirmed echoes alone: moves each (conversation id, echo time)'s
+        conversation's last message time forward to its latest echo's. The rows are locked
+        in the order the batch upsert locks conversations (connection, participant), so that
+        this batch and one of customers' messages cannot deadlock on them."""
+        latest: dict[str, datetime] = {}
+        for conversation_id, at in confirmed:
+            if conversation_id not in latest or at > latest[conversation_id]:
+                latest[conversation_id] = at
         ordered = sorted(latest)
         if self._arrays:
             await self._ex.execute(
@@ -367,15 +375,21 @@ class InboundWriter:
             )
             return
         for conversation_id in ordered:
-            at = self._codec.ts(rows.utc(latest[conversation_id]))
             await self._ex.execute(
                 "UPDATE conversations SET last_message_at = :a WHERE id = :v"
                 " AND (last_message_at IS NULL OR last_message_at < :a)",
-                {"v": conversation_id, "a": at},
+                {"v": conversation_id, "a": self._codec.ts(rows.utc(latest[conversation_id]))},
             )
 
-    async def _store(self, routed: Sequence[RoutedItem], results: list[IngestResult]) -> None:
-        drafts = _conversation_drafts(routed)
+    async def _store(
+        self,
+        routed: Sequence[RoutedItem],
+        results: list[IngestResult],
+        confirmed: Sequence[RoutedItem] = (),
+    ) -> None:
+        """Stores the items; ``confirmed``: echoes that confirmed our messages already, whose
+        conversations move with the batch's (see :meth:`ingest`)."""
+        drafts = _conversation_drafts([*routed, *confirmed])
         if self._native is not None:
             await self._ingest_together(self._native, routed, drafts, results)
         else:

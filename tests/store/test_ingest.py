@@ -153,6 +153,18 @@ async def test_an_echo_of_our_sent_message_confirms_it_and_moves_its_conversatio
         kept = await tx.get_conversation(conv.id)
     assert kept is not None
     assert kept.last_message_at == T0 + timedelta(seconds=7)
+    # With another customer's message in the batch, it moves all the same.
+    newest = f.outbound(conv, due=T0, status=MessageStatus.SENT, external_id="e3", sent_at=T0)
+    async with store.transaction() as tx:
+        await tx.insert_message(newest)
+    at = T0 + timedelta(seconds=9)
+    echo3 = item(EventKind.MESSAGE_ECHOED, "111", "e3", at, text="more")
+    mine, theirs = await ingest(store, conn, echo3, text("222", "m9", at))
+    assert mine.confirmed is not None
+    assert theirs.conversation is not None
+    async with store.transaction() as tx:
+        both = [await tx.get_conversation(c.id) for c in (conv, theirs.conversation)]
+    assert [c.last_message_at for c in both if c is not None] == [at, at]
 
 
 async def test_edits_and_unsends_update_known_messages(store: AnyStore) -> None:
