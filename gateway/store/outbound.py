@@ -185,6 +185,26 @@ RETURNING m.id, x.created_at IS NOT NULL AS echoed, m.confirmed_at,
 """  # noqa: S608 - the interpolated SQL is ours
 
 
+# PostgreSQL: our sent messages that a batch of echoes names, confirmed. The rows are locked
+# first, in key order (a locking SELECT sorts before it locks): two batches holding copies of
+# the same echoes (Meta repeats deliveries) then wait for each other instead of deadlocking,
+# and the second finds them confirmed. Meta's echo time (milliseconds, its clock) can
+# precede our sent_at.
+_CONFIRM_ECHOES = """
+WITH l AS MATERIALIZED (
+  SELECT m.id, u.a
+  FROM messages m
+  JOIN unnest(:c::text[], :e::text[], :a::timestamptz[]) AS u(c, e, a)
+    ON m.connection_id = u.c AND m.external_id = u.e
+  WHERE m.external_id <> '' AND m.direction = 'OUTBOUND' AND m.sent_at IS NOT NULL
+    AND m.confirmed_at IS NULL
+  ORDER BY m.connection_id, m.external_id FOR NO KEY UPDATE OF m
+)
+UPDATE messages SET confirmed_at = GREATEST(l.a, messages.sent_at)
+FROM l WHERE messages.id = l.id RETURNING messages.*
+"""
+
+
 def _message_ids_lock(
     items: Sequence[tuple[Message, DeliveryAttempt | None]],
 ) -> tuple[str, Params] | None:
@@ -846,12 +866,7 @@ class OutboundWriter:
             # Every message Meta sends is echoed: one statement per batch of echoes.
             ordered = sorted(echoes)
             found = await self._ex.fetch(
-                # Meta's echo time (milliseconds, its clock) can precede our sent_at.
-                "UPDATE messages SET confirmed_at = GREATEST(u.a, messages.sent_at)"
-                " FROM unnest(:c::text[], :e::text[], :a::timestamptz[]) AS u(c, e, a)"
-                " WHERE messages.connection_id = u.c AND messages.external_id = u.e"
-                " AND messages.external_id <> '' AND direction = 'OUTBOUND'"
-                " AND sent_at IS NOT NULL AND confirmed_at IS NULL RETURNING messages.*",
+                _CONFIRM_ECHOES,
                 {
                     "c": [c for c, _, _ in ordered],
                     "e": [e for _, e, _ in ordered],

@@ -161,6 +161,35 @@ async def test_a_batch_of_echoes_confirms_each_sent_message_it_names(store: AnyS
     ]
 
 
+async def test_two_batches_of_the_same_echoes_wait_for_each_other_and_confirm_once(
+    store: AnyStore, store_factory: Callable[[], Awaitable[AnyStore]]
+) -> None:
+    conn, conv = await seeded(store)
+    t = now()
+    sent = [
+        outbound(conv, due=t, status=MessageStatus.SENT, external_id=f"mid.{n}", sent_at=t)
+        for n in range(3)
+    ]
+    async with store.transaction() as tx:
+        for m in sent:
+            await tx.insert_message(m)
+    other = await store_factory()
+    echoes = [(conn.id, m.external_id, t) for m in sent]
+
+    async def repeat() -> list[str]:
+        # Meta's second delivery of the same echoes, in the other order.
+        async with other.transaction() as tx:
+            return [m.external_id for m in await tx.confirm_outbound(echoes[::-1])]
+
+    async with store.transaction() as tx:
+        first = await tx.confirm_outbound(echoes)
+        second = asyncio.create_task(repeat())
+        await asyncio.sleep(0.3)
+        assert not second.done()  # held until the first batch commits
+    assert sorted(m.external_id for m in first) == ["mid.0", "mid.1", "mid.2"]
+    assert await asyncio.wait_for(second, 10) == []
+
+
 async def test_an_echo_stored_before_the_answer_is_folded_into_our_message(
     store: AnyStore,
 ) -> None:
