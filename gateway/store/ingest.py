@@ -52,6 +52,7 @@ from gateway.store.sqltx import (
     Executor,
     NativeExecutor,
     answered,
+    earlier_than,
     in_list,
     later,
     native,
@@ -151,16 +152,15 @@ SELECT ms.id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 
 
 # PostgreSQL: conversations' last message times moved forward, their rows locked first in the
 # order _UPSERT_TOGETHER locks them (a locking SELECT sorts before it locks).
-_MOVE_LAST_MESSAGE_AT = """
+_MOVE_LAST_MESSAGE_AT = f"""
 WITH l AS MATERIALIZED (
   SELECT id FROM conversations WHERE id = ANY(:v::text[])
   ORDER BY connection_id, participant_id FOR NO KEY UPDATE
 )
 UPDATE conversations SET last_message_at = u.a
 FROM l JOIN unnest(:v::text[], :a::timestamptz[]) AS u(v, a) ON u.v = l.id
-WHERE conversations.id = l.id
-  AND (conversations.last_message_at IS NULL OR conversations.last_message_at < u.a)
-"""
+WHERE conversations.id = l.id AND {earlier_than("conversations.last_message_at", "u.a")}
+"""  # noqa: S608 - the interpolated SQL is ours
 
 
 def _json(value: Any) -> bytes:
@@ -303,21 +303,23 @@ class InboundWriter:
         if len(rest) == len(routed):
             await self._store(routed, results)
             return results
-        confirmed = [r for r, result in zip(routed, results, strict=True) if result.confirmed]
+        confirmed = [
+            (r, result.confirmed)
+            for r, result in zip(routed, results, strict=True)
+            if result.confirmed is not None
+        ]
         if not rest:
             await self._move_last_message_at(
-                [
-                    (result.confirmed.conversation_id, r.item.occurred_at)
-                    for r, result in zip(routed, results, strict=True)
-                    if result.confirmed is not None
-                ]
+                [(m.conversation_id, r.item.occurred_at) for r, m in confirmed]
             )
             return results
         # The confirmed echoes' conversations move in the batch upsert with the others, so
         # that all of the batch's conversation rows are locked in one order (see
         # _move_last_message_at). The same result objects: what the rest of the batch
         # finds lands in ``results``.
-        await self._store([routed[i] for i in rest], [results[i] for i in rest], confirmed)
+        await self._store(
+            [routed[i] for i in rest], [results[i] for i in rest], [r for r, _ in confirmed]
+        )
         return results
 
     async def _confirm_echoes_first(
@@ -343,8 +345,8 @@ class InboundWriter:
         if not confirmed:
             return everything
         by_key = {(m.connection_id, m.external_id): m for m in confirmed}
+        untold = dict(by_key)  # a repeat within the batch confirms nothing more
         rest: list[int] = []
-        told: set[tuple[str, str]] = set()
         for i, r in enumerate(routed):
             key = (r.connection.id, r.item.external_id)
             if r.item.kind != EventKind.MESSAGE_ECHOED or key not in by_key:
@@ -353,9 +355,7 @@ class InboundWriter:
             result = results[i]
             result.duplicate = True
             result.message_id = by_key[key].id
-            if key not in told:  # a repeat within the batch confirms nothing more
-                told.add(key)
-                result.confirmed = by_key[key]
+            result.confirmed = untold.pop(key, None)
         return rest
 
     async def _move_last_message_at(self, confirmed: Sequence[tuple[str, datetime]]) -> None:
@@ -365,8 +365,7 @@ class InboundWriter:
         this batch and one of customers' messages cannot deadlock on them."""
         latest: dict[str, datetime] = {}
         for conversation_id, at in confirmed:
-            if conversation_id not in latest or at > latest[conversation_id]:
-                latest[conversation_id] = at
+            latest[conversation_id] = _max(latest.get(conversation_id), at)
         ordered = sorted(latest)
         if self._arrays:
             await self._ex.execute(
@@ -376,8 +375,8 @@ class InboundWriter:
             return
         for conversation_id in ordered:
             await self._ex.execute(
-                "UPDATE conversations SET last_message_at = :a WHERE id = :v"
-                " AND (last_message_at IS NULL OR last_message_at < :a)",
+                "UPDATE conversations SET last_message_at = :a"  # noqa: S608 - ours
+                f" WHERE id = :v AND {earlier_than('last_message_at', ':a')}",
                 {"v": conversation_id, "a": self._codec.ts(rows.utc(latest[conversation_id]))},
             )
 
