@@ -300,26 +300,23 @@ class InboundWriter:
         if not routed:
             return results
         rest = await self._confirm_echoes_first(routed, results)
-        if len(rest) == len(routed):
-            await self._store(routed, results)
-            return results
         confirmed = [
             (r, result.confirmed)
             for r, result in zip(routed, results, strict=True)
             if result.confirmed is not None
         ]
-        if not rest:
+        if rest:
+            # The confirmed echoes' conversations move in the batch upsert with the others,
+            # so that all of the batch's conversation rows are locked in one order (see
+            # _move_last_message_at). The same result objects: what the rest of the batch
+            # finds lands in ``results``.
+            await self._store(
+                [routed[i] for i in rest], [results[i] for i in rest], [r for r, _ in confirmed]
+            )
+        else:
             await self._move_last_message_at(
                 [(m.conversation_id, r.item.occurred_at) for r, m in confirmed]
             )
-            return results
-        # The confirmed echoes' conversations move in the batch upsert with the others, so
-        # that all of the batch's conversation rows are locked in one order (see
-        # _move_last_message_at). The same result objects: what the rest of the batch
-        # finds lands in ``results``.
-        await self._store(
-            [routed[i] for i in rest], [results[i] for i in rest], [r for r, _ in confirmed]
-        )
         return results
 
     async def _confirm_echoes_first(
@@ -373,12 +370,12 @@ class InboundWriter:
                 {"v": ordered, "a": [self._codec.ts(rows.utc(latest[v])) for v in ordered]},
             )
             return
-        for conversation_id in ordered:
-            await self._ex.execute(
-                "UPDATE conversations SET last_message_at = :a"  # noqa: S608 - ours
-                f" WHERE id = :v AND {earlier_than('last_message_at', ':a')}",
-                {"v": conversation_id, "a": self._codec.ts(rows.utc(latest[conversation_id]))},
-            )
+        # SQLite has no arrays: the one prepared statement runs once per conversation.
+        await self._ex.executemany(
+            "UPDATE conversations SET last_message_at = :a"  # noqa: S608 - ours
+            f" WHERE id = :v AND {earlier_than('last_message_at', ':a')}",
+            [{"v": v, "a": self._codec.ts(rows.utc(latest[v]))} for v in ordered],
+        )
 
     async def _store(
         self,

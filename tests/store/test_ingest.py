@@ -153,6 +153,17 @@ async def test_an_echo_of_our_sent_message_confirms_it_and_moves_its_conversatio
         kept = await tx.get_conversation(conv.id)
     assert kept is not None
     assert kept.last_message_at == T0 + timedelta(seconds=7)
+    # A batch of nothing but a confirming echo moves it forward.
+    ahead = f.outbound(conv, due=T0, status=MessageStatus.SENT, external_id="e4", sent_at=T0)
+    async with store.transaction() as tx:
+        await tx.insert_message(ahead)
+    ahead_at = T0 + timedelta(seconds=8)
+    (alone,) = await ingest(store, conn, item(EventKind.MESSAGE_ECHOED, "111", "e4", ahead_at))
+    assert alone.confirmed is not None
+    async with store.transaction() as tx:
+        moved_alone = await tx.get_conversation(conv.id)
+    assert moved_alone is not None
+    assert moved_alone.last_message_at == ahead_at
     # With another customer's message in the batch, it moves all the same.
     newest = f.outbound(conv, due=T0, status=MessageStatus.SENT, external_id="e3", sent_at=T0)
     async with store.transaction() as tx:
