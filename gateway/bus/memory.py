@@ -7,11 +7,15 @@ Keys that are not busy and have entries wait in a ready queue, so consumers take
 conversations in parallel and in arrival order.
 
 Durability: events reach this bus from the outbox relay with their outbox ``seq``; acks are
-written to the store behind the consumers' backs (``bus_ack``, batched). After a restart
-``start`` reloads the published entries of the retention window and each group's acks
-(``bus_load``), so everything a group had not acked is delivered again, same event_id.
-Losing the last few acks in a crash only means a few redeliveries (at-least-once).
-Events published directly (``publish``, without an outbox seq) live in memory only.
+written to the store behind the consumers' backs (``bus_ack``, batched), and with them the
+attempt count of each delivery still unacked by then (``bus_record_attempts``: a delivery
+acked within the batching interval, the usual case, costs no write). After a restart
+``start`` reloads the published entries of the retention window and each group's acks and
+attempts (``bus_load``), so everything a group had not acked is delivered again, same
+event_id, as the next attempt. Losing the last few acks in a crash only means a few
+redeliveries (at-least-once); losing the last attempt counts, a redelivery that counts one
+attempt too few. Events published directly (``publish``, without an outbox seq) live in
+memory only.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 from gateway.bus import metrics
 from gateway.domain.bus import Delivery, Subscription
@@ -36,6 +41,8 @@ from gateway.domain.events import Event
 from gateway.domain.store import OutboxEntry, Store
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 BACKEND = "memory"
 
@@ -210,6 +217,7 @@ class MemoryConsumer:
                 continue
             attempt = group.attempts.get(entry.index, 0) + 1
             group.attempts[entry.index] = attempt
+            self._bus._record_attempt(group.name, entry, attempt)
             delivery_id = f"{self._bus.epoch}.{entry.index}.{attempt}"
             group.busy.add(key)
             group.flights[entry.index] = _Flight(entry, self, attempt, deadline, delivery_id)
@@ -316,10 +324,13 @@ class MemoryBus:
         self._by_seq: dict[int, _Entry] = {}
         self._groups: dict[str, _Group] = {}
         self._loaded_acks: dict[str, set[int]] = {}
+        self._loaded_attempts: dict[str, dict[int, int]] = {}
         self._index = itertools.count(1)
         # Names this run in its delivery ids: indexes start again at each start.
         self.epoch = secrets.token_hex(4)
         self._pending_acks: dict[str, list[int]] = {}
+        # Per group, seq -> attempt of the deliveries not acked yet (written at the flush).
+        self._pending_attempts: dict[str, dict[int, int]] = {}
         self._acks_waiting = asyncio.Event()
         self._consumers: set[MemoryConsumer] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -338,14 +349,15 @@ class MemoryBus:
         self._started = True
         if self._store is not None:
             since = datetime.now(UTC) - timedelta(seconds=self._retention_s)
-            entries, acks = await self._store.bus_load(since=since)
-            self._loaded_acks = acks
-            self._append([(e.event, e.seq) for e in entries])
+            state = await self._store.bus_load(since=since)
+            self._loaded_acks = state.acked
+            self._loaded_attempts = state.attempts
+            self._append([(e.event, e.seq) for e in state.entries])
             # Retention runs from the first publication, not from this start.
-            for e in entries:
+            for e in state.entries:
                 if e.published_at is not None:
                     self._by_seq[e.seq].published_at = e.published_at.timestamp()
-            for name in list(acks):
+            for name in list(state.acked):
                 self._group(name)
         self._tasks.append(asyncio.create_task(self._trim_loop(), name="bus-memory-trim"))
         if self._store is not None:
@@ -422,9 +434,12 @@ class MemoryBus:
         if group is None:
             group = self._groups[name] = _Group(name)
             acked = self._loaded_acks.pop(name, set())
+            tried = self._loaded_attempts.pop(name, {})
             for entry in self._log:
                 if entry.seq is None or entry.seq not in acked:
                     group.enqueue(entry)
+                    if entry.seq in tried:
+                        group.attempts[entry.index] = tried[entry.seq]
         return group
 
     def _run_timers(self, group: _Group) -> None:
@@ -451,6 +466,14 @@ class MemoryBus:
     def _record_ack(self, group: str, entry: _Entry) -> None:
         if entry.seq is not None and self._store is not None:
             self._pending_acks.setdefault(group, []).append(entry.seq)
+            attempts = self._pending_attempts.get(group)
+            if attempts is not None:
+                attempts.pop(entry.seq, None)
+            self._acks_waiting.set()
+
+    def _record_attempt(self, group: str, entry: _Entry, attempt: int) -> None:
+        if entry.seq is not None and self._store is not None:
+            self._pending_attempts.setdefault(group, {})[entry.seq] = attempt
             self._acks_waiting.set()
 
     async def _ack_loop(self) -> None:
@@ -464,27 +487,30 @@ class MemoryBus:
                 log.exception("bus acks not stored, retrying")
 
     async def _flush_acks(self) -> None:
+        """Writes the acks, then the attempt counts of the deliveries still unacked. What
+        is not written stays pending for the next flush, whatever stopped it: the store, an
+        unexpected error, or ``aclose`` cancelling this loop mid-write (the final flush
+        then writes it; writing an ack or a count twice is harmless)."""
         self._acks_waiting.clear()
-        if self._store is None or not self._pending_acks:
+        if self._store is None:
             return
-        pending, self._pending_acks = self._pending_acks, {}
-        unwritten = dict(pending)
+        acks, self._pending_acks = self._pending_acks, {}
         try:
-            for group, seqs in pending.items():
-                try:
-                    await self._store.bus_ack(group, seqs)
-                except StoreUnavailable:
-                    # Kept for the next flush; if the process dies first, these events are
-                    # delivered again after the restart, which at-least-once allows.
-                    log.warning("bus acks not stored yet, retrying", extra={"group": group})
-                else:
-                    del unwritten[group]
+            await _write_per_group(acks, self._store.bus_ack, "acks")
         finally:
-            # What was not written stays pending for the next flush, whatever stopped it:
-            # the store, an unexpected error, or ``aclose`` cancelling this loop mid-write
-            # (the final flush then writes it; writing an ack twice is harmless).
-            for group, seqs in unwritten.items():
+            for group, seqs in acks.items():
                 self._pending_acks.setdefault(group, []).extend(seqs)
+                self._acks_waiting.set()
+        # Taken after the acks' write: an ack that came meanwhile took its count away.
+        attempts = {g: a for g, a in self._pending_attempts.items() if a}
+        self._pending_attempts = {}
+        try:
+            await _write_per_group(attempts, self._store.bus_record_attempts, "attempts")
+        finally:
+            for group, counts in attempts.items():
+                kept = self._pending_attempts.setdefault(group, {})
+                for seq, attempt in counts.items():
+                    kept[seq] = max(attempt, kept.get(seq, 0))
                 self._acks_waiting.set()
 
     async def _trim_loop(self) -> None:
@@ -493,3 +519,19 @@ class MemoryBus:
             await self.trim()
             for name in self._groups:
                 await self.group_lag(name)
+
+
+async def _write_per_group(
+    pending: dict[str, T], write: Callable[[str, T], Awaitable[None]], what: str
+) -> None:
+    """Writes each group's share, removing it from ``pending`` once written: what is left
+    there when this returns or raises was not written."""
+    for group, items in list(pending.items()):
+        try:
+            await write(group, items)
+        except StoreUnavailable:
+            # Kept for the next flush; if the process dies first, these events are
+            # delivered again after the restart, which at-least-once allows.
+            log.warning("bus %s not stored yet, retrying", what, extra={"group": group})
+        else:
+            del pending[group]

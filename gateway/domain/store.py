@@ -57,6 +57,18 @@ class OutboxEntry:
     published_at: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class BusState:
+    """What the in-process bus keeps in the store, as read back when it starts."""
+
+    # Published entries, in seq order.
+    entries: list[OutboxEntry]
+    # Per known group, the seqs it has acked among them.
+    acked: dict[str, set[int]]
+    # Per group, how often each entry it had not acked was handed out (as far as written).
+    attempts: dict[str, dict[int, int]]
+
+
 class Tx(Protocol):
     """The data operations; valid only inside ``Store.transaction()``."""
 
@@ -368,7 +380,8 @@ class Store(Protocol):
         Returns how many."""
 
     async def purge_published(self, before: datetime) -> int:
-        """Deletes published entries older than ``before`` (retention), with their bus acks."""
+        """Deletes published entries older than ``before`` (retention), with what the bus
+        recorded of them (acks, attempts)."""
 
     async def purge_tombstones(self, before: datetime) -> int:
         """Deletes what ingestion keeps of early changes, stored before ``before``: the
@@ -376,12 +389,16 @@ class Store(Protocol):
         or the edit came); returns how many rows went, both kinds together."""
 
     # The in-process bus's durable state (gateway.bus.memory): the outbox is its log.
-    async def bus_load(self, *, since: datetime) -> tuple[list[OutboxEntry], dict[str, set[int]]]:
-        """Published entries published at or after ``since``, in seq order, and for each
-        known group the seqs it has acked among them."""
+    async def bus_load(self, *, since: datetime) -> BusState:
+        """The entries published at or after ``since``, and each group's acks and delivery
+        attempts among them."""
 
     async def bus_add_group(self, group: str, now: datetime) -> None:
         """Records a consumer group (idempotent)."""
 
     async def bus_ack(self, group: str, seqs: Sequence[int]) -> None:
         """Records that ``group`` acked these entries (idempotent)."""
+
+    async def bus_record_attempts(self, group: str, attempts: Mapping[int, int]) -> None:
+        """Records how often ``group`` was handed each entry (by seq); a lower count than
+        the one recorded changes nothing."""

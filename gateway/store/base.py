@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Self
 
-from gateway.domain.store import OutboxEntry, Tx
+from gateway.domain.store import BusState, OutboxEntry, Tx
 from gateway.store import rows
 from gateway.store.migrate import SCHEMA_TABLE, Migration, load_migrations, pending
 from gateway.store.rows import Codec, Params
@@ -202,12 +202,14 @@ class SqlStore(abc.ABC):
                 "DELETE FROM outbox WHERE published_at IS NOT NULL AND published_at < :before",
                 params,
             )
-            # Every ack whose entry is gone, including those written after it was purged
-            # (an ack for an entry delivered before a restart lands whenever it lands).
-            await ex.execute(
-                "DELETE FROM bus_acks WHERE NOT EXISTS"
-                " (SELECT 1 FROM outbox o WHERE o.seq = bus_acks.seq)"
-            )
+            # Every ack and attempt whose entry is gone, including those written after it
+            # was purged (an ack for an entry delivered before a restart lands whenever it
+            # lands).
+            for table in ("bus_acks", "bus_attempts"):
+                await ex.execute(
+                    f"DELETE FROM {table} WHERE NOT EXISTS"  # noqa: S608 - our table names
+                    f" (SELECT 1 FROM outbox o WHERE o.seq = {table}.seq)"
+                )
             return purged
 
     async def purge_tombstones(self, before: datetime) -> int:
@@ -224,7 +226,7 @@ class SqlStore(abc.ABC):
 
     # ---- the in-process bus's durable state ----
 
-    async def bus_load(self, *, since: datetime) -> tuple[list[OutboxEntry], dict[str, set[int]]]:
+    async def bus_load(self, *, since: datetime) -> BusState:
         params = {"since": self.codec.ts(rows.utc(since))}
         async with self._session() as ex:
             found = await ex.fetch(
@@ -238,10 +240,19 @@ class SqlStore(abc.ABC):
                 " WHERE o.published_at >= :since",
                 params,
             )
+            tried = await ex.fetch(
+                "SELECT t.group_name, t.seq, t.attempts FROM bus_attempts t"
+                " JOIN outbox o ON o.seq = t.seq WHERE o.published_at >= :since",
+                params,
+            )
         acked: dict[str, set[int]] = {r["group_name"]: set() for r in groups}
         for r in acks:
             acked.setdefault(r["group_name"], set()).add(int(r["seq"]))
-        return [rows.outbox_entry_from_row(self.codec, r) for r in found], acked
+        attempts: dict[str, dict[int, int]] = {}
+        for r in tried:
+            attempts.setdefault(r["group_name"], {})[int(r["seq"])] = int(r["attempts"])
+        entries = [rows.outbox_entry_from_row(self.codec, r) for r in found]
+        return BusState(entries, acked, attempts)
 
     async def bus_add_group(self, group: str, now: datetime) -> None:
         async with self._session() as ex:
@@ -259,4 +270,15 @@ class SqlStore(abc.ABC):
                 "INSERT INTO bus_acks (group_name, seq) VALUES (:g, :seq)"
                 " ON CONFLICT (group_name, seq) DO NOTHING",
                 [{"g": group, "seq": s} for s in sorted(set(seqs))],
+            )
+
+    async def bus_record_attempts(self, group: str, attempts: Mapping[int, int]) -> None:
+        if not attempts:
+            return
+        async with self._session() as ex:
+            await ex.executemany(
+                "INSERT INTO bus_attempts (group_name, seq, attempts) VALUES (:g, :seq, :n)"
+                " ON CONFLICT (group_name, seq) DO UPDATE SET attempts = excluded.attempts"
+                " WHERE excluded.attempts > bus_attempts.attempts",
+                [{"g": group, "seq": s, "n": n} for s, n in sorted(attempts.items())],
             )

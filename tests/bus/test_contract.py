@@ -245,6 +245,11 @@ async def test_unacked_events_survive_a_restart(harness: Harness) -> None:
         assert await c.receive(10, 0.2) == []
     want = {e.event_id for e in events} - {d.event.event_id for d in heads[:2]}
     assert sorted(d.event.event_id for d in again) == sorted(want)
+    # Those delivered before the restart come as their second attempt, the others as new.
+    redelivered = {d.event.event_id for d in heads[2:]}
+    assert {d.event.event_id: d.attempt for d in again} == {
+        event_id: 2 if event_id in redelivered else 1 for event_id in want
+    }
 
 
 async def test_entries_never_handed_out_come_first_as_attempt_one(harness: Harness) -> None:

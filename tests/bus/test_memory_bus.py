@@ -67,7 +67,7 @@ async def test_acks_being_written_when_the_bus_closes_are_written_before_it_clos
         # A graceful stop: the write in progress is cut short, its acks must still go.
         await bus.aclose()
     assert len(got) == 2
-    _, acks = await store.bus_load(since=datetime.now(UTC) - timedelta(minutes=5))
+    acks = (await store.bus_load(since=datetime.now(UTC) - timedelta(minutes=5))).acked
     assert len(acks["g"]) == 2
 
 
@@ -110,5 +110,31 @@ async def test_acks_are_still_written_after_a_write_failed_unexpectedly(
             async with asyncio.timeout(5):
                 while len(acked) < 2:
                     await asyncio.sleep(0.01)
-                    _, acks = await store.bus_load(since=since)
+                    acks = (await store.bus_load(since=since)).acked
                     acked = acks["g"]
+
+
+async def test_the_attempt_of_a_delivery_left_unacked_is_written_while_the_bus_runs(
+    store: SqliteStore,
+) -> None:
+    since = datetime.now(UTC) - timedelta(minutes=5)
+    bus = MemoryBus(store, ack_flush_interval_s=0.2)
+    async with bus:
+        assert await OutboxRelay(store, bus).run_once() == 2
+        seq_of = {e.event.event_id: e.seq for e in (await store.bus_load(since=since)).entries}
+        async with bus.subscribe(Subscription("g", "c")) as c:
+            done, left = await drain(c, 2, ack=False)
+            # Acked before the next write: no count of it is ever written.
+            await c.ack([done.delivery_id])
+            state = await store.bus_load(since=since)
+            async with asyncio.timeout(5):
+                while not state.attempts:
+                    await asyncio.sleep(0.01)
+                    state = await store.bus_load(since=since)
+            assert state.attempts == {"g": {seq_of[left.event.event_id]: 1}}
+            assert state.acked == {"g": {seq_of[done.event.event_id]}}
+            # The process dies here: the bus that starts next knows the delivery was made.
+            async with MemoryBus(store) as after, after.subscribe(Subscription("g", "c")) as c2:
+                again = await drain(c2, 1)
+                assert await c2.receive(10, 0.2) == []
+    assert [(d.event.event_id, d.attempt) for d in again] == [(left.event.event_id, 2)]

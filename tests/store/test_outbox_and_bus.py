@@ -79,13 +79,13 @@ async def test_deleting_published_entries_removes_those_and_no_other(store: AnyS
     await store.delete_published([])
 
     # The one marked published is kept; the deleted ones are gone, published or not.
-    loaded, _ = await store.bus_load(since=t - timedelta(minutes=1))
+    loaded = (await store.bus_load(since=t - timedelta(minutes=1))).entries
     assert [e.seq for e in loaded] == [seqs[0]]
     waiting = await store.claim_outbox(now=t, lease_until=t, limit=10)
     assert [e.seq for e in waiting] == [seqs[3]]
 
 
-async def test_purging_removes_published_entries_older_than_retention_and_their_acks(
+async def test_purging_removes_published_entries_older_than_retention_with_acks_and_attempts(
     store: AnyStore,
 ) -> None:
     seqs = await claimed(store, 4)
@@ -93,12 +93,15 @@ async def test_purging_removes_published_entries_older_than_retention_and_their_
     await store.mark_published(seqs[:2], t - timedelta(days=2))
     await store.mark_published(seqs[2:3], t)
     await store.bus_add_group("ai", t)
-    await store.bus_ack("ai", seqs[:3])
+    await store.bus_ack("ai", seqs[:1])
+    await store.bus_record_attempts("ai", {seqs[1]: 2, seqs[2]: 1})
 
     assert await store.purge_published(t - timedelta(days=1)) == 2
-    loaded, acked = await store.bus_load(since=t - timedelta(days=30))
-    assert [e.seq for e in loaded] == [seqs[2]]
-    assert acked == {"ai": {seqs[2]}}
+    state = await store.bus_load(since=t - timedelta(days=30))
+    assert [e.seq for e in state.entries] == [seqs[2]]
+    assert state.acked == {"ai": set()}
+    assert state.attempts == {"ai": {seqs[2]: 1}}
+    assert await rows_of(store, "bus_attempts") == 1
     # The unpublished entry is still waiting for the relay.
     waiting = await store.claim_outbox(now=t, lease_until=t, limit=10)
     assert [e.seq for e in waiting] == [seqs[3]]
@@ -114,18 +117,22 @@ async def test_purging_also_removes_acks_that_came_after_their_entry_was_purged(
     await store.bus_ack("ai", seqs[:1])
     assert await store.purge_published(t - timedelta(days=1)) == 2
     await store.bus_ack("ai", seqs)  # late: their entries are gone
-    assert await ack_rows(store) == 2
+    await store.bus_record_attempts("ai", {seqs[1]: 1})
+    assert await rows_of(store, "bus_acks") == 2
     assert await store.purge_published(t - timedelta(days=1)) == 0
-    assert await ack_rows(store) == 0
+    assert await rows_of(store, "bus_acks") == 0
+    assert await rows_of(store, "bus_attempts") == 0
 
 
-async def ack_rows(store: AnyStore) -> int:
+async def rows_of(store: AnyStore, table: str) -> int:
     async with store._session() as ex:
-        (row,) = await ex.fetch("SELECT COUNT(*) AS n FROM bus_acks")
+        (row,) = await ex.fetch(f"SELECT COUNT(*) AS n FROM {table}")  # noqa: S608 - ours
     return int(row["n"])
 
 
-async def test_bus_state_reloads_published_entries_and_each_groups_acks(store: AnyStore) -> None:
+async def test_bus_state_reloads_published_entries_and_each_groups_acks_and_attempts(
+    store: AnyStore,
+) -> None:
     conn = await with_connection(store)
     events = [event(conn, f"cnv_{i}") for i in range(5)]
     async with store.transaction() as tx:
@@ -147,13 +154,21 @@ async def test_bus_state_reloads_published_entries_and_each_groups_acks(store: A
     await store.bus_ack("late", [seqs[3]])
     await store.bus_ack("ai", [])
 
-    loaded, acked = await store.bus_load(since=t - timedelta(minutes=1))
+    # A count lower than the one written changes nothing (a late write of an older one).
+    await store.bus_record_attempts("audit", {seqs[3]: 1, seqs[0]: 4})
+    await store.bus_record_attempts("audit", {seqs[3]: 3})
+    await store.bus_record_attempts("audit", {seqs[3]: 2})
+    await store.bus_record_attempts("ai", {})
+
+    state = await store.bus_load(since=t - timedelta(minutes=1))
     # Each with the time it was first published: the bus's retention runs from there.
-    assert loaded == [
+    assert state.entries == [
         OutboxEntry(seq=s, event=events[i + 1], attempts=1, published_at=t)
         for i, s in enumerate(seqs[1:4])
     ]
-    assert acked == {"ai": {seqs[1], seqs[2]}, "audit": set(), "late": {seqs[3]}}
+    assert state.acked == {"ai": {seqs[1], seqs[2]}, "audit": set(), "late": {seqs[3]}}
+    # Only the entries in the window (seqs[0] was published before it).
+    assert state.attempts == {"audit": {seqs[3]: 3}}
 
 
 async def test_claimed_events_sent_deferred_are_answered_after_the_commit(
@@ -204,7 +219,7 @@ async def test_a_deferred_insert_rolls_back_with_its_transaction(store: AnyStore
 async def _entries(store: AnyStore) -> dict[int, bool]:
     """seq -> whether published, of every entry left (bus_load reads the published)."""
     t = now()
-    loaded, _ = await store.bus_load(since=t - timedelta(days=30))
+    loaded = (await store.bus_load(since=t - timedelta(days=30))).entries
     waiting = await store.claim_outbox(now=t + timedelta(days=1), lease_until=t, limit=100)
     return {e.seq: True for e in loaded} | {e.seq: False for e in waiting}
 
