@@ -8,8 +8,13 @@ import gc
 # Python collects the youngest generation every 700 net allocations. A gateway under load
 # allocates that many objects in a handful of requests, almost all freed by reference
 # counting alone, so most collections find nothing: measured here, collecting 70 times
-# less often took 8-10 % off the CPU per webhook event.
-SERVING_GC_THRESHOLDS = (50_000, 50, 100)
+# less often (50,000) took 8-10 % off the CPU per webhook event. But a collection stops the
+# process for as long as it takes to walk the young objects still alive, mostly those of
+# the requests in flight: at 50,000 that took 15-46 ms here, and the p99 time to answer a
+# webhook at 500 a second was over 20 ms in 4 of 5 runs of the inbound bench (18-285 ms).
+# At 10,000 the pauses took 3-13 ms, the p99 stayed at 14-18 ms over four runs, and the
+# rate did not move beyond the runs' noise.
+SERVING_GC_THRESHOLDS = (10_000, 50, 100)
 
 
 def tune_gc_for_serving() -> None:

@@ -14,8 +14,8 @@ def restored_gc() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("restored_gc")
-def test_serving_collects_the_young_generation_far_less_often() -> None:
+def test_serving_collects_the_young_generation_far_less_often_but_in_short_pauses() -> None:
     gc.set_threshold(700, 10, 10)
     tune_gc_for_serving()
     assert gc.get_threshold() == SERVING_GC_THRESHOLDS
-    assert SERVING_GC_THRESHOLDS[0] >= 50 * 700
+    assert 10 * 700 <= SERVING_GC_THRESHOLDS[0] <= 20_000
