@@ -8,8 +8,8 @@ conversations in parallel and in arrival order.
 
 Durability: events reach this bus from the outbox relay with their outbox ``seq``; acks are
 written to the store behind the consumers' backs (``bus_ack``, batched), and with them the
-attempt count of each delivery still unacked by then (``bus_record_attempts``: a delivery
-acked within the batching interval, the usual case, costs no write). After a restart
+attempt count of each delivery still unacked by then (``bus_record_attempts``: one acked
+before that write, which comes within ``ack_flush_interval_s``, costs none). After a restart
 ``start`` reloads the published entries of the retention window and each group's acks and
 attempts (``bus_load``), so everything a group had not acked is delivered again, same
 event_id, as the next attempt. Losing the last few acks in a crash only means a few
@@ -484,7 +484,7 @@ class MemoryBus:
             try:
                 await self._flush_acks()
             except Exception:  # the loop must outlive any failed write: the acks stay pending
-                log.exception("bus acks not stored, retrying")
+                log.exception("bus acks or attempt counts not stored, retrying")
 
     async def _flush_acks(self) -> None:
         """Writes the acks, then the attempt counts of the deliveries still unacked. What
