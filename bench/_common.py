@@ -245,8 +245,20 @@ class GatewayProcesses:
             ctx.Process(target=_serve_process, args=(env, role, self._out, self._stop))
             for role in TOPOLOGY[backend]
         ]
+        self._roles = TOPOLOGY[backend]
         self.http_port = 0
         self.grpc_port = 0
+
+    @property
+    def pids(self) -> dict[str, int]:
+        """The started processes by what they serve ("webhook" and "grpc" as a pod's two
+        containers; "gateway" for the embedded default's one process)."""
+        names = {"http": "webhook", "grpc": "grpc", "all": "gateway"}
+        return {
+            names[role]: proc.pid
+            for role, proc in zip(self._roles, self._procs, strict=True)
+            if proc.pid is not None
+        }
 
     def start(self) -> None:
         for proc in self._procs:

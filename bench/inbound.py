@@ -10,6 +10,14 @@ concurrency, everything durable and delivered), ``ack_p50_ms``/``ack_p99_ms`` (P
 same run (a bare aiohttp handler that checks the signature and answers 200, at the same
 concurrencies) and the ratio. Figures are medians of the runs (1 with ``--quick``, else 3).
 
+Beside them, where the 500 events/s go: ``cpu_ms_per_event`` for each process (its
+``"process"``: ``webhook`` and ``grpc``, or the embedded ``gateway``; ``postgres``, the
+backends serving the bench's database when the phase starts; ``redis``; the ``consumer``
+and the ``load generator``): CPU milliseconds spent during that phase (until its last event
+reached the consumer) per event it stored.
+All of them share the machine's cores: their sum, against the cores there are, is how busy
+the machine was, which is what decides the p99 there.
+
 The gateway runs as it is deployed (``bench._common.TOPOLOGY``): one process on the embedded
 default, the two containers of a pod (``serve http``, ``serve grpc``) on PostgreSQL and
 Redis. Three more processes: the load generator (signed POSTs, each message's text
@@ -37,7 +45,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from multiprocessing.synchronize import Event as MpEvent
 from typing import Any
@@ -46,6 +54,7 @@ import aiohttp
 import orjson
 
 from bench._common import (
+    PG_ADMIN,
     GatewayProcesses,
     bare_webhook_receiver,
     bench_database,
@@ -54,6 +63,7 @@ from bench._common import (
     reap,
     redis_prefix,
 )
+from bench.cpu import CpuSnapshot, postgres_backends, redis_cpu_s
 
 SECRET = b"bench-app-secret"
 ACCOUNT = "17841400000099999"
@@ -72,15 +82,18 @@ PHASES = CLOSED + len(CLOSED_CONCURRENCY)
 OFFERED_EVENTS_PER_S = 500
 
 
-def emit(backend: str, batch: int, figure: str, value: float, unit: str, runs: int) -> None:
+def emit(
+    backend: str, batch: int, figure: str, value: float, unit: str, runs: int, **extra: object
+) -> None:
     line = {
         "bench": "inbound",
         "backend": backend,
         "batch": batch,
         "figure": figure,
-        "value": round(value, 2),
+        "value": round(value, 3 if unit == "ms/event" else 2),
         "unit": unit,
         "runs": runs,
+        **extra,
     }
     sys.stdout.write(json.dumps(line) + "\n")
     sys.stdout.flush()
@@ -139,6 +152,7 @@ async def _drive(
 
         begin_wall = time.time()
         begin = time.perf_counter()
+        cpu_begin = time.process_time()
         end = begin + duration_s
         if rate is None:
 
@@ -160,7 +174,9 @@ async def _drive(
                 n += 1
             await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - begin
+        cpu_s = time.process_time() - cpu_begin
     return {
+        "cpu_s": cpu_s,
         "acks": acks,
         "failed": failed,
         "elapsed": elapsed,
@@ -305,6 +321,10 @@ class SubscribeConsumer:
     def start(self) -> None:
         self._proc.start()
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
     def count(self, phase: int) -> int:
         return int(self._counts[2 * phase])
 
@@ -402,7 +422,21 @@ async def measure(backend: str, batch: int, duration_s: float) -> dict[str, floa
             consumer = SubscribeConsumer(f"127.0.0.1:{gateway.grpc_port}", token)
             try:
                 consumer.start()
-                return await _run_figures(url, batch, duration_s, consumer)
+                pids = {role: [pid] for role, pid in gateway.pids.items()}
+                if consumer.pid is not None:
+                    pids["consumer"] = [consumer.pid]
+
+                async def meter() -> CpuSnapshot:
+                    # The load generator counts its own (``_drive``). The pool's backends
+                    # are open by the time this is first called, after the closed loops.
+                    if backend != "postgres+redis":
+                        return CpuSnapshot.of(pids, {})
+                    if "postgres" not in pids:
+                        name = database.rsplit("/", 1)[1]
+                        pids["postgres"] = await postgres_backends(PG_ADMIN, name)
+                    return CpuSnapshot.of(pids, {"redis": await redis_cpu_s(REDIS)})
+
+                return await _run_figures(url, batch, duration_s, consumer, meter)
             finally:
                 # The stream first, so that the gateway's shutdown has no call to wait for.
                 await asyncio.to_thread(consumer.close)
@@ -412,7 +446,11 @@ async def measure(backend: str, batch: int, duration_s: float) -> dict[str, floa
 
 
 async def _run_figures(
-    url: str, batch: int, duration_s: float, consumer: SubscribeConsumer
+    url: str,
+    batch: int,
+    duration_s: float,
+    consumer: SubscribeConsumer,
+    meter: Callable[[], Awaitable[CpuSnapshot]],
 ) -> dict[str, float]:
     loop = asyncio.get_running_loop()
     # Warm up (connections, caches, the first participants and conversations, the stream)
@@ -440,7 +478,8 @@ async def _run_figures(
         failed += closed["failed"]
         missing += max(0, target - consumer.count(phase))
         await asyncio.sleep(0.5)
-    # Latency at an offered 500 events/s.
+    # Latency at an offered 500 events/s, and what each process spent on it.
+    before = await meter()
     opened = await loop.run_in_executor(
         None,
         lambda: drive(
@@ -449,9 +488,13 @@ async def _run_figures(
     )
     open_target = opened["deliveries"] * batch
     await consumer.wait_for(OPEN, open_target, 60)
+    spent = (await meter()).since(before)
+    spent["load generator"] = opened["cpu_s"]
     missing += max(0, open_target - consumer.count(OPEN))
     e2e = await consumer.finish()
+    cpu = {f"cpu:{role}": s * 1000 / max(open_target, 1) for role, s in spent.items()}
     return {
+        **cpu,
         "events_per_s": max(rates),
         "ack_p50_ms": pct(opened["acks"], 0.5) * 1000,
         "ack_p99_ms": pct(opened["acks"], 0.99) * 1000,
@@ -477,7 +520,9 @@ def main() -> None:
             for _ in range(runs):
                 ceilings.append(ceiling(duration, batch))
                 samples.append(asyncio.run(measure(backend, batch, duration)))
-            figures = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+            # A process whose CPU could not be read in some run is reported from the others.
+            keys = {k for s in samples for k in s}
+            figures = {k: statistics.median(s[k] for s in samples if k in s) for k in keys}
             top = statistics.median(ceilings)
             units = {"events_per_s": "events/s"}
             for name in ("events_per_s", "ack_p50_ms", "ack_p99_ms", "e2e_p50_ms", "e2e_p99_ms"):
@@ -491,6 +536,17 @@ def main() -> None:
                 "ratio",
                 runs,
             )
+            for key in sorted(k for k in figures if k.startswith("cpu:")):
+                emit(
+                    backend,
+                    batch,
+                    "cpu_ms_per_event",
+                    figures[key],
+                    "ms/event",
+                    runs,
+                    process=key.removeprefix("cpu:"),
+                    load=f"{OFFERED_EVENTS_PER_S} events/s",
+                )
             if figures["failed"]:
                 emit(backend, batch, "failed_deliveries", figures["failed"], "deliveries", runs)
             if figures["undelivered"]:

@@ -1,0 +1,87 @@
+"""CPU time by process over a phase of a benchmark: where a figure's cost goes.
+
+Every process of a run shares the machine's cores, so a rate or a p99 is decided by the
+CPU each event costs in all of them together. This reads what each one spent (Linux
+``/proc``; PostgreSQL's backends only when the server runs on this machine, Redis from its
+own ``INFO cpu``); where that cannot be read, the process is left out rather than guessed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+_TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds a local process has spent; None if it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            raw = stat.read()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: the fields start after the last ")".
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) * _TICK_S
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return ""
+
+
+async def postgres_backends(admin_url: str, database: str) -> list[int]:
+    """The pids of the backends serving ``database``, if they are processes of this machine
+    (a remote server's pids would name unrelated local processes, or none)."""
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(admin_url, autocommit=True) as admin:
+        cur = await admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s", (database,)
+        )
+        pids = [int(row[0]) for row in await cur.fetchall()]
+    return [pid for pid in pids if _comm(pid).startswith("postgres")]
+
+
+async def redis_cpu_s(url: str) -> float | None:
+    """CPU seconds the Redis server has spent (its own count: also right when remote)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        info = await client.info("cpu")
+    except Exception:
+        return None
+    finally:
+        await client.aclose()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+class CpuSnapshot:
+    """CPU seconds per role at one moment; ``since`` gives what each spent after another."""
+
+    def __init__(self, by_role: Mapping[str, float]) -> None:
+        self.by_role = dict(by_role)
+
+    @classmethod
+    def of(cls, pids: Mapping[str, list[int]], extra: Mapping[str, float | None]) -> CpuSnapshot:
+        by_role: dict[str, float] = {}
+        for role, members in pids.items():
+            readings = [process_cpu_s(pid) for pid in members]
+            known = [r for r in readings if r is not None]
+            if known:
+                by_role[role] = sum(known)
+        by_role.update({role: value for role, value in extra.items() if value is not None})
+        return cls(by_role)
+
+    def since(self, before: CpuSnapshot) -> dict[str, float]:
+        # A role missing from either end (a process that could not be read) is left out.
+        return {
+            role: spent - before.by_role[role]
+            for role, spent in self.by_role.items()
+            if role in before.by_role
+        }

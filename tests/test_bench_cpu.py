@@ -1,0 +1,54 @@
+"""bench.cpu: the CPU the benchmarks attribute to each process."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+from bench.cpu import CpuSnapshot, process_cpu_s
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc, which only Linux has"
+)
+
+
+def _spin(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_a_process_cpu_grows_with_the_work_it_does() -> None:
+    before = process_cpu_s(os.getpid())
+    assert before is not None
+    _spin(0.2)
+    after = process_cpu_s(os.getpid())
+    assert after is not None
+    # The kernel counts in ticks (10 ms here): allow one either side.
+    assert 0.2 - 0.02 <= after - before <= 0.2 + 0.1
+
+
+def test_a_process_that_is_not_there_reads_as_unknown() -> None:
+    # Above any pid_max the kernel allows (2**22).
+    assert process_cpu_s(2**23) is None
+
+
+def test_a_snapshot_leaves_out_what_it_cannot_read() -> None:
+    own = os.getpid()
+    pids = {"self": [own], "gone": [2**23]}
+    before = CpuSnapshot.of(pids, {"redis": 1.0, "remote": None})
+    _spin(0.05)
+    spent = CpuSnapshot.of(pids, {"redis": 1.5, "remote": None}).since(before)
+    assert set(spent) == {"self", "redis"}
+    assert spent["self"] >= 0.05 - 0.02
+    assert spent["redis"] == pytest.approx(0.5)
+
+
+def test_a_role_is_the_sum_of_its_processes() -> None:
+    own = os.getpid()
+    one = CpuSnapshot.of({"pair": [own]}, {}).by_role["pair"]
+    two = CpuSnapshot.of({"pair": [own, own]}, {}).by_role["pair"]
+    assert two == pytest.approx(2 * one, abs=0.03)
