@@ -9,7 +9,7 @@ own ``INFO cpu``); where that cannot be read, the process is left out rather tha
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 
@@ -62,26 +62,37 @@ async def redis_cpu_s(url: str) -> float | None:
 
 
 class CpuSnapshot:
-    """CPU seconds per role at one moment; ``since`` gives what each spent after another."""
+    """CPU seconds per process of each role at one moment, and of the roles read as one
+    figure (Redis); ``since`` gives what each role spent after another snapshot."""
 
-    def __init__(self, by_role: Mapping[str, float]) -> None:
-        self.by_role = dict(by_role)
+    def __init__(
+        self, by_pid: Mapping[str, Mapping[int, float]], totals: Mapping[str, float]
+    ) -> None:
+        self.by_pid = {role: dict(readings) for role, readings in by_pid.items()}
+        self.totals = dict(totals)
 
     @classmethod
-    def of(cls, pids: Mapping[str, list[int]], extra: Mapping[str, float | None]) -> CpuSnapshot:
-        by_role: dict[str, float] = {}
+    def of(
+        cls, pids: Mapping[str, Sequence[int]], totals: Mapping[str, float | None]
+    ) -> CpuSnapshot:
+        by_pid: dict[str, dict[int, float]] = {}
         for role, members in pids.items():
-            readings = [process_cpu_s(pid) for pid in members]
-            known = [r for r in readings if r is not None]
+            readings = {pid: process_cpu_s(pid) for pid in members}
+            known = {pid: r for pid, r in readings.items() if r is not None}
             if known:
-                by_role[role] = sum(known)
-        by_role.update({role: value for role, value in extra.items() if value is not None})
-        return cls(by_role)
+                by_pid[role] = known
+        return cls(by_pid, {role: t for role, t in totals.items() if t is not None})
 
     def since(self, before: CpuSnapshot) -> dict[str, float]:
-        # A role missing from either end (a process that could not be read) is left out.
-        return {
-            role: spent - before.by_role[role]
-            for role, spent in self.by_role.items()
-            if role in before.by_role
-        }
+        """Per role: what its processes spent after ``before``. One that started meanwhile
+        (a pool's new connection) counts whole; a role that could not be read at either
+        end is left out."""
+        spent: dict[str, float] = {}
+        for role, readings in self.by_pid.items():
+            if role in before.by_pid:
+                earlier = before.by_pid[role]
+                spent[role] = sum(r - earlier.get(pid, 0.0) for pid, r in readings.items())
+        for role, total in self.totals.items():
+            if role in before.totals:
+                spent[role] = total - before.totals[role]
+        return spent

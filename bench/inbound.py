@@ -12,7 +12,7 @@ concurrencies) and the ratio. Figures are medians of the runs (1 with ``--quick`
 
 Beside them, where the 500 events/s go: ``cpu_ms_per_event`` for each process (its
 ``"process"``: ``webhook`` and ``grpc``, or the embedded ``gateway``; ``postgres``, the
-backends serving the bench's database when the phase starts; ``redis``; the ``consumer``
+backends serving the bench's database; ``redis``; the ``consumer``
 and the ``load generator``): CPU milliseconds spent during that phase (until its last event
 reached the consumer) per event it stored.
 All of them share the machine's cores: their sum, against the cores there are, is how busy
@@ -427,13 +427,12 @@ async def measure(backend: str, batch: int, duration_s: float) -> dict[str, floa
                     pids["consumer"] = [consumer.pid]
 
                 async def meter() -> CpuSnapshot:
-                    # The load generator counts its own (``_drive``). The pool's backends
-                    # are open by the time this is first called, after the closed loops.
+                    # The load generator counts its own (``_drive``).
                     if backend != "postgres+redis":
                         return CpuSnapshot.of(pids, {})
-                    if "postgres" not in pids:
-                        name = database.rsplit("/", 1)[1]
-                        pids["postgres"] = await postgres_backends(PG_ADMIN, name)
+                    # Asked at each end: a backend the pool opens meanwhile counts too.
+                    name = database.rsplit("/", 1)[1]
+                    pids["postgres"] = await postgres_backends(PG_ADMIN, name)
                     return CpuSnapshot.of(pids, {"redis": await redis_cpu_s(REDIS)})
 
                 return await _run_figures(url, batch, duration_s, consumer, meter)

@@ -18,6 +18,12 @@ from its echo; during the ceiling's the echoes go to a bare aiohttp handler that
 their signature and answers 200 (``bench._common.bare_webhook_receiver``), the least any
 receiver of Meta's webhooks does. Meta's side of the machine's load is then the same in
 both runs, and the ratio compares what the two architectures add to it.
+
+Beside them, for ours, ``cpu_ms_per_message`` for each process (its ``"process"``:
+``grpc`` and ``webhook``, or the embedded ``gateway``; ``postgres``, the backends serving
+the bench's database; ``redis``; the ``sandbox``; the ``load generator``): CPU
+milliseconds per message sent, counted until the sandbox's echoes were all delivered,
+since confirming them is part of each send (``bench.cpu``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import time
 from typing import Any
 
 from bench._common import (
+    PG_ADMIN,
     GatewayProcesses,
     bare_webhook_receiver,
     bench_database,
@@ -43,6 +50,7 @@ from bench._common import (
     percentile,
     redis_prefix,
 )
+from bench.cpu import CpuSnapshot, postgres_backends, redis_cpu_s
 
 REDIS = os.environ.get("SWITCHBOARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # More customers than concurrent calls: messages to one customer go out one after another
@@ -100,9 +108,11 @@ async def _drive(
                 latencies.append(time.perf_counter() - started)
 
         begin = time.perf_counter()
+        cpu_begin = time.process_time()
         await asyncio.gather(*(loop() for _ in range(concurrency)))
         elapsed = time.perf_counter() - begin
-    return {"latencies": latencies, "failed": failed, "elapsed": elapsed}
+        cpu_s = time.process_time() - cpu_begin
+    return {"latencies": latencies, "failed": failed, "elapsed": elapsed, "cpu_s": cpu_s}
 
 
 def _drive_process(args: tuple[str, str, list[bytes], int, float], out: Any) -> None:
@@ -200,8 +210,10 @@ async def measure(
     latency_ms: int,
     concurrencies: list[int],
     duration_s: float,
+    sandbox_pid: int | None = None,
 ) -> dict[int, dict[str, Any]]:
-    """The gateway's figures per concurrency, and the ceiling's, measured in the same run."""
+    """The gateway's figures per concurrency, and the ceiling's, measured in the same run;
+    with ``"cpu"``, what each process spent per message sent in ours (see ``bench.cpu``)."""
     from switchboard.v1 import messaging_pb2
 
     from channels.instagram.sandbox import SandboxClient
@@ -267,22 +279,43 @@ async def measure(
                 loop = asyncio.get_running_loop()
                 send_url = f"{sandbox_url}/graph-instagram/v21.0/{ig_id}/messages"
                 await loop.run_in_executor(None, drive, target, token, requests, 8, 1.0)
+                pids = {role: [pid] for role, pid in served.pids.items()}
+                if sandbox_pid is not None:
+                    pids["sandbox"] = [sandbox_pid]
+
+                async def meter() -> CpuSnapshot:
+                    if backend != "postgres+redis":
+                        return CpuSnapshot.of(pids, {})
+                    # Asked at each end: the pool opens connections as calls pile up.
+                    name = database.rsplit("/", 1)[1]
+                    pids["postgres"] = await postgres_backends(PG_ADMIN, name)
+                    return CpuSnapshot.of(pids, {"redis": await redis_cpu_s(REDIS)})
+
                 results: dict[int, dict[str, Any]] = {}
                 for concurrency in concurrencies:
                     # Ours, the gateway confirming every message from Meta's echo...
+                    before = await meter()
                     ours = await loop.run_in_executor(
                         None, drive, target, token, requests, concurrency, duration_s
                     )
                     # ...then the ceiling, whose echoes a bare handler takes. The echoes
                     # still queued from one run must not take the other's CPU.
                     await control.drain_echoes()
+                    # Measured once the echoes are confirmed: they are part of each send.
+                    spent = (await meter()).since(before)
+                    spent["load generator"] = ours["cpu_s"]
+                    sent = max(len(ours["latencies"]), 1)
                     await control.set_webhook(bare_echoes)
                     top = await loop.run_in_executor(
                         None, ceiling, send_url, meta_token, requests, concurrency, duration_s
                     )
                     await control.drain_echoes()
                     await control.set_webhook(webhook)
-                    results[concurrency] = {"ours": _figures(ours), "ceiling": top}
+                    results[concurrency] = {
+                        "ours": _figures(ours),
+                        "ceiling": top,
+                        "cpu": {role: s * 1000 / sent for role, s in spent.items()},
+                    }
                 return results
         finally:
             await asyncio.to_thread(served.close)
@@ -357,7 +390,15 @@ def main() -> None:
             for latency in latencies:
                 samples = [
                     asyncio.run(
-                        measure(backend, sandbox_url, credentials, latency, concurrencies, duration)
+                        measure(
+                            backend,
+                            sandbox_url,
+                            credentials,
+                            latency,
+                            concurrencies,
+                            duration,
+                            sandbox.pid,
+                        )
                     )
                     for _ in range(runs)
                 ]
@@ -379,6 +420,18 @@ def _report(
     emit("outbound", backend, "rpc_p99_ms", ours["rpc_p99_ms"], "ms", **extra)
     emit("outbound", backend, "ceiling_messages_per_s", top, "messages/s", **extra)
     emit("outbound", backend, "ratio_to_ceiling", ours["messages_per_s"] / top, "ratio", **extra)
+    roles = sorted({role for s in samples for role in s["cpu"]})
+    for role in roles:
+        spent = statistics.median(s["cpu"][role] for s in samples if role in s["cpu"])
+        emit(
+            "outbound",
+            backend,
+            "cpu_ms_per_message",
+            spent,
+            "ms/message",
+            process=role,
+            **extra,
+        )
     if ours["failed"]:
         emit("outbound", backend, "failed_calls", ours["failed"], "calls", **extra)
 
