@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import hmac
 import json
@@ -18,11 +19,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as MpEvent
 from typing import Any
 
+from bench.cpu import CpuSnapshot, snapshot
 from gateway.runtime import tune_gc_for_serving
 
 
@@ -129,6 +131,18 @@ async def bench_database(backend: str, tmp: str) -> str:
     async with await psycopg.AsyncConnection.connect(PG_ADMIN, autocommit=True) as admin:
         await admin.execute(f'CREATE DATABASE "{name}"'.encode())
     return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+
+
+def cpu_meter(
+    backend: str, database: str, redis_url: str, pids: Mapping[str, Sequence[int]]
+) -> Callable[[], Awaitable[CpuSnapshot]]:
+    """Reads what the run's processes (``pids``, by role) have spent so far
+    (``bench.cpu``); on PostgreSQL and Redis, the bench database's backends and the Redis
+    server too."""
+    if backend != "postgres+redis":
+        return functools.partial(snapshot, pids)
+    name = database.rsplit("/", 1)[1]
+    return functools.partial(snapshot, pids, postgres=(PG_ADMIN, name), redis_url=redis_url)
 
 
 async def drop_bench_database(backend: str, database: str) -> None:

@@ -61,6 +61,22 @@ async def redis_cpu_s(url: str) -> float | None:
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
+async def snapshot(
+    pids: Mapping[str, Sequence[int]],
+    *,
+    postgres: tuple[str, str] | None = None,
+    redis_url: str | None = None,
+) -> CpuSnapshot:
+    """The processes of ``pids`` by role; with ``postgres`` (an admin URL and the database),
+    the backends serving it, asked anew each time so that a connection the pool opened
+    since counts too; with ``redis_url``, that server's own count."""
+    roles = dict(pids)
+    if postgres is not None:
+        roles["postgres"] = await postgres_backends(*postgres)
+    totals = {"redis": await redis_cpu_s(redis_url)} if redis_url is not None else {}
+    return CpuSnapshot.of(roles, totals)
+
+
 class CpuSnapshot:
     """CPU seconds per process of each role at one moment, and of the roles read as one
     figure (Redis); ``since`` gives what each role spent after another snapshot."""

@@ -54,16 +54,16 @@ import aiohttp
 import orjson
 
 from bench._common import (
-    PG_ADMIN,
     GatewayProcesses,
     bare_webhook_receiver,
     bench_database,
+    cpu_meter,
     drop_bench_database,
     install_uvloop,
     reap,
     redis_prefix,
 )
-from bench.cpu import CpuSnapshot, postgres_backends, redis_cpu_s
+from bench.cpu import CpuSnapshot
 
 SECRET = b"bench-app-secret"
 ACCOUNT = "17841400000099999"
@@ -422,19 +422,11 @@ async def measure(backend: str, batch: int, duration_s: float) -> dict[str, floa
             consumer = SubscribeConsumer(f"127.0.0.1:{gateway.grpc_port}", token)
             try:
                 consumer.start()
+                # The load generator counts its own CPU (``_drive``).
                 pids = {role: [pid] for role, pid in gateway.pids.items()}
                 if consumer.pid is not None:
                     pids["consumer"] = [consumer.pid]
-
-                async def meter() -> CpuSnapshot:
-                    # The load generator counts its own (``_drive``).
-                    if backend != "postgres+redis":
-                        return CpuSnapshot.of(pids, {})
-                    # Asked at each end: a backend the pool opens meanwhile counts too.
-                    name = database.rsplit("/", 1)[1]
-                    pids["postgres"] = await postgres_backends(PG_ADMIN, name)
-                    return CpuSnapshot.of(pids, {"redis": await redis_cpu_s(REDIS)})
-
+                meter = cpu_meter(backend, database, REDIS, pids)
                 return await _run_figures(url, batch, duration_s, consumer, meter)
             finally:
                 # The stream first, so that the gateway's shutdown has no call to wait for.

@@ -40,17 +40,16 @@ import time
 from typing import Any
 
 from bench._common import (
-    PG_ADMIN,
     GatewayProcesses,
     bare_webhook_receiver,
     bench_database,
+    cpu_meter,
     drop_bench_database,
     emit,
     install_uvloop,
     percentile,
     redis_prefix,
 )
-from bench.cpu import CpuSnapshot, postgres_backends, redis_cpu_s
 
 REDIS = os.environ.get("SWITCHBOARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # More customers than concurrent calls: messages to one customer go out one after another
@@ -282,14 +281,7 @@ async def measure(
                 pids = {role: [pid] for role, pid in served.pids.items()}
                 if sandbox_pid is not None:
                     pids["sandbox"] = [sandbox_pid]
-
-                async def meter() -> CpuSnapshot:
-                    if backend != "postgres+redis":
-                        return CpuSnapshot.of(pids, {})
-                    # Asked at each end: the pool opens connections as calls pile up.
-                    name = database.rsplit("/", 1)[1]
-                    pids["postgres"] = await postgres_backends(PG_ADMIN, name)
-                    return CpuSnapshot.of(pids, {"redis": await redis_cpu_s(REDIS)})
+                meter = cpu_meter(backend, database, REDIS, pids)
 
                 results: dict[int, dict[str, Any]] = {}
                 for concurrency in concurrencies:
