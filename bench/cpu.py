@@ -9,6 +9,7 @@ own ``INFO cpu``); where that cannot be read, the process is left out rather tha
 from __future__ import annotations
 
 import os
+import statistics
 from collections.abc import Mapping, Sequence
 
 _TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
@@ -50,11 +51,13 @@ async def postgres_backends(admin_url: str, database: str) -> list[int]:
 async def redis_cpu_s(url: str) -> float | None:
     """CPU seconds the Redis server has spent (its own count: also right when remote)."""
     import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
 
     client = aioredis.Redis.from_url(url)
     try:
         info = await client.info("cpu")
-    except Exception:
+    except RedisError:
+        # A managed Redis may refuse INFO: its figure is left out, the rest still stands.
         return None
     finally:
         await client.aclose()
@@ -75,6 +78,17 @@ async def snapshot(
         roles["postgres"] = await postgres_backends(*postgres)
     totals = {"redis": await redis_cpu_s(redis_url)} if redis_url is not None else {}
     return CpuSnapshot.of(roles, totals)
+
+
+def ms_per(spent: Mapping[str, float], count: int) -> dict[str, float]:
+    """CPU seconds by role -> milliseconds per one of ``count`` (events, messages)."""
+    return {role: s * 1000 / max(count, 1) for role, s in spent.items()}
+
+
+def median_by_role(runs: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Each role's median over the runs that could read it, in role order."""
+    roles = sorted({role for run in runs for role in run})
+    return {role: statistics.median(run[role] for run in runs if role in run) for role in roles}
 
 
 class CpuSnapshot:

@@ -50,6 +50,7 @@ from bench._common import (
     percentile,
     redis_prefix,
 )
+from bench.cpu import median_by_role, ms_per
 
 REDIS = os.environ.get("SWITCHBOARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # More customers than concurrent calls: messages to one customer go out one after another
@@ -296,7 +297,6 @@ async def measure(
                     # Measured once the echoes are confirmed: they are part of each send.
                     spent = (await meter()).since(before)
                     spent["load generator"] = ours["cpu_s"]
-                    sent = max(len(ours["latencies"]), 1)
                     await control.set_webhook(bare_echoes)
                     top = await loop.run_in_executor(
                         None, ceiling, send_url, meta_token, requests, concurrency, duration_s
@@ -306,7 +306,7 @@ async def measure(
                     results[concurrency] = {
                         "ours": _figures(ours),
                         "ceiling": top,
-                        "cpu": {role: s * 1000 / sent for role, s in spent.items()},
+                        "cpu": ms_per(spent, len(ours["latencies"])),
                     }
                 return results
         finally:
@@ -412,9 +412,7 @@ def _report(
     emit("outbound", backend, "rpc_p99_ms", ours["rpc_p99_ms"], "ms", **extra)
     emit("outbound", backend, "ceiling_messages_per_s", top, "messages/s", **extra)
     emit("outbound", backend, "ratio_to_ceiling", ours["messages_per_s"] / top, "ratio", **extra)
-    roles = sorted({role for s in samples for role in s["cpu"]})
-    for role in roles:
-        spent = statistics.median(s["cpu"][role] for s in samples if role in s["cpu"])
+    for role, spent in median_by_role([s["cpu"] for s in samples]).items():
         emit(
             "outbound",
             backend,

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from bench.cpu import CpuSnapshot, process_cpu_s
+from bench.cpu import CpuSnapshot, median_by_role, ms_per, process_cpu_s
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc, which only Linux has"
@@ -51,3 +51,15 @@ def test_a_process_that_started_in_between_counts_whole() -> None:
     before = CpuSnapshot({"pool": {1: 5.0}}, {})
     after = CpuSnapshot({"pool": {1: 5.5, 2: 0.25}}, {})
     assert after.since(before) == {"pool": pytest.approx(0.75)}
+
+
+def test_runs_combine_per_role_over_the_runs_that_read_it() -> None:
+    runs = [
+        ms_per({"webhook": 1.0, "redis": 0.2}, 1000),
+        ms_per({"webhook": 3.0}, 1000),
+        ms_per({"webhook": 2.0, "redis": 0.4}, 1000),
+    ]
+    assert median_by_role(runs) == {
+        "redis": pytest.approx(0.3),
+        "webhook": pytest.approx(2.0),
+    }
