@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as MpEvent
 from typing import Any
@@ -233,16 +234,26 @@ def _bare_webhook_process(secret: bytes, port_out: Any, stop: MpEvent) -> None:
     asyncio.run(main())
 
 
+@dataclass(frozen=True, slots=True)
+class BareReceiver:
+    """A bare webhook handler's URL, and its process (for its CPU)."""
+
+    url: str
+    pid: int
+
+
 @contextlib.contextmanager
-def bare_webhook_receiver(secret: bytes) -> Iterator[str]:
-    """The URL of a bare aiohttp handler, in a process of its own, that checks a webhook's
-    signature and answers 200: what any receiver of Meta's webhooks must do at least."""
+def bare_webhook_receiver(secret: bytes) -> Iterator[BareReceiver]:
+    """A bare aiohttp handler, in a process of its own, that checks a webhook's signature
+    and answers 200: what any receiver of Meta's webhooks must do at least."""
     ctx = mp.get_context("spawn")
     port_q, stop = ctx.Queue(), ctx.Event()
     server = ctx.Process(target=_bare_webhook_process, args=(secret, port_q, stop), daemon=True)
     server.start()
     try:
-        yield f"http://127.0.0.1:{port_q.get(timeout=30)}/webhooks/instagram"
+        port = port_q.get(timeout=30)
+        assert server.pid is not None
+        yield BareReceiver(f"http://127.0.0.1:{port}/webhooks/instagram", server.pid)
     finally:
         stop.set()
         reap(server)

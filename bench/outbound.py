@@ -243,7 +243,7 @@ async def measure(
         served = GatewayProcesses(env, backend)
         # The bench's account signs in with Instagram: its webhooks carry that app's signature.
         secret = credentials["INSTAGRAM_APP_SECRET"].encode()
-        bare_echoes = scope.enter_context(bare_webhook_receiver(secret))
+        bare_echoes = scope.enter_context(bare_webhook_receiver(secret)).url
         try:
             # This process prepares the store and watches it; the gateway serves from its own.
             async with (
