@@ -23,7 +23,10 @@ Beside them, for ours, ``cpu_ms_per_message`` for each process (its ``"process"`
 ``grpc`` and ``webhook``, or the embedded ``gateway``; ``postgres``, the backends serving
 the bench's database; ``redis``; the ``sandbox``; the ``load generator``): CPU
 milliseconds per message sent, counted until the sandbox's echoes were all delivered,
-since confirming them is part of each send (``bench.cpu``).
+since confirming them is part of each send (``bench.cpu``). For the ceiling,
+``ceiling_cpu_ms_per_message``, counted the same way: the ``bare server``, the
+``sandbox``, the ``bare webhook handler`` of its echoes and the ``load generator``. Side by
+side, the two show what the architecture adds to each message, process by process.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from bench._common import (
     percentile,
     redis_prefix,
 )
-from bench.cpu import median_by_role, ms_per
+from bench.cpu import CpuSnapshot, median_by_role, ms_per
 
 REDIS = os.environ.get("SWITCHBOARD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 # More customers than concurrent calls: messages to one customer go out one after another
@@ -187,14 +190,22 @@ def _bare_server(send_url: str, meta_token: str, port_out: Any, stop: Any) -> No
 
 def ceiling(
     send_url: str, meta_token: str, requests: list[bytes], concurrency: int, duration_s: float
-) -> dict[str, float]:
+) -> dict[str, Any]:
+    """The bare server's figures; under ``"spent"``, the CPU seconds it and the load
+    generator spent, and under ``"messages"``, how many calls they answered."""
     ctx = mp.get_context("spawn")
     port_q, stop = ctx.Queue(), ctx.Event()
     server = ctx.Process(target=_bare_server, args=(send_url, meta_token, port_q, stop))
     server.start()
     try:
         port = port_q.get(timeout=30)
-        return _figures(drive(f"127.0.0.1:{port}", "", requests, concurrency, duration_s))
+        assert server.pid is not None
+        roles = {"bare server": [server.pid]}
+        before = CpuSnapshot.of(roles, {})
+        result = drive(f"127.0.0.1:{port}", "", requests, concurrency, duration_s)
+        spent = CpuSnapshot.of(roles, {}).since(before)
+        spent["load generator"] = result["cpu_s"]
+        return {**_figures(result), "spent": spent, "messages": len(result["latencies"])}
     finally:
         stop.set()
         server.join(10)
@@ -243,7 +254,7 @@ async def measure(
         served = GatewayProcesses(env, backend)
         # The bench's account signs in with Instagram: its webhooks carry that app's signature.
         secret = credentials["INSTAGRAM_APP_SECRET"].encode()
-        bare_echoes = scope.enter_context(bare_webhook_receiver(secret)).url
+        bare_echoes = scope.enter_context(bare_webhook_receiver(secret))
         try:
             # This process prepares the store and watches it; the gateway serves from its own.
             async with (
@@ -283,6 +294,10 @@ async def measure(
                 if sandbox_pid is not None:
                     pids["sandbox"] = [sandbox_pid]
                 meter = cpu_meter(backend, database, REDIS, pids)
+                # The ceiling's side of Meta: the sandbox, and the bare handler of its echoes.
+                bare_pids = {"bare webhook handler": [bare_echoes.pid]}
+                if sandbox_pid is not None:
+                    bare_pids["sandbox"] = [sandbox_pid]
 
                 results: dict[int, dict[str, Any]] = {}
                 for concurrency in concurrencies:
@@ -297,16 +312,19 @@ async def measure(
                     # Measured once the echoes are confirmed: they are part of each send.
                     spent = (await meter()).since(before)
                     spent["load generator"] = ours["cpu_s"]
-                    await control.set_webhook(bare_echoes)
+                    await control.set_webhook(bare_echoes.url)
+                    before = CpuSnapshot.of(bare_pids, {})
                     top = await loop.run_in_executor(
                         None, ceiling, send_url, meta_token, requests, concurrency, duration_s
                     )
                     await control.drain_echoes()
+                    top_spent = {**CpuSnapshot.of(bare_pids, {}).since(before), **top["spent"]}
                     await control.set_webhook(webhook)
                     results[concurrency] = {
                         "ours": _figures(ours),
                         "ceiling": top,
                         "cpu": ms_per(spent, len(ours["latencies"])),
+                        "ceiling_cpu": ms_per(top_spent, top["messages"]),
                     }
                 return results
         finally:
@@ -412,16 +430,12 @@ def _report(
     emit("outbound", backend, "rpc_p99_ms", ours["rpc_p99_ms"], "ms", **extra)
     emit("outbound", backend, "ceiling_messages_per_s", top, "messages/s", **extra)
     emit("outbound", backend, "ratio_to_ceiling", ours["messages_per_s"] / top, "ratio", **extra)
-    for role, spent in median_by_role([s["cpu"] for s in samples]).items():
-        emit(
-            "outbound",
-            backend,
-            "cpu_ms_per_message",
-            spent,
-            "ms/message",
-            process=role,
-            **extra,
-        )
+    for figure, key in (
+        ("cpu_ms_per_message", "cpu"),
+        ("ceiling_cpu_ms_per_message", "ceiling_cpu"),
+    ):
+        for role, spent in median_by_role([s[key] for s in samples]).items():
+            emit("outbound", backend, figure, spent, "ms/message", process=role, **extra)
     if ours["failed"]:
         emit("outbound", backend, "failed_calls", ours["failed"], "calls", **extra)
 
