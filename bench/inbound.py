@@ -466,8 +466,7 @@ async def _run_figures(
         raise SystemExit("bench: no event reached the Subscribe consumer")
     await asyncio.sleep(0.5)
     # Sustained: closed loops, each from its first POST until its last event reaches the
-    # consumer.
-    # With what each process spent on the best of them.
+    # consumer, with what each process spent on the best of them.
     rates: list[float] = []
     sustained: dict[str, float] = {}
     failed = missing = 0
