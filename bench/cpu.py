@@ -103,15 +103,18 @@ class CpuSnapshot:
 
     @classmethod
     def of(
-        cls, pids: Mapping[str, Sequence[int]], totals: Mapping[str, float | None]
+        cls, pids: Mapping[str, Sequence[int]], totals: Mapping[str, float | None] | None = None
     ) -> CpuSnapshot:
+        """The processes of ``pids`` by role, read now; ``totals``: roles read as one figure
+        by their own means (None where they could not be read)."""
         by_pid: dict[str, dict[int, float]] = {}
         for role, members in pids.items():
             readings = {pid: process_cpu_s(pid) for pid in members}
             known = {pid: r for pid, r in readings.items() if r is not None}
             if known:
                 by_pid[role] = known
-        return cls(by_pid, {role: t for role, t in totals.items() if t is not None})
+        known_totals = {role: t for role, t in (totals or {}).items() if t is not None}
+        return cls(by_pid, known_totals)
 
     def since(self, before: CpuSnapshot) -> dict[str, float]:
         """Per role: what its processes spent after ``before``. One that started meanwhile

@@ -201,9 +201,9 @@ def ceiling(
         port = port_q.get(timeout=30)
         assert server.pid is not None
         roles = {"bare server": [server.pid]}
-        before = CpuSnapshot.of(roles, {})
+        before = CpuSnapshot.of(roles)
         result = drive(f"127.0.0.1:{port}", "", requests, concurrency, duration_s)
-        spent = CpuSnapshot.of(roles, {}).since(before)
+        spent = CpuSnapshot.of(roles).since(before)
         spent["load generator"] = result["cpu_s"]
         return {**_figures(result), "spent": spent, "messages": len(result["latencies"])}
     finally:
@@ -290,14 +290,12 @@ async def measure(
                 loop = asyncio.get_running_loop()
                 send_url = f"{sandbox_url}/graph-instagram/v21.0/{ig_id}/messages"
                 await loop.run_in_executor(None, drive, target, token, requests, 8, 1.0)
-                pids = {role: [pid] for role, pid in served.pids.items()}
-                if sandbox_pid is not None:
-                    pids["sandbox"] = [sandbox_pid]
+                # Meta's side, the sandbox, counts in both runs.
+                sandbox = {"sandbox": [sandbox_pid]} if sandbox_pid is not None else {}
+                pids = {**{role: [pid] for role, pid in served.pids.items()}, **sandbox}
                 meter = cpu_meter(backend, database, REDIS, pids)
-                # The ceiling's side of Meta: the sandbox, and the bare handler of its echoes.
-                bare_pids = {"bare webhook handler": [bare_echoes.pid]}
-                if sandbox_pid is not None:
-                    bare_pids["sandbox"] = [sandbox_pid]
+                # The ceiling's echoes go to a bare handler, not to our webhook process.
+                bare_pids = {"bare webhook handler": [bare_echoes.pid], **sandbox}
 
                 results: dict[int, dict[str, Any]] = {}
                 for concurrency in concurrencies:
@@ -313,12 +311,12 @@ async def measure(
                     spent = (await meter()).since(before)
                     spent["load generator"] = ours["cpu_s"]
                     await control.set_webhook(bare_echoes.url)
-                    before = CpuSnapshot.of(bare_pids, {})
+                    bare_before = CpuSnapshot.of(bare_pids)
                     top = await loop.run_in_executor(
                         None, ceiling, send_url, meta_token, requests, concurrency, duration_s
                     )
                     await control.drain_echoes()
-                    top_spent = {**CpuSnapshot.of(bare_pids, {}).since(before), **top["spent"]}
+                    top_spent = {**CpuSnapshot.of(bare_pids).since(bare_before), **top["spent"]}
                     await control.set_webhook(webhook)
                     results[concurrency] = {
                         "ours": _figures(ours),
